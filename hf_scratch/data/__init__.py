@@ -1,0 +1,1 @@
+"""Offline dataset builders that write `datasets`-loadable image folders."""

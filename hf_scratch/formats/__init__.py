@@ -1,0 +1,1 @@
+"""Checkpoint formats other than the diffusers folder layout."""

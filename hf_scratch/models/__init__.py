@@ -1,0 +1,1 @@
+"""The three submodels: VAE, CLIP text (and vision) encoder, U-Net. Each file holds one model."""

@@ -1,0 +1,1 @@
+"""Text-to-image and image-to-image pipelines built on our submodels and any diffusers-style scheduler."""

@@ -1,0 +1,1 @@
+"""Noise schedulers, one per file, sharing the β-schedule arithmetic in `schedule.py`."""
