@@ -1,0 +1,218 @@
+"""`hf-scratch`: generate images, convert checkpoints, inspect model folders and build the offline datasets.
+
+Heavy imports (torch, diffusers) happen inside the sub-commands, so `hf-scratch --help` answers at once.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+# Scheduler names the CLI accepts: (module, class, extra config). Ours first, then diffusers' own.
+SCHEDULERS: Dict[str, Tuple[str, str, dict]] = {
+    "ddpm": ("hf_scratch.schedulers.ddpm", "ScratchDDPMScheduler", {}),
+    "ddim": ("hf_scratch.schedulers.ddim", "ScratchDDIMScheduler", {}),
+    "dpm++": ("hf_scratch.schedulers.dpm_solver", "ScratchDPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("hf_scratch.schedulers.dpm_solver", "ScratchDPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "diffusers-pndm": ("diffusers", "PNDMScheduler", {}),
+    "diffusers-ddim": ("diffusers", "DDIMScheduler", {}),
+    "diffusers-dpm++": ("diffusers", "DPMSolverMultistepScheduler", {}),
+    "diffusers-euler": ("diffusers", "EulerDiscreteScheduler", {}),
+    "diffusers-euler-a": ("diffusers", "EulerAncestralDiscreteScheduler", {}),
+    "diffusers-unipc": ("diffusers", "UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(name: str, config):
+    """Build the scheduler called `name` from a pipeline's scheduler config (values at defaults kept)."""
+    import importlib
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}.")
+    module, class_name, overrides = SCHEDULERS[name]
+    scheduler_class = getattr(importlib.import_module(module), class_name)
+    # An in-memory config drops the values left at the source class's defaults, so pass them all explicitly.
+    return scheduler_class.from_config({**dict(config), **overrides})
+
+
+def _resolve_model(model: Optional[str]) -> str:
+    if model is not None:
+        if not Path(model).is_dir():
+            raise ValueError(f"--model {model!r} is not a folder. Pass a diffusers-layout pipeline folder.")
+        return model
+    from hf_scratch.pretrained import default_model_path
+
+    return default_model_path()
+
+
+def _read_prompts(args: argparse.Namespace) -> List[str]:
+    if args.prompts_file is None:
+        if not args.prompt:
+            raise ValueError("Give a prompt, or --prompts-file with one prompt per line.")
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise ValueError(f"--prompts-file {str(path)!r} does not exist.")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {str(path)!r} holds no prompts.")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+    from accelerate import PartialState
+
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {args.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
+    prompts = _read_prompts(args)
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(_resolve_model(args.model))
+    if args.scheduler is not None:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+
+    state = PartialState()
+    indexed = list(enumerate(prompts))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    many = len(prompts) > 1 or args.num_images > 1
+    with state.split_between_processes(indexed) as mine:
+        for index, prompt in mine:
+            generator = torch.Generator("cpu").manual_seed(args.seed + index)
+            images = pipe(
+                prompt,
+                negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=args.height,
+                width=args.width,
+                num_images_per_prompt=args.num_images,
+                generator=generator,
+            ).images
+            for k, image in enumerate(images):
+                path = output.with_name(f"{output.stem}-{index:04d}-{k}{output.suffix}") if many else output
+                image.save(path)
+                print(f"[rank {state.process_index}] {prompt!r} -> {path}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from hf_scratch.formats.single_file import load_single_file, save_single_file
+
+    source, target = Path(args.source), Path(args.target)
+    if source.is_file():
+        components = load_single_file(str(source), config=args.config)
+        target.mkdir(parents=True, exist_ok=True)
+        for name, component in components.items():
+            component.save_pretrained(str(target / name))
+        print(f"wrote {', '.join(sorted(components))} under {target}")
+    elif source.is_dir():
+        from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+
+        pipe = ScratchStableDiffusionPipeline.from_pretrained(str(source))
+        save_single_file(str(target), unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder)
+        print(f"wrote the LDM single file {target}")
+    else:
+        raise ValueError(f"{str(source)!r} is neither a checkpoint file nor a pipeline folder.")
+
+
+def _count_parameters(folder: Path) -> Optional[int]:
+    from safetensors import safe_open
+
+    total = 0
+    files = sorted(folder.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                total += _numel(handle.get_slice(key).get_shape())
+    return total if files else None
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    folder = Path(_resolve_model(args.model))
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ValueError(f"{str(folder)!r} has no model_index.json: it is not a diffusers pipeline folder.")
+    index = json.loads(index_path.read_text())
+    print(f"pipeline: {index.get('_class_name')}  ({folder})")
+    for name, spec in sorted(index.items()):
+        if name.startswith("_") or not isinstance(spec, list):
+            continue
+        line = f"  {name:<13} {spec[0]}.{spec[1]}"
+        params = _count_parameters(folder / name) if (folder / name).is_dir() else None
+        if params is not None:
+            line += f"  {params / 1e6:.2f}M parameters"
+        print(line)
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.source == "emoji":
+        from hf_scratch.data.emoji import build_emoji_dataset
+
+        counts = build_emoji_dataset(args.out, resolution=args.resolution, limit=args.limit)
+    else:
+        from hf_scratch.data.fashion_mnist import build_fashion_mnist_dataset
+
+        counts = build_fashion_mnist_dataset(args.out, resolution=args.resolution, split_limit=args.limit)
+    print(json.dumps(counts, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-scratch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text-to-image with the shipped model or a pipeline folder")
+    gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
+    gen.add_argument("--prompts-file", help="one prompt per line; split across processes under `accelerate launch`")
+    gen.add_argument("--model", help="pipeline folder (default: the model shipped with hf-scratch)")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--scheduler", default=None, help=f"one of: {', '.join(SCHEDULERS)} (default: the model's own)")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--output", default="outputs/image.png")
+    gen.set_defaults(func=cmd_generate)
+
+    conv = sub.add_parser("convert", help="LDM single file <-> diffusers folder")
+    conv.add_argument("source", help="a .safetensors/.ckpt single file, or a pipeline folder")
+    conv.add_argument("target", help="a folder (from a single file) or a .safetensors/.ckpt path (from a folder)")
+    conv.add_argument("--config", default=None, help="diffusers folder whose component configs describe the file")
+    conv.set_defaults(func=cmd_convert)
+
+    info = sub.add_parser("info", help="what a pipeline folder holds")
+    info.add_argument("model", nargs="?", default=None, help="pipeline folder (default: the shipped model)")
+    info.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="build an offline captioned image dataset")
+    data.add_argument("source", choices=["emoji", "fashion-mnist"])
+    data.add_argument("--out", required=True)
+    data.add_argument("--resolution", type=int, default=64)
+    data.add_argument("--limit", type=int, default=None, help="cap the number of items (for smoke tests)")
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"hf-scratch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

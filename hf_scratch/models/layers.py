@@ -1,0 +1,215 @@
+"""Building blocks that the VAE and the U-Net share in the same form.
+
+The ResNet block, the SDPA attention, the 2x down/up sampling and the sinusoidal timestep embedding of Latent
+Diffusion (Rombach et al. 2022, arXiv:2112.10752), which inherits them from DDPM (Ho et al. 2020, arXiv:2006.11239,
+Appendix B) and the Transformer (Vaswani et al. 2017, arXiv:1706.03762). Module and parameter names equal those of
+`diffusers.models.resnet.ResnetBlock2D`, `diffusers.models.attention_processor.Attention`,
+`diffusers.models.downsampling.Downsample2D`, `diffusers.models.upsampling.Upsample2D` and
+`diffusers.models.embeddings.TimestepEmbedding`, so diffusers' state dicts load with strict keys.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def get_activation(act_fn: str) -> nn.Module:
+    """The activation module named by a config's `act_fn`."""
+    if act_fn.lower() not in ACTIVATIONS:
+        raise ValueError(f"act_fn={act_fn!r} is not supported; allowed: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[act_fn.lower()]()
+
+
+class CheckpointedBlock(nn.Module):
+    """A block whose layers are recomputed in the backward pass when gradient checkpointing is on.
+
+    `ModelMixin.enable_gradient_checkpointing` finds every module with a `gradient_checkpointing` attribute and sets it,
+    together with `_gradient_checkpointing_func` (non-reentrant `torch.utils.checkpoint.checkpoint` by default).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func: Callable | None = None
+
+    def run_layer(self, layer: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(layer, *args)
+        return layer(*args)
+
+
+class ResnetBlock2D(nn.Module):
+    """Pre-activation ResNet block with an optional additive time embedding (DDPM, Appendix B).
+
+    h = conv2(act(norm2(conv1(act(norm1(x))) + W·act(t_emb)))), out = (shortcut(x) + h) / output_scale_factor
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        groups: int,
+        eps: float,
+        act_fn: str = "silu",
+        dropout: float = 0.0,
+        output_scale_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.nonlinearity = get_activation(act_fn)
+        # A 1x1 projection lets the residual change its channel count.
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor)))
+        if self.time_emb_proj is not None and temb is not None:
+            hidden_states = hidden_states + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
+        hidden_states = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden_states))))
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        return (shortcut + hidden_states) / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    """Multi-head (cross-)attention, softmax(QK^T / sqrt(d)) V (Vaswani et al. Eq. 1), through SDPA.
+
+    Keys and values come from `encoder_hidden_states` when given (cross-attention), otherwise from the queries' own
+    tokens. `upcast_attention` runs the attention product in float32 when the model runs in half precision, as LDM's
+    SD 2 models require.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int | None = None,
+        bias: bool = False,
+        upcast_attention: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.upcast_attention = upcast_attention
+        key_value_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(key_value_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(key_value_dim, inner_dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(dropout)])
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = self.to_q(hidden_states).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, d)
+        key = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, d)
+        value = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, d)
+        if self.upcast_attention and query.dtype in (torch.float16, torch.bfloat16):
+            query, key, value = query.float(), key.float(), value.float()
+        attention = F.scaled_dot_product_attention(query, key, value)  # (B, heads, L, d)
+        attention = attention.transpose(1, 2).flatten(2).to(hidden_states.dtype)  # (B, L, heads*d)
+        return self.to_out[1](self.to_out[0](attention))
+
+
+class SpatialSelfAttention(Attention):
+    """Single-head self-attention over the pixels of a feature map, with a group norm in front and a residual around it
+    (the VAE's mid-block attention, LDM `AttnBlock`)."""
+
+    def __init__(self, channels: int, groups: int, eps: float) -> None:
+        super().__init__(query_dim=channels, heads=1, dim_head=channels, bias=True)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = hidden_states.shape
+        tokens = self.group_norm(hidden_states).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        attended = super().forward(tokens).transpose(1, 2).reshape(batch, channels, height, width)
+        return hidden_states + attended
+
+
+class Downsample2D(nn.Module):
+    """Halve the spatial size with a stride-2 3x3 convolution.
+
+    `padding=0` reproduces LDM's VAE, which pads only right and bottom by one pixel before the convolution.
+    """
+
+    def __init__(self, channels: int, padding: int) -> None:
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            hidden_states = F.pad(hidden_states, (0, 1, 0, 1))  # (B, C, H+1, W+1)
+        return self.conv(hidden_states)  # (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    """Double the spatial size by nearest-neighbour interpolation, then a 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        return self.conv(hidden_states)
+
+
+def get_timestep_embedding(
+    timesteps: torch.Tensor,
+    embedding_dim: int,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: float,
+    max_period: int = 10000,
+) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (Vaswani et al. Sec. 3.5), as `diffusers.models.embeddings`.
+
+    freq_i = max_period^(-i / (half_dim - downscale_freq_shift)), emb = [sin(t·freq), cos(t·freq)] (or cos first).
+    """
+    half_dim = embedding_dim // 2
+    exponent = -math.log(max_period) * torch.arange(half_dim, dtype=torch.float32, device=timesteps.device)
+    frequencies = torch.exp(exponent / (half_dim - downscale_freq_shift))
+    angles = timesteps[:, None].float() * frequencies[None, :]  # (B, half_dim)
+    if flip_sin_to_cos:
+        embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, 2*half_dim)
+    else:
+        embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (B, 2*half_dim)
+    if embedding_dim % 2 == 1:
+        embedding = F.pad(embedding, (0, 1))  # (B, embedding_dim)
+    return embedding
+
+
+class Timesteps(nn.Module):
+    """Parameter-free module form of `get_timestep_embedding`."""
+
+    def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return get_timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift)
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP on the sinusoidal embedding: linear_2(act(linear_1(emb)))."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu") -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.act = get_activation(act_fn)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(sample)))

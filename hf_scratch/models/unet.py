@@ -1,0 +1,523 @@
+"""The conditional U-Net that predicts the noise ε_θ(z_t, t, τ_θ(y)) in latent space.
+
+Latent Diffusion (Rombach et al. 2022, arXiv:2112.10752, Sec. 3.3 and Appendix E): a DDPM U-Net (Ho et al. 2020,
+arXiv:2006.11239) whose attention layers are spatial transformers, cross-attending to the text encoder's token
+embeddings. The layout, config keys and parameter names match `diffusers.UNet2DConditionModel` for SD 1.x / 2.x
+(`CrossAttnDownBlock2D`, `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D`, `CrossAttnUpBlock2D`,
+`Transformer2DModel`, `BasicTransformerBlock`), so a folder saved by either class loads into the other.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin  # noqa: F401  diffusers looks these names up in this module to load
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import BaseOutput, logging
+from torch import nn
+
+from .layers import (
+    Attention,
+    CheckpointedBlock,
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Timesteps,
+    Upsample2D,
+    get_activation,
+)
+
+logger = logging.get_logger(__name__)
+
+# Constants that diffusers and LDM fix rather than configure.
+TIME_EMBED_MULT = 4  # time embedding width = 4 x block_out_channels[0] (DDPM)
+FEED_FORWARD_MULT = 4  # transformer MLP width = 4 x model width (Vaswani et al.)
+TRANSFORMER_GROUP_NORM_EPS = 1e-6
+TRANSFORMER_LAYER_NORM_EPS = 1e-5
+
+# Config keys of diffusers' UNet2DConditionModel that SD 1.x / 2.x leave at these values; other values build
+# architectures (SDXL add-embeddings, class conditioning, ...) this file does not implement.
+FIXED_OPTIONS: dict[str, Any] = {
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+}
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+@dataclass
+class UNet2DConditionOutput(BaseOutput):
+    """sample: the predicted noise ε (or v, or x_0, as the model was trained), shaped like the input latent."""
+
+    sample: torch.Tensor
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020, arXiv:2002.05202): one projection to 2x width, split, x · GELU(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states, gate = self.proj(hidden_states).chunk(2, dim=-1)  # (B, L, dim_out) each
+        return hidden_states * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        inner_dim = dim * FEED_FORWARD_MULT
+        self.net = nn.ModuleList([GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim)])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer layer: self-attention, cross-attention to the text, GEGLU feed-forward, each residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        cross_attention_dim: int,
+        only_cross_attention: bool,
+        upcast_attention: bool,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.only_cross_attention = only_cross_attention
+        self.norm1 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
+        self.attn1 = Attention(
+            dim, num_heads, head_dim, cross_attention_dim if only_cross_attention else None, False, upcast_attention, dropout
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
+        self.attn2 = Attention(dim, num_heads, head_dim, cross_attention_dim, False, upcast_attention, dropout)
+        self.norm3 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
+        self.ff = FeedForward(dim, dropout)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        self_context = encoder_hidden_states if self.only_cross_attention else None
+        hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), self_context)
+        hidden_states = hidden_states + self.attn2(self.norm2(hidden_states), encoder_hidden_states)
+        return hidden_states + self.ff(self.norm3(hidden_states))
+
+
+class Transformer2DModel(nn.Module):
+    """LDM's spatial transformer: group norm, project the pixels to tokens, transformer layers, project back, residual.
+
+    `use_linear_projection` (SD 2) projects with linear layers on the tokens instead of 1x1 convolutions on the map.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        in_channels: int,
+        num_layers: int,
+        cross_attention_dim: int,
+        groups: int,
+        use_linear_projection: bool,
+        only_cross_attention: bool,
+        upcast_attention: bool,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        inner_dim = num_heads * head_dim
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(groups, in_channels, eps=TRANSFORMER_GROUP_NORM_EPS)
+        if use_linear_projection:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+            self.proj_out = nn.Linear(inner_dim, in_channels)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+            self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(
+                inner_dim, num_heads, head_dim, cross_attention_dim, only_cross_attention, upcast_attention, dropout
+            )
+            for _ in range(num_layers)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = hidden_states.shape
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        if self.use_linear_projection:
+            hidden_states = self.proj_in(hidden_states.flatten(2).transpose(1, 2))  # (B, H*W, inner)
+        else:
+            hidden_states = self.proj_in(hidden_states).flatten(2).transpose(1, 2)  # (B, H*W, inner)
+        for block in self.transformer_blocks:
+            hidden_states = block(hidden_states, encoder_hidden_states)
+        if self.use_linear_projection:
+            hidden_states = self.proj_out(hidden_states).transpose(1, 2).unflatten(2, (height, width))  # (B, C, H, W)
+        else:
+            hidden_states = self.proj_out(hidden_states.transpose(1, 2).unflatten(2, (height, width)))  # (B, C, H, W)
+        return hidden_states + residual
+
+
+class DownBlock2D(CheckpointedBlock):
+    """One resolution of the contracting path: ResNet blocks, each optionally followed by a spatial transformer, then
+    a stride-2 downsample. Every intermediate output is kept for the skip connections."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        add_downsample: bool,
+        attention_heads: int | None,
+        transformer_layers: int,
+        only_cross_attention: bool,
+        config: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        temb_channels = config["block_out_channels"][0] * TIME_EMBED_MULT
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(
+                in_channels if i == 0 else out_channels,
+                out_channels,
+                temb_channels,
+                config["norm_num_groups"],
+                config["norm_eps"],
+                config["act_fn"],
+                config["dropout"],
+                config["resnet_out_scale_factor"],
+            )
+            for i in range(num_layers)
+        )
+        self.attentions = nn.ModuleList(
+            _spatial_transformer(out_channels, attention_heads, transformer_layers, only_cross_attention, config)
+            for _ in range(num_layers if attention_heads is not None else 0)
+        )
+        self.downsamplers = (
+            nn.ModuleList([Downsample2D(out_channels, config["downsample_padding"])]) if add_downsample else None
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = self.run_layer(resnet, hidden_states, temb)
+            if self.attentions:
+                hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states)
+            skips.append(hidden_states)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)  # (B, C, H/2, W/2)
+            skips.append(hidden_states)
+        return hidden_states, skips
+
+
+class UNetMidBlock2DCrossAttn(CheckpointedBlock):
+    """The bottleneck: ResNet, spatial transformer, ResNet."""
+
+    def __init__(self, channels: int, attention_heads: int, transformer_layers: int, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(
+                channels,
+                channels,
+                config["block_out_channels"][0] * TIME_EMBED_MULT,
+                config["norm_num_groups"],
+                config["norm_eps"],
+                config["act_fn"],
+                config["dropout"],
+                config["mid_block_scale_factor"],
+            )
+            for _ in range(2)
+        )
+        self.attentions = nn.ModuleList(
+            [_spatial_transformer(channels, attention_heads, transformer_layers, False, config)]
+        )
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.run_layer(self.resnets[0], hidden_states, temb)
+        hidden_states = self.run_layer(self.attentions[0], hidden_states, encoder_hidden_states)
+        return self.run_layer(self.resnets[1], hidden_states, temb)
+
+
+class UpBlock2D(CheckpointedBlock):
+    """One resolution of the expanding path: each ResNet block takes the running features concatenated with one skip
+    from the contracting path, optionally followed by a spatial transformer; then a 2x upsample."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channels: int,
+        out_channels: int,
+        num_layers: int,
+        add_upsample: bool,
+        attention_heads: int | None,
+        transformer_layers: int,
+        only_cross_attention: bool,
+        config: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        temb_channels = config["block_out_channels"][0] * TIME_EMBED_MULT
+        resnets = []
+        for i in range(num_layers):
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            resnet_in_channels = prev_output_channels if i == 0 else out_channels
+            resnets.append(
+                ResnetBlock2D(
+                    resnet_in_channels + skip_channels,
+                    out_channels,
+                    temb_channels,
+                    config["norm_num_groups"],
+                    config["norm_eps"],
+                    config["act_fn"],
+                    config["dropout"],
+                    config["resnet_out_scale_factor"],
+                )
+            )
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(
+            _spatial_transformer(out_channels, attention_heads, transformer_layers, only_cross_attention, config)
+            for _ in range(num_layers if attention_heads is not None else 0)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+    ) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            hidden_states = self.run_layer(resnet, hidden_states, temb)
+            if self.attentions:
+                hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states)  # (B, C, 2H, 2W)
+        return hidden_states
+
+
+def _spatial_transformer(
+    channels: int, num_heads: int, num_layers: int, only_cross_attention: bool, config: dict[str, Any]
+) -> Transformer2DModel:
+    return Transformer2DModel(
+        num_heads,
+        channels // num_heads,
+        channels,
+        num_layers,
+        config["cross_attention_dim"],
+        config["norm_num_groups"],
+        config["use_linear_projection"],
+        only_cross_attention,
+        config["upcast_attention"],
+        config["dropout"],
+    )
+
+
+def _per_block(name: str, value: Any, num_blocks: int) -> list:
+    """Broadcast a per-resolution config value (an int/bool, or one entry per down block) to a list."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * num_blocks
+    if len(value) != num_blocks:
+        raise ValueError(f"{name}={value!r} must have one entry per down block ({num_blocks}), or be a single value")
+    return list(value)
+
+
+class ScratchUNet2DConditionModel(ModelMixin, ConfigMixin):
+    """ε_θ(z_t, t, c): conv_in, contracting path, bottleneck, expanding path with skips, conv_out (LDM Appendix E).
+
+    Config keys and their defaults are those of `diffusers.UNet2DConditionModel`. As there, `attention_head_dim` is
+    the number of attention heads per resolution (a historical misnomer kept for checkpoint compatibility); each head
+    has `channels // attention_head_dim` dimensions.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D", "UpBlock2D"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        center_input_sample: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        mid_block_type: Literal["UNetMidBlock2DCrossAttn"] = "UNetMidBlock2DCrossAttn",
+        up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        only_cross_attention: bool | tuple[bool, ...] = False,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int | tuple[int, ...] = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1.0,
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int = 1280,
+        transformer_layers_per_block: int | tuple[int, ...] = 1,
+        reverse_transformer_layers_per_block: None = None,
+        encoder_hid_dim: None = None,
+        encoder_hid_dim_type: None = None,
+        attention_head_dim: int | tuple[int, ...] = 8,
+        num_attention_heads: None = None,
+        dual_cross_attention: bool = False,
+        use_linear_projection: bool = False,
+        class_embed_type: None = None,
+        addition_embed_type: None = None,
+        addition_time_embed_dim: None = None,
+        num_class_embeds: None = None,
+        upcast_attention: bool = False,
+        resnet_time_scale_shift: Literal["default"] = "default",
+        resnet_skip_time_act: bool = False,
+        resnet_out_scale_factor: float = 1.0,
+        time_embedding_type: Literal["positional"] = "positional",
+        time_embedding_dim: None = None,
+        time_embedding_act_fn: None = None,
+        timestep_post_act: None = None,
+        time_cond_proj_dim: None = None,
+        conv_in_kernel: int = 3,
+        conv_out_kernel: int = 3,
+        projection_class_embeddings_input_dim: None = None,
+        attention_type: Literal["default"] = "default",
+        class_embeddings_concat: bool = False,
+        mid_block_only_cross_attention: None = None,
+        cross_attention_norm: None = None,
+        addition_embed_type_num_heads: int = 64,
+    ) -> None:
+        super().__init__()
+        for key, supported in FIXED_OPTIONS.items():
+            if self.config[key] != supported:
+                raise ValueError(
+                    f"{key}={self.config[key]!r} is not supported: this U-Net implements SD 1.x / 2.x, which use "
+                    f"{key}={supported!r}"
+                )
+        num_blocks = len(block_out_channels)
+        for name, types, allowed in (("down", down_block_types, DOWN_BLOCK_TYPES), ("up", up_block_types, UP_BLOCK_TYPES)):
+            if len(types) != num_blocks or any(block_type not in allowed for block_type in types):
+                raise ValueError(
+                    f"{name}_block_types={types!r} must list {num_blocks} entries (one per block_out_channels) "
+                    f"from {allowed}"
+                )
+        if not isinstance(cross_attention_dim, int):
+            raise ValueError(f"cross_attention_dim={cross_attention_dim!r} must be a single int")
+        attention_heads = _per_block("attention_head_dim", attention_head_dim, num_blocks)
+        layers = _per_block("layers_per_block", layers_per_block, num_blocks)
+        transformer_layers = _per_block("transformer_layers_per_block", transformer_layers_per_block, num_blocks)
+        cross_only = _per_block("only_cross_attention", only_cross_attention, num_blocks)
+
+        time_embed_dim = block_out_channels[0] * TIME_EMBED_MULT
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn)
+
+        self.down_blocks = nn.ModuleList()
+        for i, block_type in enumerate(down_block_types):
+            self.down_blocks.append(
+                DownBlock2D(
+                    block_out_channels[max(i - 1, 0)],
+                    block_out_channels[i],
+                    layers[i],
+                    add_downsample=i < num_blocks - 1,
+                    attention_heads=attention_heads[i] if block_type == "CrossAttnDownBlock2D" else None,
+                    transformer_layers=transformer_layers[i],
+                    only_cross_attention=cross_only[i],
+                    config=self.config,
+                )
+            )
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            block_out_channels[-1], attention_heads[-1], transformer_layers[-1], self.config
+        )
+        self.up_blocks = nn.ModuleList()
+        for i, block_type in enumerate(up_block_types):
+            level = num_blocks - 1 - i  # the down block whose skips this up block consumes
+            self.up_blocks.append(
+                UpBlock2D(
+                    in_channels=block_out_channels[max(level - 1, 0)],
+                    prev_output_channels=block_out_channels[min(level + 1, num_blocks - 1)],
+                    out_channels=block_out_channels[level],
+                    num_layers=layers[level] + 1,
+                    add_upsample=level > 0,
+                    attention_heads=attention_heads[level] if block_type == "CrossAttnUpBlock2D" else None,
+                    transformer_layers=transformer_layers[level],
+                    only_cross_attention=cross_only[level],
+                    config=self.config,
+                )
+            )
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
+        self.conv_act = get_activation(act_fn)
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        return_dict: bool = True,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        """Predict the noise in `sample` (B, in_channels, H, W) at `timestep` given text tokens (B, L, cross_dim)."""
+        self._check_inputs(sample, encoder_hidden_states)
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
+        temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, time_embed_dim)
+
+        sample = self.conv_in(sample)  # (B, C0, H, W)
+        skips = [sample]
+        for down_block in self.down_blocks:
+            sample, block_skips = down_block(sample, temb, encoder_hidden_states)
+            skips.extend(block_skips)
+        sample = self.mid_block(sample, temb, encoder_hidden_states)
+        for up_block in self.up_blocks:
+            sample = up_block(sample, skips, temb, encoder_hidden_states)
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, out_channels, H, W)
+
+        if not return_dict:
+            return (sample,)
+        return UNet2DConditionOutput(sample=sample)
+
+    def _check_inputs(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"sample has shape {tuple(sample.shape)}; expected (batch, {self.config.in_channels}, height, width)"
+            )
+        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        if sample.shape[-2] % factor or sample.shape[-1] % factor:
+            raise ValueError(
+                f"sample has spatial size {tuple(sample.shape[-2:])}; height and width must be multiples of {factor} "
+                f"(the U-Net downsamples {len(self.config.block_out_channels) - 1} times)"
+            )
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != self.config.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; expected "
+                f"(batch, sequence_length, {self.config.cross_attention_dim}) to match cross_attention_dim"
+            )

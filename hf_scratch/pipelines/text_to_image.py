@@ -1,0 +1,441 @@
+"""Text-to-image latent diffusion: Stable Diffusion's sampling loop (Rombach et al., arXiv:2112.10752).
+
+The prompt is encoded by the CLIP text encoder, Gaussian latents x_T are denoised by the U-Net and a scheduler, with
+classifier-free guidance (Ho & Salimans, arXiv:2207.12598) as one batched U-Net call, and the VAE decodes x_0. Given
+the same components, scheduler and seed, the images equal those of diffusers' `StableDiffusionPipeline`.
+
+There is no safety checker: the pipeline returns exactly what the decoder produces.
+"""
+
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# `save_pretrained` writes `<REMOTE_CODE_MODULE>.py` so that `DiffusionPipeline.from_pretrained` can find our class.
+REMOTE_CODE_MODULE = "pipeline"
+
+StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class ScratchPipelineOutput(BaseOutput):
+    """Generated images: a list of PIL images, an `(N, H, W, 3)` array in [0, 1], an `(N, 3, H, W)` tensor in [0, 1],
+    or the final latents `(N, C, H / f, W / f)` for `output_type="latent"`."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class ScratchStableDiffusionPipeline(DiffusionPipeline):
+    """Stable Diffusion text-to-image, with the denoising loop written out in `denoise`.
+
+    Components are any with the diffusers / transformers API: our `Scratch*` models or diffusers' `UNet2DConditionModel`,
+    `AutoencoderKL` and transformers' `CLIPTextModel`, and any diffusers-style scheduler.
+
+    Loading:
+      - `ScratchStableDiffusionPipeline.from_pretrained(folder)` loads a folder saved by this class or by diffusers'
+        `StableDiffusionPipeline`, each component with the class its folder records.
+      - `from_official(folder)` loads a diffusers-layout folder into our own U-Net, VAE and text encoder classes.
+      - `from_single_file(path, config=folder)` loads an LDM single-file checkpoint.
+      - `save_pretrained(folder)` also writes `pipeline.py`, so `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` returns this class.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "noise_pred", "pred_original_sample"]
+
+    def __init__(
+        self,
+        vae: ModelMixin,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        unet: ModelMixin,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # Pixel sizes must be a multiple of 8 (as in diffusers) and of the VAE's downsampling factor.
+        self.size_multiple = math.lcm(8, self.vae_scale_factor)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """Like `ConfigMixin.load_config`, but reads a `_class_name` of `["pipeline", "<Class>"]` (written by
+        `save_pretrained` for `DiffusionPipeline`'s remote-code loading) as the plain class name, because loading
+        through this class itself needs no remote code."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list) and config["_class_name"][0] == REMOTE_CODE_MODULE:
+            config["_class_name"] = config["_class_name"][1]
+        return loaded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save as diffusers does, then add `pipeline.py` and point `model_index.json` at it, so that
+        `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)` returns this class."""
+        super().save_pretrained(save_directory, **kwargs)
+        cls = type(self)
+        remote_code = f'"""Loads hf-scratch\'s pipeline class (`pip install hf-scratch`)."""\n\nfrom {cls.__module__} import {cls.__name__}\n'
+        (Path(save_directory) / f"{REMOTE_CODE_MODULE}.py").write_text(remote_code)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [REMOTE_CODE_MODULE, cls.__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_official(cls, folder: str | os.PathLike, **kwargs: Any) -> "ScratchStableDiffusionPipeline":
+        """Load a diffusers-layout folder (e.g. one saved by `StableDiffusionPipeline`) into our own component classes.
+
+        The U-Net, VAE and text encoder are `ScratchUNet2DConditionModel`, `ScratchAutoencoderKL` and
+        `ScratchCLIPTextModel` with the folder's configs and weights; the tokenizer and scheduler load as recorded.
+        `kwargs` (e.g. `torch_dtype`, or a `scheduler` to use instead) go to `from_pretrained`.
+        """
+        from hf_scratch.models.clip import ScratchCLIPTextModel
+        from hf_scratch.models.unet import ScratchUNet2DConditionModel
+        from hf_scratch.models.vae import ScratchAutoencoderKL
+
+        dtype = kwargs.get("torch_dtype")
+        model_kwargs = {} if dtype is None else {"torch_dtype": dtype}
+        kwargs.setdefault("unet", ScratchUNet2DConditionModel.from_pretrained(folder, subfolder="unet", **model_kwargs))
+        kwargs.setdefault("vae", ScratchAutoencoderKL.from_pretrained(folder, subfolder="vae", **model_kwargs))
+        kwargs.setdefault(
+            "text_encoder", ScratchCLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **model_kwargs)
+        )
+        return cls.from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def from_single_file(
+        cls, path: str | os.PathLike, *, config: str | os.PathLike, **kwargs: Any
+    ) -> "ScratchStableDiffusionPipeline":
+        """Load an LDM single-file checkpoint (`.ckpt` / `.safetensors`) into our component classes.
+
+        `config` is a local diffusers-layout folder that supplies the model configs, the tokenizer and the scheduler
+        (its model weights are not read). `kwargs` go to `from_pretrained`, e.g. `scheduler=...`.
+        """
+        from hf_scratch.formats.single_file import load_single_file
+
+        components = load_single_file(path, config=config)
+        return cls.from_pretrained(config, **components, **kwargs)
+
+    # ------------------------------------------------------------------ input checks
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt: str | list[str] | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        num_inference_steps: int,
+        num_images_per_prompt: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str],
+        clip_skip: int | None,
+    ) -> int:
+        """Raise `ValueError` for inputs shared by both pipelines; return the number of prompts."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError(
+                "Pass exactly one of `prompt` and `prompt_embeds`, got "
+                f"{'both' if prompt is not None else 'neither'}."
+            )
+        if prompt is not None:
+            is_text_list = isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, str) for p in prompt)
+            if not (isinstance(prompt, str) or is_text_list):
+                raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            if prompt_embeds.ndim != 3:
+                raise ValueError(
+                    f"`prompt_embeds` must have shape (batch, tokens, dim), got {tuple(prompt_embeds.shape)}."
+                )
+            batch_size = prompt_embeds.shape[0]
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`, got both.")
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch_size} prompts; pass one "
+                "string, or a list with one entry per prompt."
+            )
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}.")
+        if negative_prompt_embeds is not None:
+            expected = (batch_size, *prompt_embeds.shape[1:]) if prompt_embeds is not None else None
+            if negative_prompt_embeds.shape[0] != batch_size or (
+                expected is not None and tuple(negative_prompt_embeds.shape) != expected
+            ):
+                raise ValueError(
+                    f"`negative_prompt_embeds` has shape {tuple(negative_prompt_embeds.shape)}, which does not match "
+                    f"{batch_size} prompts" + (f" with `prompt_embeds` of shape {expected}." if expected else ".")
+                )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
+        num_images = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators, but {batch_size} prompts x "
+                f"{num_images_per_prompt} `num_images_per_prompt` make {num_images} images; pass one per image."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has unknown names {unknown}; allowed: "
+                f"{self._callback_tensor_inputs}."
+            )
+        num_layers = self.text_encoder.config.num_hidden_layers
+        if clip_skip is not None and not (isinstance(clip_skip, int) and 0 <= clip_skip < num_layers):
+            raise ValueError(f"`clip_skip` must be an integer in [0, {num_layers - 1}], got {clip_skip!r}.")
+        return batch_size
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise `ValueError` unless `height` and `width` are positive multiples of `self.size_multiple`."""
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % self.size_multiple != 0:
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of {self.size_multiple} (8 and the VAE's downsampling "
+                    f"factor {self.vae_scale_factor}), got {value!r}."
+                )
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _encode_text(self, texts: list[str], device: torch.device, clip_skip: int | None) -> torch.Tensor:
+        """Tokenise to the tokenizer's `model_max_length` (warning about dropped text) and run the text encoder."""
+        max_length = self.tokenizer.model_max_length
+        input_ids = self.tokenizer(
+            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        untruncated_ids = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if untruncated_ids.shape[-1] > max_length:
+            removed_text = self.tokenizer.batch_decode(untruncated_ids[:, max_length - 1 : -1], skip_special_tokens=True)
+            logger.warning(
+                f"The text encoder reads at most {max_length} tokens, so this part of the prompt was dropped: "
+                f"{[text for text in removed_text if text]}"
+            )
+        if clip_skip is None:
+            return self.text_encoder(input_ids.to(device))[0]
+        # clip_skip = k takes the hidden state k layers before the last, through the final layer norm.
+        hidden_states = self.text_encoder(input_ids.to(device), output_hidden_states=True).hidden_states
+        return self.text_encoder.text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings `(N * num_images_per_prompt, tokens, dim)` for the prompts, and for the negative prompts
+        (`""` when none is given) when guidance is on, else `None`. `clip_skip` applies to both."""
+        if prompt_embeds is None:
+            prompt_embeds = self._encode_text([prompt] if isinstance(prompt, str) else prompt, device, clip_skip)
+        batch_size = prompt_embeds.shape[0]
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        if negative_prompt_embeds is None:
+            negative_prompt = negative_prompt if negative_prompt is not None else ""
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * batch_size
+            negative_prompt_embeds = self._encode_text(negative_prompt, device, clip_skip)
+        negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
+        return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def prepare_extra_step_kwargs(
+        self, generator: torch.Generator | list[torch.Generator] | None, eta: float
+    ) -> dict[str, Any]:
+        """`eta` and `generator` for `scheduler.step`, each only if the scheduler's `step` accepts it."""
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        extra_step_kwargs = {"eta": eta, "generator": generator}
+        return {name: value for name, value in extra_step_kwargs.items() if name in accepted}
+
+    def prepare_latents(
+        self,
+        num_images: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_T ~ N(0, init_noise_sigma^2 I), drawn here or given as unit-variance `latents`."""
+        shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def _pred_original_sample(
+        self, step_output: BaseOutput, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
+    ) -> torch.Tensor:
+        """The x_0 predicted at this step: the scheduler's own, else from the model output via alphas_cumprod."""
+        if getattr(step_output, "pred_original_sample", None) is not None:
+            return step_output.pred_original_sample
+        alpha_prod_t = self.scheduler.alphas_cumprod[int(timestep)].to(sample)
+        beta_prod_t = 1 - alpha_prod_t
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "epsilon":  # x_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t), DDPM Eq. 15
+            return (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+        if prediction_type == "v_prediction":  # x_0 = sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v (Salimans & Ho, 2022)
+            return alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+        return model_output
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        extra_step_kwargs: dict[str, Any],
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> torch.Tensor:
+        """Run x_t -> ε̂ -> x_{t-1} over `timesteps`. With guidance, `prompt_embeds` is `[uncond; cond]`."""
+        do_classifier_free_guidance = guidance_scale > 1
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for step_index, timestep in enumerate(timesteps):
+                # Classifier-free guidance: one U-Net call on [x_t; x_t] with [uncond; cond] text.
+                model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, timestep)
+                noise_pred = self.unet(model_input, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+                if do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+                step_output = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs, return_dict=True)
+                sample, latents = latents, step_output.prev_sample
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "noise_pred": noise_pred}
+                    if "pred_original_sample" in callback_on_step_end_tensor_inputs:
+                        tensors["pred_original_sample"] = self._pred_original_sample(
+                            step_output, noise_pred, timestep, sample
+                        )
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs) or {}
+                    latents = callback_outputs.get("latents", latents)
+                    prompt_embeds = callback_outputs.get("prompt_embeds", prompt_embeds)
+
+                if not torch.isfinite(latents).all():
+                    raise ValueError(
+                        f"The latents became NaN or infinite at denoising step {step_index} (timestep {int(timestep)}); "
+                        "check the model weights, the dtype (try float32) and the scheduler settings."
+                    )
+                progress_bar.update()
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+        """VAE-decode x_0 latents (undoing the `scaling_factor`) into images of `output_type`."""
+        if output_type == "latent":
+            return latents
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        clip_skip: int | None = None,
+    ) -> ScratchPipelineOutput | tuple:
+        """Generate images from text.
+
+        Args:
+            prompt: the prompt or prompts; or pass `prompt_embeds` instead.
+            height, width: image size in pixels, a multiple of 8; default `unet.config.sample_size * vae_scale_factor`.
+            num_inference_steps: number of denoising steps (>= 1).
+            guidance_scale: classifier-free guidance weight w; `w <= 1` turns guidance off (one U-Net batch, not two).
+            negative_prompt: text to steer away from (one string, or one per prompt); used only with guidance.
+            num_images_per_prompt: images generated for each prompt.
+            eta: DDIM's η (0 is deterministic); passed only to schedulers whose `step` accepts it.
+            generator: a `torch.Generator`, or one per image, for reproducible noise.
+            latents: unit-variance starting noise of shape `(N, C, height / f, width / f)`.
+            prompt_embeds, negative_prompt_embeds: precomputed text embeddings `(N, tokens, dim)`.
+            output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1]) or "latent".
+            return_dict: return a `ScratchPipelineOutput` rather than the tuple `(images,)`.
+            callback_on_step_end: called as `callback(pipe, step_index, timestep, callback_kwargs)` after each step;
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` (from "latents",
+                "prompt_embeds", "noise_pred", "pred_original_sample"); it may return a dict that replaces "latents"
+                or "prompt_embeds".
+            clip_skip: use the text encoder's hidden state this many layers before the last.
+        """
+        default_height, default_width = self._default_size()
+        height, width = height or default_height, width or default_width
+        batch_size = self.check_inputs(
+            prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
+            num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
+        )  # fmt: skip
+        self.check_size(height, width)
+        num_images = batch_size * num_images_per_prompt
+        latent_shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(
+                f"`latents` has shape {tuple(latents.shape)}, expected {latent_shape} for {batch_size} prompts x "
+                f"{num_images_per_prompt} images at {height}x{width}."
+            )
+        if latents is not None and not torch.isfinite(latents).all():
+            raise ValueError("`latents` contains NaN or infinite values; pass finite starting noise.")
+
+        device = self._execution_device
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, guidance_scale > 1, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, clip_skip,
+        )  # fmt: skip
+        if negative_prompt_embeds is not None:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self.prepare_latents(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
+        latents = self.denoise(
+            latents, self.scheduler.timesteps, prompt_embeds, guidance_scale,
+            self.prepare_extra_step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        images = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        return ScratchPipelineOutput(images=images) if return_dict else (images,)
+
+    def _default_size(self) -> tuple[int, int]:
+        """(height, width) from the U-Net's `sample_size` (an int or a pair) times the VAE's downsampling factor."""
+        sample_size = self.unet.config.sample_size
+        latent_height, latent_width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        return latent_height * self.vae_scale_factor, latent_width * self.vae_scale_factor
