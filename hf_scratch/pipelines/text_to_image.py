@@ -44,8 +44,8 @@ class ScratchPipelineOutput(BaseOutput):
 class ScratchStableDiffusionPipeline(DiffusionPipeline):
     """Stable Diffusion text-to-image, with the denoising loop written out in `denoise`.
 
-    Components are any with the diffusers / transformers API: our `Scratch*` models or diffusers' `UNet2DConditionModel`,
-    `AutoencoderKL` and transformers' `CLIPTextModel`, and any diffusers-style scheduler.
+    Components are any with the diffusers / transformers API: our `Scratch*` models, or diffusers'
+    `UNet2DConditionModel` and `AutoencoderKL` and transformers' `CLIPTextModel`; and any diffusers-style scheduler.
 
     Loading:
       - `ScratchStableDiffusionPipeline.from_pretrained(folder)` loads a folder saved by this class or by diffusers'
@@ -92,7 +92,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         `DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)` returns this class."""
         super().save_pretrained(save_directory, **kwargs)
         cls = type(self)
-        remote_code = f'"""Loads hf-scratch\'s pipeline class (`pip install hf-scratch`)."""\n\nfrom {cls.__module__} import {cls.__name__}\n'
+        remote_code = (
+            f'"""Loads hf-scratch\'s pipeline class (`pip install hf-scratch`)."""\n\n'
+            f"from {cls.__module__} import {cls.__name__}\n"
+        )
         (Path(save_directory) / f"{REMOTE_CODE_MODULE}.py").write_text(remote_code)
         index_path = Path(save_directory) / "model_index.json"
         index = json.loads(index_path.read_text())
@@ -202,17 +205,18 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` has unknown names {unknown}; allowed: "
                 f"{self._callback_tensor_inputs}."
             )
-        num_layers = self.text_encoder.config.num_hidden_layers
-        if clip_skip is not None and not (isinstance(clip_skip, int) and 0 <= clip_skip < num_layers):
-            raise ValueError(f"`clip_skip` must be an integer in [0, {num_layers - 1}], got {clip_skip!r}.")
+        if clip_skip is not None:
+            num_layers = self.text_encoder.config.num_hidden_layers
+            if not (isinstance(clip_skip, int) and 0 <= clip_skip < num_layers):
+                raise ValueError(f"`clip_skip` must be an integer in [0, {num_layers - 1}], got {clip_skip!r}.")
         return batch_size
 
-    def check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int, names: tuple[str, str] = ("`height`", "`width`")) -> None:
         """Raise `ValueError` unless `height` and `width` are positive multiples of `self.size_multiple`."""
-        for name, value in (("height", height), ("width", width)):
+        for name, value in zip(names, (height, width)):
             if not isinstance(value, int) or value <= 0 or value % self.size_multiple != 0:
                 raise ValueError(
-                    f"`{name}` must be a positive multiple of {self.size_multiple} (8 and the VAE's downsampling "
+                    f"{name} must be a positive multiple of {self.size_multiple} (8 and the VAE's downsampling "
                     f"factor {self.vae_scale_factor}), got {value!r}."
                 )
 
@@ -226,7 +230,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         ).input_ids
         untruncated_ids = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
         if untruncated_ids.shape[-1] > max_length:
-            removed_text = self.tokenizer.batch_decode(untruncated_ids[:, max_length - 1 : -1], skip_special_tokens=True)
+            removed_ids = untruncated_ids[:, max_length - 1 : -1]
+            removed_text = self.tokenizer.batch_decode(removed_ids, skip_special_tokens=True)
             logger.warning(
                 f"The text encoder reads at most {max_length} tokens, so this part of the prompt was dropped: "
                 f"{[text for text in removed_text if text]}"
@@ -235,7 +240,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             return self.text_encoder(input_ids.to(device))[0]
         # clip_skip = k takes the hidden state k layers before the last, through the final layer norm.
         hidden_states = self.text_encoder(input_ids.to(device), output_hidden_states=True).hidden_states
-        return self.text_encoder.text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])
+        return self.text_encoder.final_layer_norm(hidden_states[-(clip_skip + 1)])
 
     def encode_prompt(
         self,
@@ -284,10 +289,15 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_T ~ N(0, init_noise_sigma^2 I), drawn here or given as unit-variance `latents`."""
-        shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
+            shape = self.latent_shape(num_images, height, width)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(N, C, H / f, W / f): the U-Net's input shape for `num_images` images of `height` x `width` pixels."""
+        f = self.vae_scale_factor
+        return (num_images, self.unet.config.in_channels, height // f, width // f)
 
     def _pred_original_sample(
         self, step_output: BaseOutput, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
@@ -342,13 +352,16 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
 
                 if not torch.isfinite(latents).all():
                     raise ValueError(
-                        f"The latents became NaN or infinite at denoising step {step_index} (timestep {int(timestep)}); "
-                        "check the model weights, the dtype (try float32) and the scheduler settings."
+                        f"The latents became NaN or infinite at denoising step {step_index} "
+                        f"(timestep {int(timestep)}); check the model weights, the dtype (try float32) and the "
+                        "scheduler settings."
                     )
                 progress_bar.update()
         return latents
 
-    def decode_latents(self, latents: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+    def decode_latents(
+        self, latents: torch.Tensor, output_type: str
+    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
         """VAE-decode x_0 latents (undoing the `scaling_factor`) into images of `output_type`."""
         if output_type == "latent":
             return latents
@@ -400,14 +413,15 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             clip_skip: use the text encoder's hidden state this many layers before the last.
         """
         default_height, default_width = self._default_size()
-        height, width = height or default_height, width or default_width
+        height = default_height if height is None else height
+        width = default_width if width is None else width
         batch_size = self.check_inputs(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
             num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
         )  # fmt: skip
         self.check_size(height, width)
         num_images = batch_size * num_images_per_prompt
-        latent_shape = (num_images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latent_shape = self.latent_shape(num_images, height, width)
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(
                 f"`latents` has shape {tuple(latents.shape)}, expected {latent_shape} for {batch_size} prompts x "

@@ -29,7 +29,8 @@ from .schedule import (
     threshold_sample,
 )
 
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+# None is how a DPM-Solver config records "no learned variance"; it reads as fixed_small, as in diffusers
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range", None)
 
 
 @dataclass
@@ -55,7 +56,8 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         beta_start, beta_end, beta_schedule, trained_betas: the β_t of the forward process (see `schedule.make_betas`).
         variance_type: σ_t² of the reverse step: "fixed_small" β̃_t (the posterior variance), "fixed_large" β_t (both
             Section 3.2), "learned" (the model's second half of channels is σ_t²), "learned_range" (it interpolates
-            log β̃_t and log β_t, Nichol & Dhariwal 2021, arXiv:2102.09672, Eq. 15).
+            log β̃_t and log β_t, Nichol & Dhariwal 2021, arXiv:2102.09672, Eq. 15). None, as a DPM-Solver config
+            records it, reads as "fixed_small".
         clip_sample, clip_sample_range: clamp x̂_0 to [−range, range].
         prediction_type: what the model predicts: "epsilon" ε, "sample" x_0 or "v_prediction" v.
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x̂_0 instead of clipping.
@@ -74,7 +76,7 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         beta_end: float = 0.02,
         beta_schedule: BetaSchedule = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
-        variance_type: Literal["fixed_small", "fixed_large", "learned", "learned_range"] = "fixed_small",
+        variance_type: Literal["fixed_small", "fixed_large", "learned", "learned_range"] | None = "fixed_small",
         clip_sample: bool = True,
         prediction_type: PredictionType = "epsilon",
         thresholding: bool = False,
@@ -175,12 +177,12 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
                 -self.config.clip_sample_range, self.config.clip_sample_range
             )
 
-        # 3. μ̃_t = √ᾱ_{t'} β_t / (1 − ᾱ_t) · x̂_0 + √α_t (1 − ᾱ_{t'}) / (1 − ᾱ_t) · x_t      (Eq. 7; with Eq. 15, Eq. 11)
+        # 3. μ̃_t = √ᾱ_{t'} β_t / (1 − ᾱ_t) · x̂_0 + √α_t (1 − ᾱ_{t'}) / (1 − ᾱ_t) · x_t   (Eq. 7; with Eq. 15, Eq. 11)
         pred_original_sample_coeff = (alpha_prod_t_prev**0.5 * current_beta_t) / beta_prod_t
         current_sample_coeff = current_alpha_t**0.5 * beta_prod_t_prev / beta_prod_t
         pred_prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * sample
 
-        # 4. x_{t'} = μ̃_t + σ_t z, z ~ N(0, I), and no noise on the last step (t = 0)           (Algorithm 2, line 4)
+        # 4. x_{t'} = μ̃_t + σ_t z, z ~ N(0, I), and no noise on the last step (t = 0)     (Algorithm 2, lines 3-4)
         prev_sample = pred_prev_sample
         if t > 0:
             variance_noise = randn_tensor(
@@ -201,10 +203,11 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         predicted_variance: torch.Tensor | None,
     ) -> torch.Tensor:
         """σ_t of the reverse step, by `config.variance_type`."""
-        # posterior q(x_{t-1} | x_t, x_0): β̃_t = (1 − ᾱ_{t-1}) / (1 − ᾱ_t) · β_t (Eq. 7), clamped so its log is finite
+        # posterior q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I) (Eq. 6), β̃_t = (1 − ᾱ_{t-1}) / (1 − ᾱ_t) · β_t (Eq. 7),
+        # clamped so that its log stays finite
         posterior_variance = torch.clamp(beta_prod_t_prev / beta_prod_t * current_beta_t, min=1e-20)
         variance_type = self.config.variance_type
-        if variance_type == "fixed_small":
+        if variance_type in ("fixed_small", None):
             return posterior_variance**0.5
         if variance_type == "fixed_large":
             return current_beta_t**0.5
@@ -215,7 +218,7 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
             )
         if variance_type == "learned":
             return predicted_variance**0.5
-        # learned_range: log σ_t² = v log β_t + (1 − v) log β̃_t, v = (output + 1) / 2   (Nichol & Dhariwal 2021, Eq. 15)
+        # learned_range: log σ_t² = v log β_t + (1 − v) log β̃_t, v = (output + 1) / 2 (Nichol & Dhariwal 2021, Eq. 15)
         frac = (predicted_variance + 1) / 2
         log_variance = frac * torch.log(current_beta_t) + (1 - frac) * torch.log(posterior_variance)
         return torch.exp(0.5 * log_variance)

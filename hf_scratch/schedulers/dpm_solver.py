@@ -1,8 +1,8 @@
 """DPM-Solver++(2M): a second-order multistep solver of the diffusion ODE in data prediction (Lu et al. 2022,
 arXiv:2211.01095, Algorithm 2), optionally on the Karras et al. 2022 noise levels (arXiv:2206.00364, Eq. 5).
 
-Matches diffusers' `DPMSolverMultistepScheduler` (0.42) step for step for algorithm_type "dpmsolver++", solver_order 1
-or 2 and solver_type "midpoint", and loads its configuration, or any Stable Diffusion `scheduler_config.json`, unchanged.
+Matches diffusers' `DPMSolverMultistepScheduler` (0.42) step for step for algorithm_type "dpmsolver++", solver_order
+1 or 2 and solver_type "midpoint", and loads its configuration, or any Stable Diffusion `scheduler_config.json`.
 The configuration keeps every key of diffusers' class, so that configurations convert both ways; a setting this file
 does not implement raises a ValueError naming it.
 """
@@ -31,6 +31,8 @@ from .schedule import (
     threshold_sample,
 )
 
+# a DDPM config's fixed variances mean, as None does, that the model output carries no variance channels
+VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_large")
 KARRAS_RHO = 7.0  # ρ of Karras et al. 2022, Eq. 5
 
 
@@ -96,7 +98,8 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
         use_karras_sigmas: step on the Karras et al. 2022 noise levels (Eq. 5, ρ = 7) instead of the spaced timesteps.
         final_sigmas_type: σ after the last step: "zero" (land on x̂_0) or "sigma_min" (the σ of t = 0).
         lambda_min_clipped: drop the timesteps whose λ lies below this value (for the cosine schedule).
-        variance_type: "learned" or "learned_range" for a model whose output also carries a variance; it is dropped.
+        variance_type: "learned" or "learned_range" for a model whose output also carries a variance, which the
+            solver drops; None, or a DDPM config's "fixed_small" or "fixed_large", for a plain output.
         timestep_spacing, steps_offset: how `set_timesteps` picks its timesteps (see `solver_timesteps`).
         rescale_betas_zero_snr: rescale β_t to zero terminal SNR (Lin et al. 2023, Algorithm 1).
         use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas, use_flow_sigmas, flow_shift, use_dynamic_shifting,
@@ -131,7 +134,7 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
         flow_shift: float = 1.0,
         final_sigmas_type: Literal["zero", "sigma_min"] = "zero",
         lambda_min_clipped: float = -float("inf"),
-        variance_type: Literal["learned", "learned_range"] | None = None,
+        variance_type: Literal["learned", "learned_range", "fixed_small", "fixed_large"] | None = None,
         timestep_spacing: TimestepSpacing = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
@@ -144,7 +147,7 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        check_choice("variance_type", variance_type, (None, "learned", "learned_range"))
+        check_choice("variance_type", variance_type, VARIANCE_TYPES)
         unimplemented_options = {
             "use_exponential_sigmas": use_exponential_sigmas,
             "use_beta_sigmas": use_beta_sigmas,
@@ -196,24 +199,24 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
         """Chooses the timesteps and their σ_i, and appends the σ the last step lands on."""
         num_train_timesteps = self.config.num_train_timesteps
         check_num_inference_steps(num_inference_steps, num_train_timesteps)
-        clipped_idx = torch.searchsorted(torch.flip(self.lambdas, [0]), self.config.lambda_min_clipped)
-        last_timestep = (num_train_timesteps - clipped_idx).item()
-        timesteps = solver_timesteps(
-            num_inference_steps,
-            last_timestep,
-            num_train_timesteps,
-            self.config.timestep_spacing,
-            self.config.steps_offset,
-        )
-
         # σ_t = √((1 − ᾱ_t) / ᾱ_t) on the training chain
         train_sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
         if self.config.use_karras_sigmas:
+            # the σ_i come first, and each timestep is the (rounded) training t of its σ_i
             sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), num_inference_steps)
             timesteps = sigma_to_timestep(sigmas, np.log(train_sigmas))
             if self.config.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
+            clipped_idx = torch.searchsorted(torch.flip(self.lambdas, [0]), self.config.lambda_min_clipped)
+            last_timestep = (num_train_timesteps - clipped_idx).item()
+            timesteps = solver_timesteps(
+                num_inference_steps,
+                last_timestep,
+                num_train_timesteps,
+                self.config.timestep_spacing,
+                self.config.steps_offset,
+            )
             sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
 
         if self.config.final_sigmas_type == "sigma_min":
@@ -245,8 +248,9 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
         generator: torch.Generator | None = None,
         return_dict: bool = True,
     ) -> ScratchDPMSolverMultistepSchedulerOutput | tuple:
-        """One step of DPM-Solver++(2M) from t_{i-1} to t_i (Lu et al. 2022, Algorithm 2); the first step, and the last
-        when it lands on σ = 0 or `lower_order_final` applies, is DPM-Solver++(1) (Eq. 9, DDIM in data prediction).
+        """One step of DPM-Solver++(2M) from t_{i-1} to t_i (Lu et al. 2022, Algorithm 2). The first step, and the last
+        when it lands on σ = 0 or `lower_order_final` applies, is the first-order update that opens Algorithm 2
+        (DPM-Solver++(1), which is DDIM written in data prediction).
 
         Notation (Lu et al. 2022):
             sample                          x̃_{t_{i-1}}
@@ -292,21 +296,21 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
                 pred_original_sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
             )
 
-        sample = sample.to(torch.float32)
+        sample = sample.to(torch.float32)  # the update in float32, as diffusers does: e^{−h} − 1 is small
         alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
         lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
         lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
         h = lambda_t - lambda_s0
         D0 = pred_original_sample
         if first_order:
-            # x̃_{t_i} = (σ_{t_i} / σ_{t_{i-1}}) x̃_{t_{i-1}} − α_{t_i} (e^{−h_i} − 1) x_θ(t_{i-1})    (Eq. 9)
+            # x̃_{t_i} = (σ_{t_i} / σ_{t_{i-1}}) x̃_{t_{i-1}} − α_{t_i} (e^{−h_i} − 1) x_θ(t_{i-1})  (Algorithm 2, i = 1)
             prev_sample = (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * D0
         else:
             alpha_s1, sigma_s1 = self._alpha_sigma(self.sigmas[i - 1])
             lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
             r = (lambda_s0 - lambda_s1) / h
             D1 = (1.0 / r) * (D0 - self.previous_pred_original_sample)
-            # x̃_{t_i} = (σ_{t_i} / σ_{t_{i-1}}) x̃_{t_{i-1}} − α_{t_i} (e^{−h_i} − 1) (D0 + D1 / 2)    (Algorithm 2)
+            # x̃_{t_i} = (σ_{t_i} / σ_{t_{i-1}}) x̃_{t_{i-1}} − α_{t_i} (e^{−h_i} − 1) (D0 + D1 / 2)  (Algorithm 2)
             prev_sample = (
                 (sigma_t / sigma_s0) * sample
                 - (alpha_t * (torch.exp(-h) - 1.0)) * D0
@@ -318,7 +322,9 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
         self._step_index += 1
         if not return_dict:
             return prev_sample, pred_original_sample
-        return ScratchDPMSolverMultistepSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return ScratchDPMSolverMultistepSchedulerOutput(
+            prev_sample=prev_sample, pred_original_sample=pred_original_sample
+        )
 
     @staticmethod
     def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,8 +339,9 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
         if self.sigmas is None:
             return super().add_noise(original_samples, noise, timesteps)
         schedule_timesteps = self.timesteps.to(original_samples.device)
+        timesteps = timesteps.to(original_samples.device)
         if self._begin_index is None:
-            step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps.to(original_samples.device)]
+            step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps]
         else:
             step_indices = [self._step_index if self._step_index is not None else self._begin_index] * len(timesteps)
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)

@@ -186,8 +186,8 @@ def predict_original_sample_and_noise(
 def threshold_sample(sample: torch.Tensor, dynamic_thresholding_ratio: float, sample_max_value: float) -> torch.Tensor:
     """Dynamic thresholding of x̂_0 (Saharia et al. 2022, arXiv:2205.11487, Section 2.3).
 
-    s is the `dynamic_thresholding_ratio` quantile of |x̂_0| per sample, clamped to [1, sample_max_value]; x̂_0 is clipped
-    to [−s, s] and divided by s. Meant for pixel-space models, not for latent diffusion.
+    s is the `dynamic_thresholding_ratio` quantile of |x̂_0| per sample, clamped to [1, sample_max_value]; x̂_0 is
+    clipped to [−s, s] and divided by s. Meant for pixel-space models, not for latent diffusion.
     """
     dtype = sample.dtype
     batch_size, channels, *remaining_dims = sample.shape
@@ -222,7 +222,7 @@ class NoiseScheduleMixin:
         diffusers_library = importlib.import_module("diffusers")
         names = set([cls.__name__] + cls._compatibles)
         compatibles = [getattr(diffusers_library, name) for name in names if hasattr(diffusers_library, name)]
-        compatibles += [
-            getattr(importlib.import_module(module), name) for name, module in SCRATCH_SCHEDULERS.items() if name in names
-        ]
+        for name, module in SCRATCH_SCHEDULERS.items():
+            if name in names:
+                compatibles.append(getattr(importlib.import_module(module), name))
         return compatibles

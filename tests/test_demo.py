@@ -1,0 +1,157 @@
+"""The Gradio Space: API calls through gradio_client, friendly errors, and a real Chromium driven by Playwright."""
+
+import importlib
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The demo serving a tiny pipeline folder from the allow-list, on a free localhost port."""
+    from _tiny import tiny_components
+
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+    from hf_scratch.schedulers.dpm_solver import ScratchDPMSolverMultistepScheduler
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-model"
+    scheduler = ScratchDPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=scheduler).save_pretrained(str(folder))
+    env = {"HF_SCRATCH_DEMO_MODELS": str(folder), "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    sys.path.insert(0, str(ROOT / "spaces_demo"))
+    demo_module = importlib.import_module("app")
+    demo = demo_module.build_demo()
+    port = _free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield {"url": f"http://127.0.0.1:{port}/", "model": folder.name, "module": demo_module}
+    demo.close()
+    sys.path.remove(str(ROOT / "spaces_demo"))
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _gallery_path(item) -> str:
+    """gradio_client returns a gallery item as {"image": path or {"path": ...}, "caption": ...}."""
+    image = item["image"]
+    return image["path"] if isinstance(image, dict) else image
+
+
+def _predict(app, **overrides):
+    from gradio_client import Client
+
+    request = dict(prompt="red heart", negative_prompt="", steps=4, guidance=3.0, seed=1, scheduler="dpm++",
+                   size=32, frames=3, model=app["model"])
+    request.update(overrides)
+    client = Client(app["url"], verbose=False)
+    return client.predict(*request.values(), api_name="/generate")
+
+
+def test_generate_through_gradio_client(app):
+    image_path, trajectory, info = _predict(app, size=40, frames=3)
+    assert Image.open(image_path).size == (40, 40)
+    assert len(trajectory) == 3
+    frames = [np.asarray(Image.open(_gallery_path(item))) for item in trajectory]
+    assert all(frame.shape == (40, 40, 3) for frame in frames)
+    assert not np.array_equal(frames[0], frames[-1]), "the predicted x0 should change along the trajectory"
+    assert "dpm++" in info
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"prompt": "   "}, "Please type a prompt"),
+        # Gradio's own slider and dropdown checks may answer first; either way the message names the problem.
+        ({"steps": 500}, "Steps must be between 1 and 50|greater than maximum value 50"),
+        ({"size": 36}, "multiple of 8"),
+        ({"model": "/etc"}, "not on this Space's allow-list|not in the list of choices"),
+    ],
+)
+def test_bad_requests_get_friendly_errors_and_the_app_keeps_serving(app, overrides, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=message):
+        _predict(app, **overrides)
+    image_path, _, _ = _predict(app, steps=1, frames=1)
+    assert Image.open(image_path).size == (32, 32)
+
+
+def test_forward_process_follows_the_closed_form(app):
+    demo = app["module"]
+    source = demo.example_image()
+    early, caption_early = demo.forward_process(source, 0)
+    late, caption_late = demo.forward_process(source, 999)
+    reference = np.asarray(source.resize((128, 128)), dtype=np.float32)
+    # At t=0 almost all of x_0 survives; at t=999 the picture is nearly pure noise.
+    assert np.abs(np.asarray(early, dtype=np.float32) - reference).mean() < 10
+    assert np.abs(np.asarray(late, dtype=np.float32) - reference).mean() > 40
+    assert "ᾱ_t = " in caption_early and "SNR" in caption_late
+
+
+def test_garbage_upload_is_a_friendly_error(app, tmp_path):
+    import gradio as gr
+
+    garbage = tmp_path / "not-an-image.png"
+    garbage.write_bytes(b"\x89PNG garbage that is not an image")
+    with pytest.raises(gr.Error, match="not an image"):
+        app["module"].forward_process(str(garbage), 100)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (/usr/bin/chromium)")
+def test_real_browser_generates_and_moves_the_forward_slider(app, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(app["url"])
+        page.locator("#prompt textarea").fill("grinning face, openmoji style")
+        page.locator("#steps input[type=number]").fill("4")
+        page.locator("#steps input[type=number]").press("Enter")
+        page.locator("#generate").click()
+        page.wait_for_function(
+            "() => { const img = document.querySelector('#image img'); return img && img.naturalWidth > 0; }",
+            timeout=120_000,
+        )
+        page.wait_for_function("() => document.querySelectorAll('#trajectory img').length > 0", timeout=60_000)
+        shot = tmp_path / "demo.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("HF_SCRATCH_SCREENSHOT"):
+            shutil.copy(shot, os.environ["HF_SCRATCH_SCREENSHOT"])
+
+        page.get_by_role("tab", name="Forward process").click()
+        xt = page.locator("#xt img")
+        xt.wait_for(timeout=60_000)
+        before = xt.get_attribute("src")
+        page.locator("#timestep input[type=range]").fill("900")
+        page.wait_for_function(
+            "(old) => { const img = document.querySelector('#xt img'); return img && img.src !== old; }",
+            arg=before,
+            timeout=60_000,
+        )
+        assert "t = 900" in page.locator("#alpha").inner_text()
+        browser.close()

@@ -1,0 +1,437 @@
+"""Tests for `hf_scratch.pipelines`: numerical parity with diffusers' Stable Diffusion pipelines, outputs, callbacks,
+saving and loading, and input validation.
+
+Parity tolerance: max |ours - diffusers| <= 1e-4 on `output_type="np"` images in [0, 1].
+Scheduler configs use Stable Diffusion's values (`steps_offset=1`, `clip_sample=False`), because diffusers'
+`StableDiffusionPipeline.__init__` silently rewrites those two keys of the scheduler it is given, while ours does not.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hf_scratch.models.clip import ScratchCLIPTextModel
+from hf_scratch.models.unet import ScratchUNet2DConditionModel
+from hf_scratch.models.vae import ScratchAutoencoderKL
+from hf_scratch.pipelines.image_to_image import ScratchStableDiffusionImg2ImgPipeline
+from hf_scratch.pipelines.text_to_image import ScratchPipelineOutput, ScratchStableDiffusionPipeline
+from hf_scratch.schedulers.ddim import ScratchDDIMScheduler
+from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
+from hf_scratch.schedulers.dpm_solver import ScratchDPMSolverMultistepScheduler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import tiny_components  # noqa: E402
+
+TOLERANCE = 1e-4
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+# (ours, diffusers') scheduler classes
+SCHEDULERS = {
+    "ddim": (ScratchDDIMScheduler, DDIMScheduler),
+    "dpm": (ScratchDPMSolverMultistepScheduler, DPMSolverMultistepScheduler),
+    "ddpm": (ScratchDDPMScheduler, DDPMScheduler),
+}
+
+
+def make_scheduler(scheduler_class: type) -> object:
+    no_clip = {"clip_sample": False} if "clip_sample" in scheduler_class().config else {}
+    return scheduler_class(**SD_SCHEDULE, **no_clip)
+
+
+def quiet(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def reference_pipeline(pipeline_class: type, components: dict, scheduler: object) -> DiffusionPipeline:
+    no_safety_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return quiet(pipeline_class(**components, scheduler=scheduler, **no_safety_checker))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def diffusers_components() -> dict:
+    return tiny_components("diffusers")
+
+
+@pytest.fixture(scope="module")
+def scratch_components() -> dict:
+    return tiny_components("scratch")
+
+
+@pytest.fixture(scope="module")
+def pipe(scratch_components) -> ScratchStableDiffusionPipeline:
+    return quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=make_scheduler(ScratchDDIMScheduler)))
+
+
+@pytest.fixture(scope="module")
+def img2img_pipe(scratch_components) -> ScratchStableDiffusionImg2ImgPipeline:
+    scheduler = make_scheduler(ScratchDDIMScheduler)
+    return quiet(ScratchStableDiffusionImg2ImgPipeline(**scratch_components, scheduler=scheduler))
+
+
+def init_image(batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, 32, 32, generator=seeded(seed))
+
+
+# ---------------------------------------------------------------------------------------------- parity with diffusers
+
+GUIDANCE_CASES = {
+    "cfg": dict(guidance_scale=7.5),
+    "cfg+negative": dict(guidance_scale=5.0, negative_prompt="blurry"),
+    "no-cfg": dict(guidance_scale=1.0),
+}
+
+
+@pytest.mark.parametrize("guidance", GUIDANCE_CASES)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_text_to_image_matches_diffusers(scheduler, guidance, diffusers_components, scratch_components):
+    """Our pipeline, components and scheduler against diffusers' pipeline, components and scheduler."""
+    ours_scheduler, reference_scheduler = SCHEDULERS[scheduler]
+    ours = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=make_scheduler(ours_scheduler)))
+    reference = reference_pipeline(StableDiffusionPipeline, diffusers_components, make_scheduler(reference_scheduler))
+    kwargs = dict(prompt="a red apple", num_inference_steps=3, output_type="np", **GUIDANCE_CASES[guidance])
+    image = ours(**kwargs, generator=seeded()).images
+    expected = reference(**kwargs, generator=seeded()).images
+    assert image.shape == (1, 32, 32, 3)
+    assert np.abs(image - expected).max() <= TOLERANCE
+
+
+def test_batched_prompts_match_diffusers(diffusers_components):
+    """Same diffusers components in both pipelines: two prompts x two images, negative prompts, one generator each."""
+    ours = quiet(ScratchStableDiffusionPipeline(**diffusers_components, scheduler=make_scheduler(DDIMScheduler)))
+    reference = reference_pipeline(StableDiffusionPipeline, diffusers_components, make_scheduler(DDIMScheduler))
+    kwargs = dict(
+        prompt=["a cat", "a dog on a hill"],
+        negative_prompt=["dark", "blurry"],
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+        output_type="np",
+    )
+    image = ours(**kwargs, generator=[seeded(i) for i in range(4)]).images
+    expected = reference(**kwargs, generator=[seeded(i) for i in range(4)]).images
+    assert image.shape == (4, 32, 32, 3)
+    assert np.abs(image - expected).max() <= TOLERANCE
+
+
+def test_clip_skip_uses_an_earlier_hidden_state_through_the_final_layer_norm(pipe):
+    """(diffusers' own `clip_skip` reads `text_encoder.text_model`, which transformers 5's CLIPTextModel lacks.)"""
+    input_ids = pipe.tokenizer("a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden_states = pipe.text_encoder(input_ids, output_hidden_states=True).hidden_states
+        prompt_embeds = pipe.text_encoder.final_layer_norm(hidden_states[-2])
+    kwargs = dict(guidance_scale=1.0, num_inference_steps=2, output_type="np")
+    skipped = pipe("a cat", clip_skip=1, **kwargs, generator=seeded()).images
+    expected = pipe(prompt_embeds=prompt_embeds, **kwargs, generator=seeded()).images
+    assert np.abs(skipped - expected).max() == 0
+    assert np.abs(skipped - pipe("a cat", **kwargs, generator=seeded()).images).max() > TOLERANCE
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_image_to_image_matches_diffusers(scheduler, diffusers_components, scratch_components):
+    ours_scheduler, reference_scheduler = SCHEDULERS[scheduler]
+    ours = quiet(ScratchStableDiffusionImg2ImgPipeline(**scratch_components, scheduler=make_scheduler(ours_scheduler)))
+    reference = reference_pipeline(
+        StableDiffusionImg2ImgPipeline, diffusers_components, make_scheduler(reference_scheduler)
+    )
+    kwargs = dict(prompt="a red apple", image=init_image(), strength=0.6, num_inference_steps=5, output_type="np")
+    image = ours(**kwargs, generator=seeded()).images
+    expected = reference(**kwargs, generator=seeded()).images
+    assert image.shape == (1, 32, 32, 3)
+    assert np.abs(image - expected).max() <= TOLERANCE
+
+
+def test_image_to_image_pil_input_and_generator_list_match_diffusers(diffusers_components):
+    ours = quiet(ScratchStableDiffusionImg2ImgPipeline(**diffusers_components, scheduler=make_scheduler(DDIMScheduler)))
+    reference = reference_pipeline(StableDiffusionImg2ImgPipeline, diffusers_components, make_scheduler(DDIMScheduler))
+    picture = PIL.Image.fromarray((init_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    kwargs = dict(prompt="a cat", image=picture, num_images_per_prompt=2, num_inference_steps=4, output_type="np")
+    image = ours(**kwargs, generator=[seeded(0), seeded(1)]).images
+    expected = reference(**kwargs, generator=[seeded(0), seeded(1)]).images
+    assert image.shape == (2, 32, 32, 3)
+    assert np.abs(image - expected).max() <= TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------- outputs and callbacks
+
+
+@pytest.mark.parametrize(
+    "output_type, check",
+    [
+        ("pil", lambda images: len(images) == 2 and all(image.size == (32, 32) for image in images)),
+        ("np", lambda images: images.shape == (2, 32, 32, 3) and 0 <= images.min() and images.max() <= 1),
+        ("pt", lambda images: images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1),
+        ("latent", lambda images: images.shape == (2, 4, 16, 16)),
+    ],
+)
+def test_output_types(pipe, output_type, check):
+    output = pipe("a cat", num_images_per_prompt=2, num_inference_steps=1, output_type=output_type)
+    assert isinstance(output, ScratchPipelineOutput)
+    assert check(output.images)
+
+
+def test_return_dict_false_gives_a_tuple_and_size_is_configurable(pipe):
+    output = pipe("a cat", height=16, width=48, num_inference_steps=1, output_type="np", return_dict=False)
+    assert isinstance(output, tuple) and len(output) == 1
+    assert output[0].shape == (1, 16, 48, 3)
+
+
+def test_prompt_embeds_give_the_same_image_as_the_prompt(pipe):
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt("a cat", torch.device("cpu"), 1, True, "a dog")
+    from_text = pipe("a cat", negative_prompt="a dog", num_inference_steps=2, generator=seeded(), output_type="np")
+    from_embeds = pipe(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        num_inference_steps=2,
+        generator=seeded(),
+        output_type="np",
+    )
+    assert np.abs(from_text.images - from_embeds.images).max() == 0
+
+
+def test_given_latents_are_scaled_by_init_noise_sigma_and_used(pipe):
+    latents = torch.randn(1, 4, 16, 16, generator=seeded())
+    image = pipe("a cat", latents=latents, num_inference_steps=2, output_type="np").images
+    same = pipe("a cat", generator=seeded(), num_inference_steps=2, output_type="np").images
+    assert np.abs(image - same).max() == 0
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_callback_receives_latents_and_pred_original_sample(scheduler, scratch_components):
+    """DDIM reports x̂_0 itself; DPM-Solver does not, so the pipeline derives it from ε̂ and ᾱ_t. Both must agree
+    with x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t)."""
+    scheduler = make_scheduler(SCHEDULERS[scheduler][0])
+    pipe = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler))
+    start = torch.randn(1, 4, 16, 16, generator=seeded())
+    seen = []
+
+    def callback(pipeline, step_index, timestep, callback_kwargs):
+        seen.append((step_index, int(timestep), {name: value.clone() for name, value in callback_kwargs.items()}))
+        return {}
+
+    names = ["latents", "noise_pred", "pred_original_sample", "prompt_embeds"]
+    pipe("a cat", latents=start, num_inference_steps=3, callback_on_step_end=callback,
+         callback_on_step_end_tensor_inputs=names, output_type="latent")  # fmt: skip
+    assert [step for step, _, _ in seen] == [0, 1, 2]
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+    sample = start * pipe.scheduler.init_noise_sigma
+    for _, timestep, tensors in seen:
+        assert set(tensors) == set(names)
+        assert tensors["latents"].shape == tensors["pred_original_sample"].shape == (1, 4, 16, 16)
+        assert tensors["prompt_embeds"].shape[0] == 2  # [uncond; cond]
+        alpha = alphas_cumprod[timestep]
+        expected = (sample - (1 - alpha).sqrt() * tensors["noise_pred"]) / alpha.sqrt()
+        torch.testing.assert_close(tensors["pred_original_sample"], expected, atol=1e-4, rtol=1e-4)
+        sample = tensors["latents"]
+
+
+def test_callback_can_replace_latents(pipe):
+    def zero_latents(pipeline, step_index, timestep, callback_kwargs):
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+
+    latents = pipe("a cat", num_inference_steps=2, callback_on_step_end=zero_latents, output_type="latent").images
+    assert torch.count_nonzero(latents) == 0
+
+
+def test_image_to_image_strength_sets_the_number_of_steps(img2img_pipe):
+    steps = []
+    img2img_pipe("a cat", image=init_image(), strength=0.5, num_inference_steps=6, output_type="latent",
+                 callback_on_step_end=lambda pipe, i, t, kwargs: steps.append(int(t)) or {})  # fmt: skip
+    assert steps == [int(t) for t in img2img_pipe.scheduler.timesteps[3:]]
+
+
+def test_model_cpu_offload_sequence(pipe):
+    assert pipe.model_cpu_offload_seq == "text_encoder->unet->vae"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="accelerator"):
+            pipe.enable_model_cpu_offload()
+
+
+# ---------------------------------------------------------------------------------------------- saving and loading
+
+
+def test_save_then_diffusers_loads_our_class_with_remote_code(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "ScratchStableDiffusionPipeline"]
+    assert index["unet"] == ["hf_scratch.models.unet", "ScratchUNet2DConditionModel"]
+
+    loaded = quiet(DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True))
+    assert type(loaded).__name__ == "ScratchStableDiffusionPipeline"
+    assert isinstance(loaded.unet, ScratchUNet2DConditionModel)
+    kwargs = dict(prompt="a cat", num_inference_steps=2, output_type="np")
+    expected = pipe(**kwargs, generator=seeded()).images
+    assert np.abs(loaded(**kwargs, generator=seeded()).images - expected).max() == 0
+
+    # Our own classes need no remote code, and img2img loads from a text-to-image folder.
+    assert type(ScratchStableDiffusionPipeline.from_pretrained(tmp_path)) is ScratchStableDiffusionPipeline
+    img2img = ScratchStableDiffusionImg2ImgPipeline.from_pretrained(tmp_path)
+    assert type(img2img) is ScratchStableDiffusionImg2ImgPipeline
+    assert isinstance(img2img.scheduler, ScratchDDIMScheduler)
+
+
+def test_load_a_folder_saved_by_diffusers(diffusers_components, tmp_path):
+    reference = reference_pipeline(StableDiffusionPipeline, diffusers_components, make_scheduler(DDIMScheduler))
+    reference.save_pretrained(tmp_path)
+    kwargs = dict(prompt="a cat", num_inference_steps=2, output_type="np")
+    expected = reference(**kwargs, generator=seeded()).images
+
+    recorded = quiet(ScratchStableDiffusionPipeline.from_pretrained(tmp_path))
+    assert type(recorded.unet).__name__ == "UNet2DConditionModel"
+    assert np.abs(recorded(**kwargs, generator=seeded()).images - expected).max() <= TOLERANCE
+
+    ours = quiet(ScratchStableDiffusionPipeline.from_official(tmp_path))
+    assert isinstance(ours.unet, ScratchUNet2DConditionModel)
+    assert isinstance(ours.vae, ScratchAutoencoderKL)
+    assert isinstance(ours.text_encoder, ScratchCLIPTextModel)
+    assert np.abs(ours(**kwargs, generator=seeded()).images - expected).max() <= TOLERANCE
+
+
+def test_from_single_file(pipe, tmp_path):
+    from hf_scratch.formats.single_file import save_single_file
+
+    pipe.save_pretrained(tmp_path / "folder")
+    save_single_file(tmp_path / "model.safetensors", unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder)
+    path, config = tmp_path / "model.safetensors", tmp_path / "folder"
+    loaded = quiet(ScratchStableDiffusionPipeline.from_single_file(path, config=config))
+    kwargs = dict(prompt="a cat", num_inference_steps=2, output_type="np")
+    expected = pipe(**kwargs, generator=seeded()).images
+    assert np.abs(loaded(**kwargs, generator=seeded()).images - expected).max() == 0
+
+
+# ---------------------------------------------------------------------------------------------- input validation
+
+BAD_TEXT_TO_IMAGE_INPUTS = {
+    "height not a multiple of 8": (dict(height=36), "`height` must be a positive multiple of 8"),
+    "width not a multiple of 8": (dict(width=20), "`width` must be a positive multiple of 8"),
+    "zero steps": (dict(num_inference_steps=0), "`num_inference_steps` must be an integer >= 1"),
+    "no prompt": (dict(prompt=None), "exactly one of `prompt` and `prompt_embeds`, got neither"),
+    "prompt and embeds": (dict(prompt_embeds=torch.zeros(1, 77, 32)), "got both"),
+    "prompt not text": (dict(prompt=3), "`prompt` must be a string"),
+    "bad output type": (dict(output_type="jpeg"), "`output_type` must be one of"),
+    "unknown callback tensor": (dict(callback_on_step_end_tensor_inputs=["x0"]), r"unknown names \['x0'\]"),
+    "negative prompt count": (dict(prompt=["a", "b"], negative_prompt=["c"]), "`negative_prompt` has 1 entries"),
+    "negative prompt and embeds": (
+        dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(1, 77, 32)),
+        "at most one of `negative_prompt`",
+    ),
+    "negative embeds batch": (
+        dict(prompt=None, prompt_embeds=torch.zeros(2, 77, 32), negative_prompt_embeds=torch.zeros(1, 77, 32)),
+        "`negative_prompt_embeds` has shape",
+    ),
+    "latents shape": (dict(prompt=["a", "b"], latents=torch.zeros(1, 4, 16, 16)), "`latents` has shape"),
+    "generator count": (dict(generator=[seeded(), seeded()]), "`generator` is a list of 2"),
+    "images per prompt": (dict(num_images_per_prompt=0), "`num_images_per_prompt` must be an integer >= 1"),
+    "clip skip": (dict(clip_skip=5), r"`clip_skip` must be an integer in \[0, 1\]"),
+    "nan latents": (dict(latents=torch.full((1, 4, 16, 16), float("nan"))), "`latents` contains NaN"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TEXT_TO_IMAGE_INPUTS)
+def test_text_to_image_rejects_bad_inputs_before_any_model_runs(case, pipe, monkeypatch):
+    overrides, message = BAD_TEXT_TO_IMAGE_INPUTS[case]
+    for model in ("unet", "vae", "text_encoder"):
+        monkeypatch.setattr(getattr(pipe, model), "forward", lambda *args, **kwargs: pytest.fail("a model ran"))
+    with pytest.raises(ValueError, match=message):
+        pipe(**{"prompt": "a cat", "num_inference_steps": 1, **overrides})
+
+
+BAD_IMAGE_TO_IMAGE_INPUTS = {
+    "strength zero": (dict(strength=0.0), r"`strength` must be in \(0, 1\]"),
+    "strength above one": (dict(strength=1.5), r"`strength` must be in \(0, 1\]"),
+    "strength too small for steps": (dict(strength=0.1, num_inference_steps=5), "leaves no denoising step"),
+    "no image": (dict(image=None), "`image` must be a PIL image"),
+    "image too small": (dict(image=torch.rand(1, 3, 6, 32)), "`image` is 6x32 pixels; it must be at least 8"),
+    "image dimensions": (dict(image=torch.rand(32, 32)), r"got shape \(32, 32\)"),
+    "image count": (dict(prompt=["a", "b", "c"], image=init_image(2)), "pass one image or one per prompt"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGE_TO_IMAGE_INPUTS)
+def test_image_to_image_rejects_bad_inputs_before_any_model_runs(case, img2img_pipe, monkeypatch):
+    overrides, message = BAD_IMAGE_TO_IMAGE_INPUTS[case]
+    for model in ("unet", "vae", "text_encoder"):
+        monkeypatch.setattr(getattr(img2img_pipe, model), "forward", lambda *args, **kwargs: pytest.fail("a model ran"))
+    with pytest.raises(ValueError, match=message):
+        img2img_pipe(**{"prompt": "a cat", "image": init_image(), "num_inference_steps": 2, **overrides})
+
+
+def test_long_prompt_is_truncated_with_a_warning_naming_the_dropped_text(pipe, caplog):
+    # The tiny tokenizer has one token per character: 75 fit between the start and end tokens.
+    prompt = "a" * 75 + "tail end"
+    with caplog.at_level(logging.WARNING, logger="hf_scratch.pipelines.text_to_image"):
+        pipe(prompt, num_inference_steps=1, output_type="latent")
+    assert "tail end" in caplog.text
+
+
+def test_nan_during_denoising_raises_naming_the_step(scratch_components):
+    components = dict(scratch_components, unet=tiny_components("scratch")["unet"])
+    with torch.no_grad():
+        components["unet"].conv_out.bias.fill_(float("nan"))
+    pipe = quiet(ScratchStableDiffusionPipeline(**components, scheduler=make_scheduler(ScratchDDIMScheduler)))
+    with pytest.raises(ValueError, match="NaN or infinite at denoising step 0"):
+        pipe("a cat", num_inference_steps=2)
+
+
+# ---------------------------------------------------------------------------------------------- property test
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    img2img=st.booleans(),
+    height=st.integers(1, 5).map(lambda k: 8 * k) | st.integers(1, 40),
+    width=st.sampled_from([16, 32, 20]),
+    steps=st.integers(0, 3),
+    prompts=st.integers(1, 2),
+    per_prompt=st.integers(0, 2),
+    strength=st.sampled_from([0.0, 0.3, 0.5, 1.0, 1.2]),
+    guidance_scale=st.sampled_from([1.0, 3.0]),
+)
+def test_random_inputs_give_images_or_value_errors(
+    pipe, img2img_pipe, img2img, height, width, steps, prompts, per_prompt, strength, guidance_scale
+):
+    """Valid combinations give images of the requested shape; invalid ones raise ValueError and nothing else."""
+    common = dict(prompt=["a cat"] * prompts, num_inference_steps=steps, num_images_per_prompt=per_prompt,
+                  guidance_scale=guidance_scale, output_type="np")  # fmt: skip
+    if img2img:
+        image = torch.rand(1, 3, height, width)
+        output_size = (height - height % 8, width - width % 8)  # the input is resized down to a multiple of 8
+        valid = height >= 8 and 0 < strength <= 1 and int(steps * strength) >= 1
+        run = lambda: img2img_pipe(**common, image=image, strength=strength)  # noqa: E731
+    else:
+        output_size = (height, width)
+        valid = height % 8 == 0 and width % 8 == 0
+        run = lambda: pipe(**common, height=height, width=width)  # noqa: E731
+    if valid and steps >= 1 and per_prompt >= 1:
+        assert run().images.shape == (prompts * per_prompt, *output_size, 3)
+    else:
+        with pytest.raises(ValueError):
+            run()
