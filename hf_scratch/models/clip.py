@@ -12,17 +12,25 @@ prefix and loads checkpoints with or without it (the official SD v1.5 `text_enco
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """The sigmoid approximation of GELU used by OpenAI's CLIP: x · σ(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
 
 # transformers' CLIP configs hold the same fields under these model types.
 _TRANSFORMERS_MODEL_TYPES = {
@@ -35,8 +43,10 @@ _TRANSFORMERS_MODEL_TYPES = {
 def _adopt_transformers_model_types(config_dict: dict) -> dict:
     """Rename transformers' CLIP model types to ours (recursing into sub-configs), so that loading an official
     `config.json` does not log a model-type mismatch."""
-    adopted = {key: _adopt_transformers_model_types(value) if isinstance(value, dict) else value
-               for key, value in config_dict.items()}
+    adopted = {
+        key: _adopt_transformers_model_types(value) if isinstance(value, dict) else value
+        for key, value in config_dict.items()
+    }
     if adopted.get("model_type") in _TRANSFORMERS_MODEL_TYPES:
         adopted["model_type"] = _TRANSFORMERS_MODEL_TYPES[adopted["model_type"]]
     return adopted
@@ -52,9 +62,10 @@ class _LoadsTransformersCLIPConfigs:
 
 
 class _TowerConfigChecks:
-    """Config mixin: architecture checks shared by the text and vision towers (run by `@strict`)."""
+    """Config mixin: architecture checks shared by the text and vision towers."""
 
-    def validate_architecture(self) -> None:
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_attention_heads}."
@@ -63,7 +74,6 @@ class _TowerConfigChecks:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
 
 
-@strict
 class ScratchCLIPTextConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks, PreTrainedConfig):
     """Configuration of the CLIP text transformer; the fields and defaults are those of transformers'
     `CLIPTextConfig`. SD v1.x uses hidden_size=768, intermediate_size=3072, num_attention_heads=12 (CLIP ViT-L/14);
@@ -89,7 +99,6 @@ class ScratchCLIPTextConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks, P
     eos_token_id: Optional[int] = 49407
 
 
-@strict
 class ScratchCLIPVisionConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks, PreTrainedConfig):
     """Configuration of the CLIP vision transformer (ViT); fields and defaults of transformers' `CLIPVisionConfig`."""
 
@@ -111,7 +120,6 @@ class ScratchCLIPVisionConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks,
     initializer_factor: float = 1.0
 
 
-@strict
 class ScratchCLIPConfig(_LoadsTransformersCLIPConfigs, PreTrainedConfig):
     """Configuration of the two-tower CLIP model: a text and a vision config, the shared embedding width
     `projection_dim` and the initial temperature `logit_scale_init_value` = log(1 / 0.07)."""
@@ -127,14 +135,6 @@ class ScratchCLIPConfig(_LoadsTransformersCLIPConfigs, PreTrainedConfig):
 
 
 TowerConfig = Union[ScratchCLIPTextConfig, ScratchCLIPVisionConfig]
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """The sigmoid approximation of GELU used by OpenAI's CLIP: x · σ(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 class CLIPAttention(nn.Module):
@@ -199,7 +199,8 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """`num_hidden_layers` encoder layers; returns the last state and, on request, the input plus every layer's output."""
+    """`num_hidden_layers` encoder layers. Returns the last state and, on request, the input followed by every
+    layer's output."""
 
     def __init__(self, config: TowerConfig):
         super().__init__()
@@ -216,7 +217,9 @@ class CLIPEncoder(nn.Module):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, attention_mask, is_causal)
+                hidden_states = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, attention_mask, is_causal
+                )
             else:
                 hidden_states = layer(hidden_states, attention_mask, is_causal)
             if output_hidden_states:
@@ -229,6 +232,7 @@ class CLIPTextEmbeddings(nn.Module):
 
     def __init__(self, config: ScratchCLIPTextConfig):
         super().__init__()
+        self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
@@ -255,7 +259,8 @@ class CLIPVisionEmbeddings(nn.Module):
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}; this model takes (batch, {', '.join(map(str, expected))})."
+                f"pixel_values has shape {tuple(pixel_values.shape)}; this model takes (batch, "
+                f"{', '.join(map(str, expected))})."
             )
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, H/p, W/p)
         patches = patches.flatten(2).transpose(1, 2)  # (B, N, C)
@@ -301,6 +306,14 @@ class ScratchCLIPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
 
     @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: transformers treats models defined outside it as remote code that may write parameters in place,
+        and then skips `_init_weights` for every module that owns no parameter itself (attention, MLP, embeddings),
+        which would leave CLIP's scheme unapplied. Ours initialises only through `transformers.initialization`,
+        which leaves loaded parameters alone, as transformers' own models do."""
+        return False
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *model_args, **kwargs):
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -317,8 +330,8 @@ class ScratchCLIPPreTrainedModel(PreTrainedModel):
         """CLIP's scheme: normal weights whose std shrinks with width and depth, zero biases, unit LayerNorms."""
         factor = self.config.initializer_factor
         if isinstance(module, CLIPTextEmbeddings):
-            init.normal_(module.token_embedding.weight, std=0.02 * factor)
-            init.normal_(module.position_embedding.weight, std=0.02 * factor)
+            init.normal_(module.token_embedding.weight, std=module.config.initializer_range * factor)
+            init.normal_(module.position_embedding.weight, std=module.config.initializer_range * factor)
         elif isinstance(module, CLIPVisionEmbeddings):
             config = module.config
             init.normal_(module.class_embedding, std=config.hidden_size**-0.5 * factor)
@@ -417,8 +430,10 @@ class ScratchCLIPTextModel(ScratchCLIPPreTrainedModel):
         end-of-text token) and, with `output_hidden_states`, the embeddings plus the output of every layer (before
         the final LayerNorm). `attention_mask` (1 = token, 0 = padding) is combined with the causal mask.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
         self._check_inputs(input_ids, attention_mask)
 
         hidden_states = self.embeddings(input_ids)  # (B, T, C)
@@ -505,8 +520,10 @@ class ScratchCLIPModel(ScratchCLIPPreTrainedModel):
         return_dict: Optional[bool] = None,
     ) -> Union[ScratchCLIPOutput, tuple]:
         """Score every text against every image: logits = exp(logit_scale) · cos(text_embed, image_embed)."""
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
         text_output = self.text_model(input_ids, attention_mask, output_hidden_states, return_dict=True)
         vision_output = self.vision_model(pixel_values, output_hidden_states)
 
