@@ -85,8 +85,10 @@ def infer_text_encoder_config(text_encoder_weights: Mapping[str, torch.Tensor]) 
     """
     config = copy.deepcopy(SD15_TEXT_ENCODER_CONFIG)
     token_embedding = text_encoder_weights.get("text_model.embeddings.token_embedding.weight")
-    if token_embedding is None:
-        return config
+    position_embedding = text_encoder_weights.get("text_model.embeddings.position_embedding.weight")
+    first_mlp = text_encoder_weights.get("text_model.encoder.layers.0.mlp.fc1.weight")
+    if token_embedding is None or position_embedding is None or first_mlp is None:
+        return config  # too little to read; the load then names the missing keys
     vocab_size, hidden_size = token_embedding.shape
     layer_ids = {key.split(".")[3] for key in text_encoder_weights if key.startswith("text_model.encoder.layers.")}
     config.update(
@@ -94,7 +96,7 @@ def infer_text_encoder_config(text_encoder_weights: Mapping[str, torch.Tensor]) 
         hidden_size=hidden_size,
         num_attention_heads=max(hidden_size // _CLIP_HEAD_DIM, 1),
         num_hidden_layers=len(layer_ids),
-        intermediate_size=text_encoder_weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        max_position_embeddings=text_encoder_weights["text_model.embeddings.position_embedding.weight"].shape[0],
+        intermediate_size=first_mlp.shape[0],
+        max_position_embeddings=position_embedding.shape[0],
     )
     return config

@@ -9,22 +9,26 @@ same mapping serves both directions, so loading and saving cannot drift apart. T
 `convert_ldm_clip_checkpoint`).
 
 Only the OpenAI-CLIP text encoder of SD 1.x is covered; SD 2.x files keep an OpenCLIP encoder in another layout
-(`cond_stage_model.model.…`, fused q/k/v) and are refused with a clear error.
+(`cond_stage_model.model.…`, fused q/k/v) and are refused with a clear error. Files that also hold EMA copies
+(`model_ema.…`, as in `v1-5-pruned.ckpt`) load their `model.diffusion_model.` weights; the EMA copies are ignored.
 """
 
 import json
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Union
 
 import torch
 from accelerate import init_empty_weights
 from diffusers.utils import logging
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from hf_scratch.formats.configs import default_configs, infer_text_encoder_config
+from hf_scratch.models.clip import ScratchCLIPTextModel
+from hf_scratch.models.unet import ScratchUNet2DConditionModel
+from hf_scratch.models.vae import ScratchAutoencoderKL
 
 logger = logging.get_logger(__name__)
 
@@ -40,6 +44,8 @@ _IGNORED_LDM_SUFFIXES = ("embeddings.position_ids",)
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _SAVE_SUFFIXES = (".safetensors", ".ckpt")
 _FIRST_OFFENDERS = 5
+# What a saved config.json records about its writer rather than the architecture.
+_METADATA = {"architectures", "model_type", "transformers_version"}
 
 ConfigLike = Union[None, str, Path, Mapping[str, Mapping[str, Any]]]
 
@@ -66,61 +72,67 @@ _VAE_ATTENTION_LEAVES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v":
 
 
 def _unet_rules(config: Mapping[str, Any]) -> list[_Rule]:
-    """LDM numbers the U-Net's layers flat: `input_blocks.0` is `conv_in`, then each down block takes
-    `layers_per_block` (resnet `.0`, attention `.1`) + 1 slots, the last holding the downsampler; each up block takes
-    `layers_per_block + 1` slots, the upsampler sitting after the resnet (and attention) of the last one."""
+    """LDM numbers the U-Net's layers flat. `input_blocks.0` is `conv_in`; each down block then takes
+    `layers_per_block` slots (resnet `.0`, attention `.1`) and one more for its downsampler (`.0.op`). Each up block
+    takes `layers_per_block + 1` slots, and its upsampler follows the resnet (and attention) in the last of them."""
     per_block = config["layers_per_block"]
     if not isinstance(per_block, int):
-        raise ValueError(
-            f"`layers_per_block` must be one integer for the LDM single-file layout, got {per_block!r}."
-        )
+        raise ValueError(f"`layers_per_block` must be one integer for the LDM single-file layout, got {per_block!r}.")
     up_has_attention = ["CrossAttn" in block_type for block_type in config["up_block_types"]]
 
-    def down(m: re.Match) -> int:
+    def input_block(m: re.Match) -> int:  # groups: down block, layer
         return 1 + int(m[1]) * (per_block + 1) + int(m[2])
 
-    def up(m: re.Match) -> int:
+    def output_block(m: re.Match) -> int:  # groups: up block, layer
         return int(m[1]) * (per_block + 1) + int(m[2])
 
+    def downsampler(m: re.Match) -> str:
+        return f"input_blocks.{(int(m[1]) + 1) * (per_block + 1)}.0.op."
+
+    def upsampler(m: re.Match) -> str:
+        block = int(m[1])
+        return f"output_blocks.{block * (per_block + 1) + per_block}.{2 if up_has_attention[block] else 1}."
+
+    resnet = _UNET_RESNET_LEAVES
     return [
         _Rule(r"time_embedding\.linear_(\d)\.", lambda m: f"time_embed.{2 * (int(m[1]) - 1)}."),
         _Rule(r"conv_in\.", "input_blocks.0.0."),
         _Rule(r"conv_norm_out\.", "out.0."),
         _Rule(r"conv_out\.", "out.2."),
-        _Rule(r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"input_blocks.{down(m)}.0.", _UNET_RESNET_LEAVES),
-        _Rule(r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"input_blocks.{down(m)}.1."),
-        _Rule(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.", lambda m: f"input_blocks.{(int(m[1]) + 1) * (per_block + 1)}.0.op."),
-        _Rule(r"mid_block\.resnets\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[1])}.", _UNET_RESNET_LEAVES),
+        _Rule(r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"input_blocks.{input_block(m)}.0.", resnet),
+        _Rule(r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"input_blocks.{input_block(m)}.1."),
+        _Rule(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.", downsampler),
+        _Rule(r"mid_block\.resnets\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[1])}.", resnet),
         _Rule(r"mid_block\.attentions\.0\.", "middle_block.1."),
-        _Rule(r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"output_blocks.{up(m)}.0.", _UNET_RESNET_LEAVES),
-        _Rule(r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"output_blocks.{up(m)}.1."),
-        _Rule(
-            r"up_blocks\.(\d+)\.upsamplers\.0\.",
-            lambda m: f"output_blocks.{int(m[1]) * (per_block + 1) + per_block}.{2 if up_has_attention[int(m[1])] else 1}.",
-        ),
+        _Rule(r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"output_blocks.{output_block(m)}.0.", resnet),
+        _Rule(r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"output_blocks.{output_block(m)}.1."),
+        _Rule(r"up_blocks\.(\d+)\.upsamplers\.0\.", upsampler),
     ]
 
 
 def _vae_rules(config: Mapping[str, Any]) -> list[_Rule]:
-    """The LDM decoder numbers its up blocks from the lowest resolution up, diffusers from the input down."""
+    """The LDM decoder numbers its up blocks from the lowest resolution up, diffusers from the input down; LDM's
+    mid-block attention keeps 1×1 convolutions where diffusers has linear layers."""
     num_blocks = len(config["block_out_channels"])
+
+    def ldm_up(m: re.Match) -> int:
+        return num_blocks - 1 - int(m[1])
+
+    resnet = _VAE_RESNET_LEAVES
     return [
-        _Rule(r"encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block.", _VAE_RESNET_LEAVES),
+        _Rule(r"encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block.", resnet),
         _Rule(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
-        _Rule(
-            r"decoder\.up_blocks\.(\d+)\.resnets\.",
-            lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.",
-            _VAE_RESNET_LEAVES,
-        ),
-        _Rule(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample."),
-        _Rule(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.", _VAE_RESNET_LEAVES),
-        _Rule(r"(encoder|decoder)\.mid_block\.attentions\.0\.", lambda m: f"{m[1]}.mid.attn_1.", _VAE_ATTENTION_LEAVES, True),
-        _Rule(r"(encoder|decoder)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+        _Rule(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{ldm_up(m)}.block.", resnet),
+        _Rule(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{ldm_up(m)}.upsample."),
+        _Rule(r"(\w+)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.", resnet),
+        _Rule(r"(\w+)\.mid_block\.attentions\.0\.", lambda m: f"{m[1]}.mid.attn_1.", _VAE_ATTENTION_LEAVES, True),
+        _Rule(r"(\w+)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
     ]
 
 
 def _text_encoder_rules(config: Mapping[str, Any]) -> list[_Rule]:
-    """transformers 5 drops the `text_model.` level that the LDM file (and older transformers) keep."""
+    """transformers 5 drops the `text_model.` level that the LDM file (and older transformers) keep; the layout is the
+    same at every size, so `config` is not needed."""
     return [_Rule(r"(?!text_model\.)", "text_model.")]
 
 
@@ -177,11 +189,13 @@ def to_ldm_state_dict(
 def save_single_file(
     path: Union[str, Path], *, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module
 ) -> None:
-    """Writes the three components as one LDM checkpoint: `.safetensors`, or `.ckpt` as a plain `{"state_dict": …}`."""
+    """Writes the three components as one LDM checkpoint: `.safetensors`, or `.ckpt` as a plain
+    `{"state_dict": …}` of tensors that `torch.load(weights_only=True)` reads."""
     path = Path(path)
     if path.suffix not in _SAVE_SUFFIXES:
         raise ValueError(f"`path` must end in one of {_SAVE_SUFFIXES}, got {str(path)!r}.")
-    state_dict = {key: tensor.cpu() for key, tensor in to_ldm_state_dict(unet=unet, vae=vae, text_encoder=text_encoder).items()}
+    ldm_state_dict = to_ldm_state_dict(unet=unet, vae=vae, text_encoder=text_encoder)
+    state_dict = {key: tensor.cpu() for key, tensor in ldm_state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         save_file(state_dict, str(path), metadata={"format": "pt"})
@@ -190,13 +204,36 @@ def save_single_file(
     logger.info(f"Saved {len(state_dict)} tensors in the LDM single-file layout to {path}.")
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Reads a `.safetensors` file, or a torch pickle with `weights_only=True` (no code runs), unwrapping `state_dict`."""
+class _SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A memory-mapped `.safetensors` file read one tensor at a time, so loading costs one model's memory."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = set(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
+    """Opens a `.safetensors` file, or reads a torch pickle with `weights_only=True` (no code runs), unwrapping
+    `{"state_dict": …}`."""
     if not path.is_file():
         raise FileNotFoundError(f"Single-file checkpoint {str(path)!r} does not exist.")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            return _SafetensorsFile(path)
         except SafetensorError as error:
             raise ValueError(f"Cannot read {str(path)!r} as safetensors (truncated or corrupt?): {error}") from error
     if path.suffix not in _TORCH_SUFFIXES:
@@ -230,14 +267,16 @@ def _read_folder_configs(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def _resolve_configs(config: ConfigLike, checkpoint: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """`None` → the official v1.5 configs (text encoder sizes read from the weights); a folder → its config.json files;
-    a dict → its entries, the rest defaulting as for `None`."""
+    """`None` → the official v1.5 configs (text encoder sizes read from the weights); a folder → its config.json
+    files; a dict → its entries, the rest defaulting as for `None`."""
     if isinstance(config, (str, Path)):
         if not Path(config).is_dir():
             raise ValueError(f"`config` must be a diffusers folder, a dict of configs or None, got {str(config)!r}.")
         return _read_folder_configs(Path(config))
     if config is not None and not isinstance(config, Mapping):
-        raise ValueError(f"`config` must be a diffusers folder, a dict of configs or None, got {type(config).__name__}.")
+        raise ValueError(
+            f"`config` must be a diffusers folder, a dict of configs or None, got {type(config).__name__}."
+        )
     given = dict(config or {})
     unknown = sorted(set(given) - set(COMPONENTS))
     if unknown:
@@ -253,15 +292,14 @@ def _resolve_configs(config: ConfigLike, checkpoint: Mapping[str, torch.Tensor])
 
 def _build_models(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.nn.Module]:
     """Our classes from configs, with parameters on the meta device (no random init; the weights are assigned next)."""
-    from hf_scratch.models.clip import ScratchCLIPTextModel
-    from hf_scratch.models.unet import ScratchUNet2DConditionModel
-    from hf_scratch.models.vae import ScratchAutoencoderKL
-
-    text_config = {key: value for key, value in configs["text_encoder"].items() if not key.startswith("_")}
+    unet_config, vae_config, text_config = (
+        {key: value for key, value in configs[component].items() if not key.startswith("_") and key not in _METADATA}
+        for component in COMPONENTS
+    )
     with init_empty_weights(include_buffers=False):
         return {
-            "unet": ScratchUNet2DConditionModel.from_config(configs["unet"]),
-            "vae": ScratchAutoencoderKL.from_config(configs["vae"]),
+            "unet": ScratchUNet2DConditionModel.from_config(unet_config),
+            "vae": ScratchAutoencoderKL.from_config(vae_config),
             "text_encoder": ScratchCLIPTextModel(ScratchCLIPTextModel.config_class(**text_config)),
         }
 
