@@ -13,6 +13,8 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[train,demo,test]"
+	# OpenAI's CLIP BPE vocabulary ships inside open_clip_torch; --no-deps keeps its torchvision requirement out.
+	$(PY) -m pip install -q --no-deps open_clip_torch
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""`hf-scratch`: generate images, convert checkpoints, inspect model folders and build the offline datasets.
+"""`hf-scratch`: generate images, convert checkpoints, inspect model folders, build the offline datasets, evaluate.
 
 Heavy imports (torch, diffusers) happen inside the sub-commands, so `hf-scratch --help` answers at once.
 """
@@ -165,6 +165,14 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(json.dumps(counts, indent=2))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from hf_scratch.evaluation import main as evaluation_main
+
+    status = evaluation_main(args.eval_args)
+    if status:
+        raise SystemExit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--resolution", type=int, default=64)
     data.add_argument("--limit", type=int, default=None, help="cap the number of items (for smoke tests)")
     data.set_defaults(func=cmd_data)
+
+    evaluate = sub.add_parser("eval", help="emoji-bench: VAE, CLIP and generation metrics of a pipeline folder",
+                              add_help=False)
+    evaluate.add_argument("eval_args", nargs=argparse.REMAINDER, help="see `hf-scratch eval --help`")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

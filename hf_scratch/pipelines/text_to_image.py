@@ -24,6 +24,15 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+# diffusers resolves a saved component's class (e.g. `["hf_scratch.models.unet", ...]` in model_index.json) only from
+# modules already imported, so the pipeline brings our component modules with it.
+import hf_scratch.models.clip  # noqa: F401  isort: skip
+import hf_scratch.models.unet  # noqa: F401  isort: skip
+import hf_scratch.models.vae  # noqa: F401  isort: skip
+import hf_scratch.schedulers.ddim  # noqa: F401  isort: skip
+import hf_scratch.schedulers.ddpm  # noqa: F401  isort: skip
+import hf_scratch.schedulers.dpm_solver  # noqa: F401  isort: skip
+
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

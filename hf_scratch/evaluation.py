@@ -1,0 +1,596 @@
+"""emoji-bench: how well a Stable Diffusion trained from scratch on the captioned emoji data does, judged by a CLIP.
+
+`run_emoji_bench` measures, each number computed by the run itself:
+
+- **VAE**: PSNR and SSIM (Wang et al. 2004, "Image quality assessment: from error visibility to structural
+  similarity", IEEE TIP 13(4)) of reconstructions x -> mode of q(z|x) -> D(z) on the `validation` split.
+- **Judge CLIP** (Radford et al. 2021, arXiv:2103.00020): text->image and image->text top-1/top-5 retrieval over the
+  whole `validation` split, next to the chance levels.
+- **Generation**, for a deterministic sample of captions of each split (sorted by SHA-256 of the caption) with one
+  generator per prompt seeded `seed + index`:
+  (a) retrieval: the judge ranks all captions of the split for each generated image; a hit is the prompt's caption
+      among the top k (chance k / N for N distinct captions);
+  (b) a Fréchet distance, as FID (Heusel et al. 2017, arXiv:1706.08500) but on the judge's L2-normalised image
+      embeddings, between the generated images and the real images of the same captions;
+  (c) on `train` and `heldout_style`, whose emoji the model has seen (in another style, for `heldout_style`), the
+      pixel PSNR and SSIM of each generated image against the true one.
+- **Samplers**: (a)-(c) on the first `num_prompts_samplers` prompts of the `train` sample for each sampler
+  ("NAME-STEPS", NAME a scheduler of `hf_scratch.cli.SCHEDULERS`), with the seconds per generated image.
+
+The Fréchet distance of two Gaussians is d² = |μ₁ − μ₂|² + tr(Σ₁) + tr(Σ₂) − 2 tr((Σ₁Σ₂)^½). The product of two
+covariance (symmetric positive semi-definite) matrices has real, non-negative eigenvalues (it is similar to
+Σ₁^½ Σ₂ Σ₁^½), and tr((Σ₁Σ₂)^½) is the sum of their square roots; they are computed in float64 with numpy, and the
+real parts, clipped at 0, absorb rounding. With fewer samples than embedding dimensions the covariances are singular,
+so `frechet_ridge` · I is added to both; the distance of identical sets stays 0. With a few dozen samples the estimate
+is biased upwards (as FID is): compare numbers only at equal sample sizes.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from PIL import ImageDraw, ImageFont
+
+logger = logging.getLogger(__name__)
+
+# The splits of `hf_scratch.data.emoji`, not imported from there because that module needs the emoji drawing packages.
+SPLITS = ("train", "validation", "heldout_style")
+# Splits whose emoji the model was trained on (in another style, for heldout_style): generations can match the pixels.
+PIXEL_SPLITS = ("train", "heldout_style")
+DEFAULT_SAMPLERS = ("ddpm-1000", "ddim-50", "dpm++-20", "dpm++-10")
+TOP_K = (1, 5)
+# SSIM as in Wang et al. 2004, Sec. III-C: an 11x11 Gaussian window of σ 1.5 and C_i = (K_i L)² with L = 1.
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+FRECHET_RIDGE = 1e-6
+GRID_ROWS = {"train": 8, "heldout_style": 4, "validation": 4}
+GRID_CELL = 128  # images are upscaled (nearest neighbour) to at least this many pixels a side in grid.png
+
+
+# ------------------------------------------------------------------------------------------------------------ metrics
+def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio 10 log10(1 / MSE) in dB of each image (N, C, H, W) in [0, 1] against its reference."""
+    mse = (images.double() - references.double()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1 / mse)
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    return torch.outer(kernel, kernel)  # (size, size)
+
+
+def ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Structural similarity of each image (N, C, H, W) in [0, 1] against its reference: the mean SSIM map of each
+    channel (Wang et al. 2004, Eq. 13, local statistics under the Gaussian window, valid positions only), averaged
+    over the channels."""
+    if images.shape != references.shape:
+        raise ValueError(f"images {tuple(images.shape)} and references {tuple(references.shape)} differ in shape")
+    if min(images.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"images of size {tuple(images.shape[-2:])} are smaller than the {SSIM_WINDOW}px SSIM window")
+    channels = images.shape[1]
+    window = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA).expand(channels, 1, -1, -1)  # (C, 1, k, k)
+    x, y = images.double(), references.double()
+
+    def local_mean(tensor: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(tensor, window, groups=channels)  # (N, C, H - k + 1, W - k + 1)
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x**2
+    var_y = local_mean(y * y) - mu_y**2
+    cov_xy = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(2).mean(dim=2).mean(dim=1)
+
+
+def gaussian_frechet_distance(
+    mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray
+) -> float:
+    """d² = |μ_a − μ_b|² + tr(Σ_a) + tr(Σ_b) − 2 tr((Σ_a Σ_b)^½), the trace term from the eigenvalues of Σ_a Σ_b."""
+    eigenvalues = np.linalg.eigvals(cov_a @ cov_b)
+    trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
+    mean_term = np.sum((mean_a - mean_b) ** 2)
+    return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, ridge: float = FRECHET_RIDGE) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of features (N, D), in float64; `ridge` · I is added to
+    both (unbiased) covariances so that they are invertible with fewer samples than dimensions."""
+    if len(features_a) < 2 or len(features_b) < 2:
+        raise ValueError(f"need at least 2 samples per set, got {len(features_a)} and {len(features_b)}")
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    ridge_matrix = ridge * np.eye(a.shape[1])
+    cov_a = np.atleast_2d(np.cov(a, rowvar=False)) + ridge_matrix
+    cov_b = np.atleast_2d(np.cov(b, rowvar=False)) + ridge_matrix
+    return gaussian_frechet_distance(a.mean(axis=0), cov_a, b.mean(axis=0), cov_b)
+
+
+def retrieval_accuracy(similarity: torch.Tensor, positives: torch.Tensor, ks: Sequence[int] = TOP_K) -> dict:
+    """Share of queries (rows of `similarity`, queries x items) with a positive item among their k best, for each k."""
+    ranked = similarity.topk(min(max(ks), similarity.shape[1]), dim=1).indices  # (queries, k)
+    hits = positives.gather(1, ranked)
+    return {f"top{k}": hits[:, :k].any(dim=1).double().mean().item() for k in ks}
+
+
+def chance_accuracy(num_items: int, ks: Sequence[int] = TOP_K) -> dict:
+    """Top-k accuracy of a random ranking of `num_items` items with one positive each: k / N."""
+    return {f"chance_top{k}": min(k, num_items) / num_items for k in ks}
+
+
+# ------------------------------------------------------------------------------------------------------- data, judge
+def hash_sample(texts: Sequence[str], count: int) -> list[int]:
+    """Indices of up to `count` distinct texts, the first in order of their SHA-256: a sample that no seed moves."""
+    first_index = {}
+    for index, text in enumerate(texts):
+        first_index.setdefault(text, index)
+    ordered = sorted(first_index, key=lambda text: hashlib.sha256(text.encode()).hexdigest())
+    return [first_index[text] for text in ordered[:count]]
+
+
+def image_to_tensor(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
+    """An RGB image as (3, resolution, resolution) in [0, 1], resized (bicubic) when its size differs."""
+    image = image.convert("RGB")
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), PIL.Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+
+def tensor_to_image(pixels: torch.Tensor) -> PIL.Image.Image:
+    """(3, H, W) in [0, 1] as an RGB image."""
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return PIL.Image.fromarray(array)
+
+
+def _features(output: Any) -> torch.Tensor:
+    """transformers 5's `CLIPModel` returns an output whose `pooler_output` is the projection; ours, the tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.no_grad()
+def judge_image_features(judge: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """L2-normalised image embeddings (N, D) of images (N, 3, H, W) in [0, 1], resized to the judge's input size."""
+    size = judge.config.vision_config.image_size
+    features = []
+    for batch in images.split(batch_size):
+        if batch.shape[-2:] != (size, size):
+            batch = F.interpolate(batch, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        pixel_values = (batch * 2 - 1).to(judge.device, judge.dtype)
+        features.append(_features(judge.get_image_features(pixel_values=pixel_values)).float().cpu())
+    return F.normalize(torch.cat(features), dim=-1)
+
+
+@torch.no_grad()
+def judge_text_features(judge: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+    """L2-normalised text embeddings (N, D), tokenised to the tokenizer's `model_max_length`."""
+    features = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(
+            list(texts[start : start + batch_size]), padding="max_length", truncation=True, return_tensors="pt"
+        ).to(judge.device)
+        output = judge.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        features.append(_features(output).float().cpu())
+    return F.normalize(torch.cat(features), dim=-1)
+
+
+def _positives(query_texts: Sequence[str], item_texts: Sequence[str]) -> torch.Tensor:
+    return torch.tensor([[query == item for item in item_texts] for query in query_texts])  # (queries, items)
+
+
+# ------------------------------------------------------------------------------------------------------------ parts
+@torch.no_grad()
+def evaluate_vae(vae: torch.nn.Module, images: torch.Tensor, batch_size: int) -> dict:
+    """PSNR and SSIM of x -> D(mode of q(z|x)) for images (N, 3, H, W) in [0, 1], and the std of the scaled latents."""
+    reconstructions, latents = [], []
+    for batch in images.split(batch_size):
+        latent = vae.encode((batch * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
+        reconstructions.append(((vae.decode(latent).sample.float().cpu() + 1) / 2).clamp(0, 1))
+        latents.append(latent.float().cpu() * vae.config.scaling_factor)
+    reconstructions = torch.cat(reconstructions)
+    return {
+        "images": len(images),
+        "psnr": psnr(reconstructions, images).mean().item(),
+        "ssim": ssim(reconstructions, images).mean().item(),
+        "scaled_latent_std": torch.cat(latents).std().item(),
+    }
+
+
+def evaluate_judge(
+    judge: torch.nn.Module, tokenizer: Any, texts: list[str], images: torch.Tensor, batch_size: int
+) -> dict:
+    """Text->image and image->text top-k retrieval over one split; a hit shares the query's caption."""
+    text_features = judge_text_features(judge, tokenizer, texts, batch_size)
+    image_features = judge_image_features(judge, images, batch_size)
+    positives = _positives(texts, texts)
+    chance = chance_accuracy(len(set(texts)))
+    return {
+        "images": len(texts),
+        "text_to_image": {**retrieval_accuracy(text_features @ image_features.T, positives), **chance},
+        "image_to_text": {**retrieval_accuracy(image_features @ text_features.T, positives), **chance},
+    }
+
+
+@torch.no_grad()
+def generate(
+    pipeline: Any, prompts: Sequence[str], seed: int, steps: int, guidance: float, resolution: int, batch_size: int
+) -> tuple[torch.Tensor, float]:
+    """Images (N, 3, H, W) in [0, 1] for `prompts` and the seconds taken. Prompt i draws its noise from a CPU generator
+    seeded `seed + i`, so an image does not depend on the batch it is in, nor on the device."""
+    images = []
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch_size):
+        batch = list(prompts[first : first + batch_size])
+        generators = [torch.Generator("cpu").manual_seed(seed + first + i) for i in range(len(batch))]
+        output = pipeline(
+            batch, height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance,
+            generator=generators, output_type="pt",
+        )  # fmt: skip
+        images.append(output.images.float().cpu())
+    return torch.cat(images), time.perf_counter() - start
+
+
+@dataclass
+class SplitSample:
+    """The hash sample of one split: prompts, their true images (N, 3, H, W) in [0, 1], and all distinct captions of
+    the split with the judge's embeddings of them."""
+
+    split: str
+    prompts: list[str]
+    real: torch.Tensor
+    captions: list[str]
+    caption_features: torch.Tensor
+
+    def head(self, count: int) -> "SplitSample":
+        """The first `count` prompts, which are also the hash sample of that size."""
+        return replace(self, prompts=self.prompts[:count], real=self.real[:count])
+
+
+def sample_split(
+    dataset: Any, split: str, count: int, resolution: int, judge: torch.nn.Module, tokenizer: Any, batch_size: int
+) -> SplitSample:
+    """The first `count` distinct captions of `dataset` in hash order, with their images at `resolution`."""
+    indices = hash_sample(dataset["text"], count)
+    captions = sorted(set(dataset["text"]))
+    return SplitSample(
+        split=split,
+        prompts=[dataset[i]["text"] for i in indices],
+        real=torch.stack([image_to_tensor(dataset[i]["image"], resolution) for i in indices]),
+        captions=captions,
+        caption_features=judge_text_features(judge, tokenizer, captions, batch_size),
+    )
+
+
+def generate_and_score(
+    pipeline: Any, sample: SplitSample, judge: torch.nn.Module, settings: dict, steps: int
+) -> tuple[dict, torch.Tensor]:
+    """Metrics (a)-(c) of the module docstring, and seconds per image, for images generated from `sample.prompts`
+    with `steps` steps of the pipeline's scheduler; also returns the images."""
+    batch_size = settings["batch_size"]
+    scheduler = type(pipeline.scheduler).__name__
+    logger.info("%s, %d steps: %d prompts of %s", scheduler, steps, len(sample.prompts), sample.split)
+    generated, seconds = generate(
+        pipeline, sample.prompts, settings["seed"], steps, settings["guidance"], settings["resolution"], batch_size
+    )
+    generated_features = judge_image_features(judge, generated, batch_size)
+    similarity = generated_features @ sample.caption_features.T  # (prompts, captions)
+    scores = {"prompts": len(sample.prompts), "captions": len(sample.captions)}
+    scores.update(retrieval_accuracy(similarity, _positives(sample.prompts, sample.captions)))
+    scores.update(chance_accuracy(len(sample.captions)))
+    if len(sample.prompts) >= 2:
+        real_features = judge_image_features(judge, sample.real, batch_size)
+        ridge = settings["frechet_ridge"]
+        scores["frechet_clip"] = frechet_distance(generated_features.numpy(), real_features.numpy(), ridge)
+    else:
+        logger.warning("%s has %d prompt(s): too few for a Fréchet distance", sample.split, len(sample.prompts))
+        scores["frechet_clip"] = None
+    pixels = sample.split in PIXEL_SPLITS
+    scores["psnr"] = psnr(generated, sample.real).mean().item() if pixels else None
+    scores["ssim"] = ssim(generated, sample.real).mean().item() if pixels else None
+    scores["seconds_per_image"] = seconds / len(sample.prompts)
+    return scores, generated
+
+
+def parse_sampler(spec: str) -> tuple[str, int]:
+    """"dpm++-20" -> ("dpm++", 20): a scheduler name of `hf_scratch.cli.SCHEDULERS` and a number of steps."""
+    from hf_scratch.cli import SCHEDULERS
+
+    name, _, steps = spec.rpartition("-")
+    if name not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(
+            f"samplers={spec!r} is not allowed; use NAME-STEPS, e.g. ddim-50, with NAME one of {', '.join(SCHEDULERS)}"
+        )
+    return name, int(steps)
+
+
+def _default_resolution(pipeline: Any) -> int:
+    sample_size = pipeline.unet.config.sample_size
+    return (sample_size if isinstance(sample_size, int) else sample_size[0]) * pipeline.vae_scale_factor
+
+
+# ------------------------------------------------------------------------------------------------------------ runner
+def run_emoji_bench(
+    pipeline: Any,
+    judge_clip: torch.nn.Module,
+    judge_tokenizer: Any,
+    dataset_dict: Any,
+    *,
+    num_prompts: int = 64,
+    num_prompts_samplers: int = 16,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 4.0,
+    samplers: Sequence[str] = DEFAULT_SAMPLERS,
+    resolution: int | None = None,
+    batch_size: int = 16,
+    max_vae_images: int | None = None,
+    frechet_ridge: float = FRECHET_RIDGE,
+    model: str | None = None,
+    judge: str | None = None,
+    data: str | None = None,
+    out_dir: str | Path | None = None,
+) -> dict:
+    """Run emoji-bench (see the module docstring) and return its results as a JSON-ready dict.
+
+    Args:
+        pipeline: a text-to-image pipeline with the diffusers API (`ScratchStableDiffusionPipeline`); its own
+            scheduler runs the generation table, and it is restored after the sampler table.
+        judge_clip, judge_tokenizer: a CLIP (`get_text_features`, `get_image_features`) and its tokenizer.
+        dataset_dict: the emoji dataset (`datasets.load_dataset(folder)`), splits train/validation/heldout_style.
+        num_prompts: captions sampled from each split for the generation table.
+        num_prompts_samplers: captions sampled from `train` for each of `samplers` (the first of the same order).
+        seed, steps, guidance: prompt i uses a generator seeded `seed + i`, `steps` steps and guidance weight w.
+        samplers: "NAME-STEPS" specs, e.g. "ddim-50".
+        resolution: image side; default the pipeline's. Real images are resized (bicubic) to it.
+        batch_size: images per pipeline call and per encoder batch.
+        max_vae_images: reconstruct at most this many validation images (a hash sample); default all.
+        frechet_ridge: ε of the ridge ε·I added to the covariances of the Fréchet distance.
+        model, judge, data: names to record; `model` and `judge` default to the models' `name_or_path`.
+        out_dir: when given, also write emoji_bench.json, emoji_bench.md and grid.png there.
+    """
+    for name, value in (("num_prompts", num_prompts), ("num_prompts_samplers", num_prompts_samplers)):
+        if value < 1:
+            raise ValueError(f"{name}={value!r} is not allowed; use a positive number of prompts")
+    missing = [split for split in SPLITS if split not in dataset_dict]
+    if missing:
+        raise ValueError(f"dataset_dict lacks the splits {missing}; emoji-bench needs {SPLITS}")
+    sampler_specs = {spec: parse_sampler(spec) for spec in samplers}
+    resolution = _default_resolution(pipeline) if resolution is None else resolution
+    pipeline.check_size(resolution, resolution, names=("resolution", "resolution"))
+    if resolution < SSIM_WINDOW:
+        raise ValueError(f"resolution={resolution} is not allowed; SSIM needs at least {SSIM_WINDOW} pixels")
+    settings = {
+        "num_prompts": num_prompts, "num_prompts_samplers": num_prompts_samplers, "seed": seed, "steps": steps,
+        "guidance": guidance, "scheduler": type(pipeline.scheduler).__name__, "samplers": list(samplers),
+        "resolution": resolution, "batch_size": batch_size, "max_vae_images": max_vae_images,
+        "frechet_ridge": frechet_ridge, "device": str(pipeline.device),
+    }  # fmt: skip
+    start = time.perf_counter()
+
+    validation = dataset_dict["validation"]
+    validation_texts = list(validation["text"])
+    validation_images = torch.stack([image_to_tensor(image, resolution) for image in validation["image"]])
+    vae_indices = range(len(validation)) if max_vae_images is None else hash_sample(validation_texts, max_vae_images)
+    logger.info("VAE: reconstructing %d validation images", len(vae_indices))
+    vae = evaluate_vae(pipeline.vae, validation_images[list(vae_indices)], batch_size)
+    logger.info("judge: retrieval over %d validation images", len(validation_texts))
+    clip = evaluate_judge(judge_clip, judge_tokenizer, validation_texts, validation_images, batch_size)
+
+    samples = {
+        split: sample_split(
+            dataset_dict[split], split, max(num_prompts, num_prompts_samplers) if split == "train" else num_prompts,
+            resolution, judge_clip, judge_tokenizer, batch_size,
+        )  # fmt: skip
+        for split in SPLITS
+    }
+    generation, grid_rows = {}, []
+    for split, sample in samples.items():
+        sample = sample.head(num_prompts)
+        generation[split], generated = generate_and_score(pipeline, sample, judge_clip, settings, steps)
+        rows = range(min(GRID_ROWS[split], len(sample.prompts)))
+        grid_rows += [(split, sample.prompts[i], generated[i], sample.real[i]) for i in rows]
+
+    from hf_scratch.cli import make_scheduler
+
+    sampler_results = {}
+    own_scheduler = pipeline.scheduler
+    sample = samples["train"].head(num_prompts_samplers)
+    try:
+        for spec, (name, sampler_steps) in sampler_specs.items():
+            pipeline.scheduler = make_scheduler(name, own_scheduler.config)
+            sampler_results[spec], _ = generate_and_score(pipeline, sample, judge_clip, settings, sampler_steps)
+    finally:
+        pipeline.scheduler = own_scheduler
+
+    results = {
+        "model": model if model is not None else str(getattr(pipeline, "name_or_path", None)),
+        "judge": judge if judge is not None else str(getattr(judge_clip, "name_or_path", None)),
+        "data": data,
+        "vae": vae,
+        "clip": clip,
+        "generation": generation,
+        "samplers": sampler_results,
+        "settings": settings,
+        "seconds": time.perf_counter() - start,
+    }
+    if out_dir is not None:
+        write_outputs(results, make_grid(grid_rows), out_dir)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------- outputs
+def make_grid(rows: Sequence[tuple[str, str, torch.Tensor, torch.Tensor]]) -> PIL.Image.Image:
+    """Under a header, one row per (split, prompt, generated, true): the text, then both images upscaled by nearest
+    neighbour to at least `GRID_CELL` pixels."""
+    side = rows[0][2].shape[-1]
+    cell = side * math.ceil(GRID_CELL / side)
+    text_width = 2 * cell
+    font = ImageFont.load_default()
+    characters_per_line = max(1, int(text_width / font.getlength("n")) - 2)
+    header = 2 * font.getbbox("Ag")[3]
+    grid = PIL.Image.new("RGB", (text_width + 2 * cell, header + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for left, title in ((0, "prompt"), (text_width, "generated"), (text_width + cell, "true emoji")):
+        draw.text((left + 4, header // 4), title, fill="black", font=font)
+    for row, (split, prompt, generated, true) in enumerate(rows):
+        top = header + row * cell
+        lines = [f"[{split}]", *textwrap.wrap(prompt, characters_per_line)]
+        draw.multiline_text((4, top + 4), "\n".join(lines), fill="black", font=font)
+        for column, pixels in enumerate((generated, true)):
+            image = tensor_to_image(pixels).resize((cell, cell), PIL.Image.Resampling.NEAREST)
+            grid.paste(image, (text_width + column * cell, top))
+    return grid
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+_SCORE_COLUMNS = ("top1", "top5", "chance_top1", "chance_top5", "frechet_clip", "psnr", "ssim", "seconds_per_image")
+_SCORE_HEADER = ("top-1", "top-5", "chance top-1", "chance top-5", "Fréchet (CLIP)", "PSNR (dB)", "SSIM", "s / image")
+
+
+def to_markdown(results: dict) -> str:
+    """The results of `run_emoji_bench` as Markdown tables."""
+    settings, vae, clip = results["settings"], results["vae"], results["clip"]
+    directions = [
+        (direction.replace("_", " "), *(clip[direction][key] for key in ("top1", "top5", "chance_top1", "chance_top5")))
+        for direction in ("text_to_image", "image_to_text")
+    ]
+    generation = [
+        (split, scores["prompts"], scores["captions"], *(scores[key] for key in _SCORE_COLUMNS))
+        for split, scores in results["generation"].items()
+    ]
+    samplers = [
+        (spec, scores["prompts"], *(scores[key] for key in _SCORE_COLUMNS))
+        for spec, scores in results["samplers"].items()
+    ]
+    vae_row = (vae["images"], vae["psnr"], vae["ssim"], vae["scaled_latent_std"])
+    steps, guidance, seed = settings["steps"], settings["guidance"], settings["seed"]
+    return f"""\
+# emoji-bench
+
+model `{results["model"]}`, judge `{results["judge"]}`, data `{results["data"]}`; {results["seconds"]:.0f} s.
+
+## VAE reconstruction (validation, {settings["resolution"]} px)
+
+{_table(("images", "PSNR (dB)", "SSIM", "std of scaled latents"), [vae_row])}
+
+## Judge CLIP retrieval (validation, {clip["images"]} images)
+
+{_table(("direction", "top-1", "top-5", "chance top-1", "chance top-5"), directions)}
+
+## Generation ({settings["scheduler"]}, {steps} steps, guidance {guidance}, seed {seed})
+
+Retrieval ranks all captions of the split for each generated image. PSNR and SSIM compare with the true emoji, for
+the splits whose emoji were trained on.
+
+{_table(("split", "prompts", "captions", *_SCORE_HEADER), generation)}
+
+## Samplers (train)
+
+{_table(("sampler", "prompts", *_SCORE_HEADER), samplers)}
+"""
+
+
+def write_outputs(results: dict, grid: PIL.Image.Image, out_dir: str | Path) -> None:
+    """Write emoji_bench.json, emoji_bench.md and grid.png to `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "emoji_bench.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "emoji_bench.md").write_text(to_markdown(results), encoding="utf-8")
+    grid.save(out / "grid.png")
+    logger.info("wrote %s", ", ".join(str(out / name) for name in ("emoji_bench.json", "emoji_bench.md", "grid.png")))
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="pipeline folder (ScratchStableDiffusionPipeline)")
+    parser.add_argument("--clip", required=True, help="judge CLIP folder (train_clip.py's output, with tokenizer/)")
+    parser.add_argument("--data", required=True, help="emoji dataset folder (hf-scratch data emoji)")
+    parser.add_argument("--out", required=True, help="folder for emoji_bench.json, emoji_bench.md and grid.png")
+    parser.add_argument("--num_prompts", type=int, default=64, help="captions sampled from each split")
+    parser.add_argument("--num_prompts_samplers", type=int, default=16, help="train prompts for the sampler table")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20, help="steps of the pipeline's own scheduler")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--samplers", nargs="*", default=list(DEFAULT_SAMPLERS), help="NAME-STEPS, e.g. ddim-50")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the pipeline's")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_vae_images", type=int, default=None, help="default: the whole validation split")
+    parser.add_argument("--cache_dir", default=None, help="datasets' cache folder (default: its own)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def load_pipeline(folder: str | Path) -> Any:
+    """`ScratchStableDiffusionPipeline.from_pretrained(folder)`, with a clear error for a folder that isn't one."""
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+
+    if not (Path(folder) / "model_index.json").is_file():
+        raise ValueError(f"--model {str(folder)!r} holds no model_index.json; pass a pipeline folder")
+    return ScratchStableDiffusionPipeline.from_pretrained(folder)
+
+
+def load_judge(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+    """A CLIP saved by `save_pretrained` and its `CLIPTokenizer`, from `folder/tokenizer` or else `folder` itself."""
+    from transformers import CLIPTokenizer
+
+    from hf_scratch.models.clip import ScratchCLIPModel
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--clip {str(folder)!r} holds no config.json; pass the output folder of train_clip.py")
+    tokenizer_folder = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+    return ScratchCLIPModel.from_pretrained(folder).eval(), CLIPTokenizer.from_pretrained(tokenizer_folder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python training/evaluate.py --model DIR --clip DIR --data DIR --out DIR`; prints the Markdown tables."""
+    import datasets
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if not Path(args.data).is_dir():
+            raise ValueError(f"--data {args.data!r} is not a folder; build one with `hf-scratch data emoji`")
+        pipeline = load_pipeline(args.model).to(args.device)
+        pipeline.set_progress_bar_config(disable=True)
+        judge_clip, judge_tokenizer = load_judge(args.clip)
+        results = run_emoji_bench(
+            pipeline, judge_clip.to(args.device), judge_tokenizer,
+            datasets.load_dataset(args.data, cache_dir=args.cache_dir),
+            num_prompts=args.num_prompts, num_prompts_samplers=args.num_prompts_samplers, seed=args.seed,
+            steps=args.steps, guidance=args.guidance, samplers=args.samplers, resolution=args.resolution,
+            batch_size=args.batch_size, max_vae_images=args.max_vae_images, model=args.model, judge=args.clip,
+            data=args.data, out_dir=args.out,
+        )  # fmt: skip
+    except ValueError as error:
+        print(f"emoji-bench: error: {error}", file=sys.stderr)
+        return 2
+    print(to_markdown(results))
+    return 0

@@ -1,0 +1,197 @@
+"""Tests for `hf_scratch.evaluation` (emoji-bench): the metrics against hand-computed and closed-form values, and an
+end-to-end run of `main` on a tiny random pipeline, judge CLIP and emoji dataset (random models: no quality asserted).
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from hf_scratch.data.emoji import build_emoji_dataset
+from hf_scratch.evaluation import (
+    GRID_ROWS,
+    SPLITS,
+    chance_accuracy,
+    frechet_distance,
+    hash_sample,
+    judge_image_features,
+    judge_text_features,
+    main,
+    parse_sampler,
+    psnr,
+    retrieval_accuracy,
+    ssim,
+)
+from hf_scratch.models.clip import ScratchCLIPConfig, ScratchCLIPModel
+from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+from hf_scratch.schedulers.ddim import ScratchDDIMScheduler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import TEXT_CONFIG, tiny_components, tiny_tokenizer  # noqa: E402
+
+
+def test_psnr_of_a_2x2_example_matches_the_hand_computed_value():
+    reference = torch.zeros(1, 1, 2, 2)
+    image = torch.tensor([[[[0.1, 0.0], [0.0, 0.3]]]], dtype=torch.float64)
+    # MSE = (0.01 + 0.09) / 4 = 0.025, PSNR = 10 log10(1 / 0.025) = 10 log10(40)
+    assert psnr(image, reference).item() == pytest.approx(10 * math.log10(40), abs=1e-9)
+
+
+def test_ssim_is_one_for_identical_images_and_falls_with_noise():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 24, 24, generator=generator)
+    assert torch.allclose(ssim(images, images), torch.ones(2, dtype=torch.float64), atol=1e-12)
+    scores = [
+        ssim((images + level * torch.randn(images.shape, generator=generator)).clamp(0, 1), images).mean().item()
+        for level in (0.05, 0.2, 0.5)
+    ]
+    assert 1 > scores[0] > scores[1] > scores[2]
+
+
+def test_ssim_rejects_images_smaller_than_its_window():
+    with pytest.raises(ValueError, match="window"):
+        ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+
+
+def test_frechet_distance_of_identical_sets_is_zero_and_a_shift_adds_its_square():
+    features = np.random.default_rng(0).normal(size=(50, 4))
+    shift = np.array([1.0, -2.0, 0.5, 0.0])
+    assert frechet_distance(features, features) == pytest.approx(0, abs=1e-8)
+    assert frechet_distance(features, features + shift) == pytest.approx(np.sum(shift**2), abs=1e-8)
+
+
+def test_frechet_distance_matches_the_closed_form_in_one_dimension():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.0, 2.0, size=(40, 1)), rng.normal(-0.5, 0.5, size=(30, 1))
+    # d² of N(m1, s1²) and N(m2, s2²) is (m1 - m2)² + (s1 - s2)²
+    expected = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+    assert frechet_distance(a, b, ridge=0.0) == pytest.approx(expected, rel=1e-9)
+
+
+def test_retrieval_accuracy_on_a_constructed_similarity_matrix():
+    similarity = torch.tensor(
+        [
+            [0.9, 0.1, 0.2, 0.0, 0.0, 0.0],  # positive ranked 1st
+            [0.9, 0.5, 0.2, 0.3, 0.4, 0.0],  # positive ranked 2nd
+            [0.9, 0.8, 0.7, 0.6, 0.5, 0.1],  # positive ranked 6th
+        ]
+    )
+    positives = torch.eye(3, 6, dtype=torch.bool)
+    positives[2] = torch.tensor([False] * 5 + [True])
+    assert retrieval_accuracy(similarity, positives) == {"top1": pytest.approx(1 / 3), "top5": pytest.approx(2 / 3)}
+    assert chance_accuracy(6) == {"chance_top1": 1 / 6, "chance_top5": 5 / 6}
+    assert chance_accuracy(3) == {"chance_top1": 1 / 3, "chance_top5": 1.0}
+
+
+def test_hash_sample_is_deterministic_distinct_and_independent_of_order():
+    texts = [f"caption {i}" for i in range(20)] + ["caption 3"]
+    sample = hash_sample(texts, 5)
+    assert len({texts[i] for i in sample}) == 5
+    reversed_texts = texts[::-1]
+    assert [reversed_texts[i] for i in hash_sample(reversed_texts, 5)] == [texts[i] for i in sample]
+
+
+def test_parse_sampler_reads_name_and_steps_and_rejects_the_rest():
+    assert parse_sampler("dpm++-20") == ("dpm++", 20)
+    assert parse_sampler("ddpm-1000") == ("ddpm", 1000)
+    for spec in ("ddim", "euler-10", "ddim-0", "ddim-x"):
+        with pytest.raises(ValueError, match="samplers="):
+            parse_sampler(spec)
+
+
+def tiny_judge() -> ScratchCLIPModel:
+    vision_config = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    config = ScratchCLIPConfig(text_config=TEXT_CONFIG, vision_config=vision_config, projection_dim=8)
+    return ScratchCLIPModel(config).eval()
+
+
+def test_judge_features_are_normalised_and_equal_for_transformers_clip():
+    ours = tiny_judge()
+    vision_config = ours.config.vision_config.to_dict()
+    theirs = CLIPModel(CLIPConfig(text_config=TEXT_CONFIG, vision_config=vision_config, projection_dim=8))
+    theirs.load_state_dict(ours.state_dict())
+    images, texts = torch.rand(3, 3, 16, 16), ["red heart, noto style", "divide, twemoji style"]
+    image_features = judge_image_features(ours, images, batch_size=2)
+    assert torch.allclose(image_features.norm(dim=-1), torch.ones(3))
+    assert torch.allclose(image_features, judge_image_features(theirs.eval(), images, batch_size=2), atol=1e-5)
+    text_features = judge_text_features(ours, tiny_tokenizer(), texts, batch_size=1)
+    assert torch.allclose(text_features, judge_text_features(theirs, tiny_tokenizer(), texts, batch_size=1), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    build_emoji_dataset(root / "data", resolution=16, limit=12, validation_fraction=0.3, heldout_style_fraction=0.4)
+    components = tiny_components("scratch")
+    ScratchStableDiffusionPipeline(**components, scheduler=ScratchDDIMScheduler()).save_pretrained(root / "model")
+    tiny_judge().save_pretrained(root / "judge")
+    tiny_tokenizer().save_pretrained(root / "judge" / "tokenizer")
+    return {"root": root, "data": root / "data", "model": root / "model", "judge": root / "judge"}
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models run faster on one thread than on several of a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _folder_args(bench_inputs: dict[str, Path], out: Path) -> list[str]:
+    return [
+        "--model", str(bench_inputs["model"]), "--clip", str(bench_inputs["judge"]),
+        "--data", str(bench_inputs["data"]), "--out", str(out), "--cache_dir", str(bench_inputs["root"] / "cache"),
+        "--device", "cpu",
+    ]  # fmt: skip
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _numbers(value)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree
+
+
+def test_main_writes_json_markdown_and_grid_with_finite_numbers(bench_inputs, one_thread, capsys):
+    out = bench_inputs["root"] / "out"
+    argv = [
+        *_folder_args(bench_inputs, out), "--num_prompts", "4", "--num_prompts_samplers", "2", "--steps", "2",
+        "--resolution", "16", "--samplers", "ddpm-3", "ddim-2", "dpm++-2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "emoji_bench.json").read_text())
+    assert set(results) == {"model", "judge", "data", "vae", "clip", "generation", "samplers", "settings", "seconds"}
+    assert set(results["generation"]) == set(SPLITS)
+    assert set(results["samplers"]) == {"ddpm-3", "ddim-2", "dpm++-2"}
+    assert set(results["clip"]) == {"images", "text_to_image", "image_to_text"}
+    for split, scores in results["generation"].items():
+        assert scores["prompts"] == min(4, scores["captions"])
+        assert scores["chance_top1"] == pytest.approx(1 / scores["captions"])
+        assert 0 <= scores["top1"] <= scores["top5"] <= 1
+        assert (scores["psnr"] is None) == (split == "validation")
+    for scores in results["samplers"].values():
+        assert scores["prompts"] == 2 and scores["frechet_clip"] is not None and scores["psnr"] is not None
+    numbers = list(_numbers(results))
+    assert numbers and all(math.isfinite(number) for number in numbers)
+    markdown = (out / "emoji_bench.md").read_text()
+    assert markdown in capsys.readouterr().out
+    assert "| ddpm-3 |" in markdown and "| heldout_style |" in markdown
+    with PIL.Image.open(out / "grid.png") as grid:
+        rows = sum(min(GRID_ROWS[split], results["generation"][split]["prompts"]) for split in SPLITS)
+        cell = grid.width // 4  # text (two cells wide), generated, true
+        assert grid.width % 4 == 0 and 0 < grid.height - rows * cell < cell  # a header, then the rows
+
+
+def test_main_reports_a_bad_sampler_as_a_usage_error(bench_inputs, capsys):
+    assert main([*_folder_args(bench_inputs, bench_inputs["root"] / "bad"), "--samplers", "euler-10"]) == 2
+    assert "samplers='euler-10'" in capsys.readouterr().err

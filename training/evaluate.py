@@ -1,0 +1,11 @@
+"""Run emoji-bench on a pipeline trained from scratch on the emoji data; see `hf_scratch.evaluation`.
+
+    python training/evaluate.py --model PIPELINE_DIR --clip JUDGE_CLIP_DIR --data EMOJI_DATA_DIR --out OUT_DIR
+"""
+
+import sys
+
+from hf_scratch.evaluation import main
+
+if __name__ == "__main__":
+    sys.exit(main())
