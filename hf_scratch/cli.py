@@ -165,14 +165,6 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(json.dumps(counts, indent=2))
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from hf_scratch.evaluation import main as evaluation_main
-
-    status = evaluation_main(args.eval_args)
-    if status:
-        raise SystemExit(status)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,14 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--limit", type=int, default=None, help="cap the number of items (for smoke tests)")
     data.set_defaults(func=cmd_data)
 
-    evaluate = sub.add_parser("eval", help="emoji-bench: VAE, CLIP and generation metrics of a pipeline folder",
-                              add_help=False)
-    evaluate.add_argument("eval_args", nargs=argparse.REMAINDER, help="see `hf-scratch eval --help`")
-    evaluate.set_defaults(func=cmd_eval)
+    # `eval` hands all its arguments to hf_scratch.evaluation.main (see `main` below); listed here for --help.
+    sub.add_parser("eval", help="emoji-bench: VAE, CLIP and generation metrics (hf-scratch eval --help)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        from hf_scratch.evaluation import main as evaluation_main
+
+        return evaluation_main(argv[1:])
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
