@@ -111,6 +111,16 @@ GUIDANCE_CASES = {
 }
 
 
+@pytest.mark.parametrize("guidance", ["cfg+negative", "no-cfg"])
+def test_diffusers_pipeline_runs_our_components(guidance, scratch_components):
+    """diffusers' own StableDiffusionPipeline built from our U-Net, VAE and text encoder gives our images."""
+    ours = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=make_scheduler(ScratchDDIMScheduler)))
+    official = reference_pipeline(StableDiffusionPipeline, scratch_components, make_scheduler(ScratchDDIMScheduler))
+    kwargs = dict(prompt="a red apple", num_inference_steps=3, output_type="np", **GUIDANCE_CASES[guidance])
+    assert np.abs(ours(**kwargs, generator=seeded()).images - official(**kwargs, generator=seeded()).images).max() \
+        <= TOLERANCE
+
+
 @pytest.mark.parametrize("guidance", GUIDANCE_CASES)
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_text_to_image_matches_diffusers(scheduler, guidance, diffusers_components, scratch_components):

@@ -9,13 +9,21 @@ Appendix B) and the Transformer (Vaswani et al. 2017, arXiv:1706.03762). Module 
 """
 
 import math
+import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "mish": nn.Mish,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+}
 
 
 def get_activation(act_fn: str) -> nn.Module:
@@ -23,6 +31,32 @@ def get_activation(act_fn: str) -> nn.Module:
     if act_fn.lower() not in ACTIVATIONS:
         raise ValueError(f"act_fn={act_fn!r} is not supported; allowed: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[act_fn.lower()]()
+
+
+class StrictFromPretrainedMixin:
+    """`from_pretrained` that refuses a checkpoint whose keys do not fit the config, naming the offending keys.
+
+    diffusers' `ModelMixin.from_pretrained` only warns about missing or unexpected keys and leaves the missing weights
+    randomly initialised; a model built from such a checkpoint runs but is silently wrong.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        offenders = {
+            kind: sorted(loading_info[kind]) for kind in ("missing_keys", "unexpected_keys") if loading_info[kind]
+        }
+        if offenders:
+            listing = "; ".join(
+                f"{len(keys)} {kind.replace('_', ' ')}: {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+                for kind, keys in offenders.items()
+            )
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path!s} does not fit {cls.__name__} built from its "
+                f"config.json ({listing}). Check that config.json belongs to these weights."
+            )
+        return (model, loading_info) if output_loading_info else model
 
 
 class CheckpointedBlock(nn.Module):
@@ -70,7 +104,9 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.nonlinearity = get_activation(act_fn)
         # A 1x1 projection lets the residual change its channel count.
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        )
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.conv1(self.nonlinearity(self.norm1(input_tensor)))

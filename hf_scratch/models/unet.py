@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import ConfigMixin, ModelMixin  # noqa: F401  diffusers looks these names up in this module to load
+from diffusers import ConfigMixin, ModelMixin  # diffusers looks these names up in this module when loading
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from .layers import (
@@ -22,13 +22,12 @@ from .layers import (
     CheckpointedBlock,
     Downsample2D,
     ResnetBlock2D,
+    StrictFromPretrainedMixin,
     TimestepEmbedding,
     Timesteps,
     Upsample2D,
     get_activation,
 )
-
-logger = logging.get_logger(__name__)
 
 # Constants that diffusers and LDM fix rather than configure.
 TIME_EMBED_MULT = 4  # time embedding width = 4 x block_out_channels[0] (DDPM)
@@ -50,6 +49,7 @@ FIXED_OPTIONS: dict[str, Any] = {
     "encoder_hid_dim_type": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional",
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
@@ -113,9 +113,8 @@ class BasicTransformerBlock(nn.Module):
         super().__init__()
         self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
-        self.attn1 = Attention(
-            dim, num_heads, head_dim, cross_attention_dim if only_cross_attention else None, False, upcast_attention, dropout
-        )
+        self_attention_context_dim = cross_attention_dim if only_cross_attention else None
+        self.attn1 = Attention(dim, num_heads, head_dim, self_attention_context_dim, False, upcast_attention, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
         self.attn2 = Attention(dim, num_heads, head_dim, cross_attention_dim, False, upcast_attention, dropout)
         self.norm3 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
@@ -168,16 +167,20 @@ class Transformer2DModel(nn.Module):
         batch, _, height, width = hidden_states.shape
         residual = hidden_states
         hidden_states = self.norm(hidden_states)
+        if not self.use_linear_projection:
+            hidden_states = self.proj_in(hidden_states)
+        # One copy into token-major layout, so every op in the transformer sees contiguous (B, L, C) tokens.
+        hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (B, H*W, C)
         if self.use_linear_projection:
-            hidden_states = self.proj_in(hidden_states.flatten(2).transpose(1, 2))  # (B, H*W, inner)
-        else:
-            hidden_states = self.proj_in(hidden_states).flatten(2).transpose(1, 2)  # (B, H*W, inner)
+            hidden_states = self.proj_in(hidden_states)
         for block in self.transformer_blocks:
             hidden_states = block(hidden_states, encoder_hidden_states)
         if self.use_linear_projection:
-            hidden_states = self.proj_out(hidden_states).transpose(1, 2).unflatten(2, (height, width))  # (B, C, H, W)
-        else:
-            hidden_states = self.proj_out(hidden_states.transpose(1, 2).unflatten(2, (height, width)))  # (B, C, H, W)
+            hidden_states = self.proj_out(hidden_states)
+        # And one copy back, so the convolutions after this block keep a contiguous NCHW layout.
+        hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        if not self.use_linear_projection:
+            hidden_states = self.proj_out(hidden_states)
         return hidden_states + residual
 
 
@@ -207,7 +210,6 @@ class DownBlock2D(CheckpointedBlock):
                 config["norm_eps"],
                 config["act_fn"],
                 config["dropout"],
-                config["resnet_out_scale_factor"],
             )
             for i in range(num_layers)
         )
@@ -256,7 +258,9 @@ class UNetMidBlock2DCrossAttn(CheckpointedBlock):
             [_spatial_transformer(channels, attention_heads, transformer_layers, False, config)]
         )
 
-    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
         hidden_states = self.run_layer(self.resnets[0], hidden_states, temb)
         hidden_states = self.run_layer(self.attentions[0], hidden_states, encoder_hidden_states)
         return self.run_layer(self.resnets[1], hidden_states, temb)
@@ -293,8 +297,7 @@ class UpBlock2D(CheckpointedBlock):
                     config["norm_eps"],
                     config["act_fn"],
                     config["dropout"],
-                    config["resnet_out_scale_factor"],
-                )
+                    )
             )
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(
@@ -346,12 +349,13 @@ def _per_block(name: str, value: Any, num_blocks: int) -> list:
     return list(value)
 
 
-class ScratchUNet2DConditionModel(ModelMixin, ConfigMixin):
+class ScratchUNet2DConditionModel(StrictFromPretrainedMixin, ModelMixin, ConfigMixin):
     """ε_θ(z_t, t, c): conv_in, contracting path, bottleneck, expanding path with skips, conv_out (LDM Appendix E).
 
     Config keys and their defaults are those of `diffusers.UNet2DConditionModel`. As there, `attention_head_dim` is
     the number of attention heads per resolution (a historical misnomer kept for checkpoint compatibility); each head
-    has `channels // attention_head_dim` dimensions.
+    has `channels // attention_head_dim` dimensions. The keys in `FIXED_OPTIONS` must keep their SD values, and
+    `addition_embed_type_num_heads` is inert without `addition_embed_type`.
     """
 
     _supports_gradient_checkpointing = True
@@ -373,7 +377,12 @@ class ScratchUNet2DConditionModel(ModelMixin, ConfigMixin):
             "DownBlock2D",
         ),
         mid_block_type: Literal["UNetMidBlock2DCrossAttn"] = "UNetMidBlock2DCrossAttn",
-        up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types: tuple[str, ...] = (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
         only_cross_attention: bool | tuple[bool, ...] = False,
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
         layers_per_block: int | tuple[int, ...] = 2,
@@ -422,7 +431,10 @@ class ScratchUNet2DConditionModel(ModelMixin, ConfigMixin):
                     f"{key}={supported!r}"
                 )
         num_blocks = len(block_out_channels)
-        for name, types, allowed in (("down", down_block_types, DOWN_BLOCK_TYPES), ("up", up_block_types, UP_BLOCK_TYPES)):
+        for name, types, allowed in (
+            ("down", down_block_types, DOWN_BLOCK_TYPES),
+            ("up", up_block_types, UP_BLOCK_TYPES),
+        ):
             if len(types) != num_blocks or any(block_type not in allowed for block_type in types):
                 raise ValueError(
                     f"{name}_block_types={types!r} must list {num_blocks} entries (one per block_out_channels) "
@@ -475,16 +487,29 @@ class ScratchUNet2DConditionModel(ModelMixin, ConfigMixin):
             )
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_act = get_activation(act_fn)
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+        self.conv_out = nn.Conv2d(
+            block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2
+        )
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+        added_cond_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
-        """Predict the noise in `sample` (B, in_channels, H, W) at `timestep` given text tokens (B, L, cross_dim)."""
+        """Predict the noise in `sample` (B, in_channels, H, W) at `timestep` given text tokens (B, L, cross_dim).
+
+        `timestep_cond`, `cross_attention_kwargs` and `added_cond_kwargs` exist so that diffusers' own pipelines can
+        call this model; SD 1.x/2.x pass them empty, and anything else raises (LCM, LoRA scales, SDXL are not built).
+        """
+        for name, value in (("timestep_cond", timestep_cond), ("cross_attention_kwargs", cross_attention_kwargs),
+                            ("added_cond_kwargs", added_cond_kwargs)):
+            if value is not None and not (isinstance(value, dict) and not value):
+                raise ValueError(f"{name}={value!r} is not supported by ScratchUNet2DConditionModel; pass None")
         self._check_inputs(sample, encoder_hidden_states)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0

@@ -11,15 +11,20 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import ConfigMixin, ModelMixin  # noqa: F401  diffusers looks these names up in this module to load
+from diffusers import ConfigMixin, ModelMixin  # diffusers looks these names up in this module when loading
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from .layers import CheckpointedBlock, Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
-
-logger = logging.get_logger(__name__)
+from .layers import (
+    CheckpointedBlock,
+    Downsample2D,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    StrictFromPretrainedMixin,
+    Upsample2D,
+)
 
 # Constants that LDM's autoencoder fixes rather than configures.
 NORM_EPS = 1e-6
@@ -76,7 +81,9 @@ class DecoderOutput(BaseOutput):
 
 
 class DownEncoderBlock2D(CheckpointedBlock):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool, groups: int, act_fn: str):
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool, groups: int, act_fn: str
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, NORM_EPS, act_fn)
@@ -93,7 +100,9 @@ class DownEncoderBlock2D(CheckpointedBlock):
 
 
 class UpDecoderBlock2D(CheckpointedBlock):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool, groups: int, act_fn: str):
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool, groups: int, act_fn: str
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, NORM_EPS, act_fn)
@@ -205,7 +214,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, out_channels, h·f, w·f)
 
 
-class ScratchAutoencoderKL(ModelMixin, ConfigMixin):
+class ScratchAutoencoderKL(StrictFromPretrainedMixin, ModelMixin, ConfigMixin):
     """The SD autoencoder: x -> q(z|x) -> z -> D(z), with f = 2^(len(block_out_channels)-1) spatial compression.
 
     Diffusion runs on `z * scaling_factor` (LDM Sec. 4.3.2 and Appendix D.1: the factor gives the latents unit
@@ -274,10 +283,14 @@ class ScratchAutoencoderKL(ModelMixin, ConfigMixin):
     def disable_tiling(self) -> None:
         self.use_tiling = False
 
-    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
+    def encode(
+        self, x: torch.Tensor, return_dict: bool = True
+    ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
         """q(z|x) for images `x` (B, in_channels, H, W) scaled to [-1, 1]."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, {self.config.in_channels}, height, width)")
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}; expected (batch, {self.config.in_channels}, height, width)"
+            )
         if self.use_slicing and x.shape[0] > 1:
             moments = torch.cat([self._encode(image) for image in x.split(1)])
         else:

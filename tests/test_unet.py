@@ -1,0 +1,232 @@
+"""ScratchUNet2DConditionModel against diffusers' UNet2DConditionModel with the same weights.
+
+Parity tolerance: relative error ||ours - ref|| / ||ref|| <= 1e-5 in float32.
+"""
+
+import json
+
+import pytest
+import torch
+from _reference import (
+    SD2_UNET_CONFIG,
+    SD2_UNET_PARAMETERS,
+    SD15_UNET_CONFIG,
+    SD15_UNET_PARAMETERS,
+    TINY_SD2_UNET_CONFIG,
+    TINY_UNET_CONFIG,
+    build_reference_unet,
+    count_parameters,
+    free,
+    relative_error,
+    scratch_twin,
+)
+from diffusers import UNet2DConditionModel
+
+import hf_scratch
+from hf_scratch.models.unet import ScratchUNet2DConditionModel
+
+TOLERANCE = 1e-5
+TINY_CONFIGS = {"sd1-layout": TINY_UNET_CONFIG, "sd2-layout": TINY_SD2_UNET_CONFIG}
+FULL_CONFIGS = {"sd1.5": SD15_UNET_CONFIG, "sd2": SD2_UNET_CONFIG}
+
+
+def _inputs(config: dict, batch: int = 2, size: int = 8, tokens: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(batch, config["in_channels"], size, size, generator=generator)
+    text = torch.randn(batch, tokens, config["cross_attention_dim"], generator=generator)
+    return sample, text
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def tiny_pair(request):
+    reference = build_reference_unet(TINY_CONFIGS[request.param])
+    return reference, scratch_twin(ScratchUNet2DConditionModel, reference)
+
+
+@pytest.fixture(scope="module", params=sorted(FULL_CONFIGS))
+def full_pair(request):
+    reference = build_reference_unet(FULL_CONFIGS[request.param])
+    ours = scratch_twin(ScratchUNet2DConditionModel, reference)
+    yield reference, ours
+    free(reference, ours)
+
+
+@pytest.mark.parametrize(
+    "config, parameters", [(SD15_UNET_CONFIG, SD15_UNET_PARAMETERS), (SD2_UNET_CONFIG, SD2_UNET_PARAMETERS)]
+)
+def test_full_size_state_dict_equals_diffusers(config, parameters):
+    with torch.device("meta"):
+        ours = ScratchUNet2DConditionModel(**config).state_dict()
+        reference = UNet2DConditionModel(**config)
+    assert count_parameters(reference) == parameters
+    reference = reference.state_dict()
+    assert sorted(ours) == sorted(reference)
+    assert all(ours[key].shape == reference[key].shape for key in reference)
+    assert sum(tensor.numel() for tensor in ours.values()) == parameters
+
+
+def test_sd15_parameter_count_is_859_5_million():
+    with torch.device("meta"):
+        ours = ScratchUNet2DConditionModel(**SD15_UNET_CONFIG)
+    assert round(count_parameters(ours) / 1e6, 1) == 859.5
+
+
+@pytest.mark.parametrize(
+    "timestep", [10, 10.0, torch.tensor(10), torch.tensor([10]), torch.tensor([10, 500])], ids=repr
+)
+def test_tiny_parity(tiny_pair, timestep):
+    reference, ours = tiny_pair
+    sample, text = _inputs(reference.config)
+    with torch.no_grad():
+        expected = reference(sample, timestep, text).sample
+        actual = ours(sample, timestep, text).sample
+    assert actual.shape == sample.shape
+    assert relative_error(actual, expected) <= TOLERANCE
+
+
+def test_return_dict_false_gives_tuple(tiny_pair):
+    _, ours = tiny_pair
+    sample, text = _inputs(ours.config, batch=1)
+    with torch.no_grad():
+        (output,) = ours(sample, 3, text, return_dict=False)
+        assert torch.equal(output, ours(sample, 3, text).sample)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"center_input_sample": True, "only_cross_attention": [True, False, False]},
+        {"mid_block_scale_factor": 1.414, "layers_per_block": [1, 2, 1], "downsample_padding": 0, "act_fn": "mish"},
+        {"flip_sin_to_cos": False, "freq_shift": 1, "conv_in_kernel": 1, "conv_out_kernel": 1, "norm_eps": 1e-3},
+    ],
+    ids=["center-cross-only", "scales-layers", "embedding-kernels"],
+)
+def test_non_default_options_match_diffusers(options):
+    config = {**TINY_UNET_CONFIG, **options}
+    reference = build_reference_unet(config)
+    ours = scratch_twin(ScratchUNet2DConditionModel, reference)
+    sample, text = _inputs(config)
+    with torch.no_grad():
+        assert relative_error(ours(sample, 7, text).sample, reference(sample, 7, text).sample) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_full_size_parity(full_pair):
+    reference, ours = full_pair
+    sample, text = _inputs(reference.config, batch=1, size=16, tokens=77)
+    with torch.no_grad():
+        expected = reference(sample, 981, text).sample
+        actual = ours(sample, 981, text).sample
+    assert relative_error(actual, expected) <= TOLERANCE
+
+
+def test_round_trip_ours_to_diffusers(tmp_path):
+    ours = ScratchUNet2DConditionModel(**TINY_SD2_UNET_CONFIG).eval()
+    ours.save_pretrained(tmp_path)
+    reference = UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    for key, value in TINY_SD2_UNET_CONFIG.items():
+        assert reference.config[key] == value, key
+    sample, text = _inputs(ours.config)
+    with torch.no_grad():
+        assert relative_error(ours(sample, 5, text).sample, reference(sample, 5, text).sample) <= TOLERANCE
+
+
+def test_round_trip_diffusers_to_ours(tmp_path):
+    reference = build_reference_unet(TINY_SD2_UNET_CONFIG)
+    reference.save_pretrained(tmp_path)
+    ours = hf_scratch.ScratchUNet2DConditionModel.from_pretrained(tmp_path).eval()
+    public_keys = [key for key in ours.config if not key.startswith("_")]
+    assert {key: ours.config[key] for key in public_keys} == {key: reference.config[key] for key in public_keys}
+    sample, text = _inputs(ours.config)
+    with torch.no_grad():
+        assert relative_error(ours(sample, 5, text).sample, reference(sample, 5, text).sample) <= TOLERANCE
+
+
+def test_loads_hub_style_config_with_only_sd_keys(tmp_path):
+    """The SD 1.5 Hub config.json lists only the keys in SD15_UNET_CONFIG; the rest take their defaults."""
+    reference = build_reference_unet(TINY_UNET_CONFIG)
+    reference.save_pretrained(tmp_path)
+    minimal = {"_class_name": "UNet2DConditionModel", **TINY_UNET_CONFIG}
+    (tmp_path / "config.json").write_text(json.dumps(minimal))
+    ours = ScratchUNet2DConditionModel.from_pretrained(tmp_path).eval()
+    sample, text = _inputs(TINY_UNET_CONFIG)
+    with torch.no_grad():
+        assert relative_error(ours(sample, 5, text).sample, reference(sample, 5, text).sample) <= TOLERANCE
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = ScratchUNet2DConditionModel(**TINY_SD2_UNET_CONFIG).train()
+    sample, text = _inputs(model.config)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model(sample, 10, text).sample.square().mean().backward()
+        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+    plain = gradients()
+    model.enable_gradient_checkpointing()
+    assert model.down_blocks[0].gradient_checkpointing
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("height, width", [(9, 8), (8, 6)])
+def test_rejects_latent_size_not_divisible_by_downsampling(tiny_pair, height, width):
+    _, ours = tiny_pair
+    sample = torch.randn(1, 4, height, width)
+    text = torch.randn(1, 7, ours.config.cross_attention_dim)
+    with pytest.raises(ValueError, match=rf"spatial size \({height}, {width}\).*multiples of 4"):
+        ours(sample, 1, text)
+
+
+def test_rejects_wrong_cross_attention_dim(tiny_pair):
+    _, ours = tiny_pair
+    with pytest.raises(ValueError, match=r"encoder_hidden_states has shape \(1, 7, 25\).*24"):
+        ours(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 7, 25))
+
+
+def test_rejects_wrong_channel_count(tiny_pair):
+    _, ours = tiny_pair
+    with pytest.raises(ValueError, match=r"sample has shape \(1, 3, 8, 8\); expected \(batch, 4"):
+        ours(torch.randn(1, 3, 8, 8), 1, torch.randn(1, 7, 24))
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported"),
+        ({"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"]}, "must list 3 entries"),
+        ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D"]}, "up_block_types="),
+        ({"attention_head_dim": [2, 2]}, r"attention_head_dim=\[2, 2\] must have one entry per down block \(3\)"),
+        ({"act_fn": "tanh"}, "act_fn='tanh' is not supported"),
+        ({"resnet_out_scale_factor": 2.0}, "resnet_out_scale_factor=2.0 is not supported"),
+    ],
+)
+def test_rejects_unsupported_config(option, message):
+    with pytest.raises(ValueError, match=message):
+        ScratchUNet2DConditionModel(**{**TINY_UNET_CONFIG, **option})
+
+
+def test_truncated_or_missing_weights_file_is_named(tmp_path):
+    ScratchUNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError, match=r"Unable to load weights from.*diffusion_pytorch_model\.safetensors"):
+        ScratchUNet2DConditionModel.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model"):
+        ScratchUNet2DConditionModel.from_pretrained(tmp_path)
+
+
+def test_checkpoint_not_fitting_config_names_offending_keys(tmp_path):
+    ScratchUNet2DConditionModel(**{**TINY_UNET_CONFIG, "transformer_layers_per_block": 2}).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "transformer_layers_per_block": 1}))
+    with pytest.raises(ValueError, match=r"unexpected keys: down_blocks\.0\.attentions\.0\.transformer_blocks\.1\."):
+        ScratchUNet2DConditionModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 32}))
+    with pytest.raises(ValueError, match=r"attn2\.to_k\.weight expected shape torch\.Size\(\[16, 32\]\)"):
+        ScratchUNet2DConditionModel.from_pretrained(tmp_path)
