@@ -1,0 +1,333 @@
+"""The three training scripts under `accelerate launch`, on a tiny generated dataset and tiny models.
+
+Each script runs a few steps in a subprocess and must lower its loss; the U-Net run must end in a pipeline folder that
+`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` loads and samples from. A real two-process run must
+keep the ranks' weights identical. A run killed with SIGKILL right after a checkpoint and resumed with
+`--resume_from_checkpoint latest` must reproduce the uninterrupted run's losses and weights bit for bit. User errors must
+fail with messages that name the problem.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING = REPO / "training"
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+RESOLUTION = 32
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+sys.path.insert(0, str(TRAINING))
+import common  # noqa: E402  (the scripts import it as a sibling module)
+
+
+def draw(colour: str, shape: str, offset: int) -> Image.Image:
+    image = Image.new("RGB", (40, 40), "white")
+    box = (offset, offset, offset + 24, offset + 24)
+    canvas = ImageDraw.Draw(image)
+    if shape == "circle":
+        canvas.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        canvas.rectangle(box, fill=COLOURS[colour])
+    else:
+        canvas.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLOURS[colour])
+    return image
+
+
+def write_dataset(root: Path, corrupt: bool = True) -> Path:
+    """train/ (48 images, one of them a corrupt file) and validation/ (12), each with metadata.jsonl."""
+    for split, count in (("train", 48), ("validation", 12)):
+        folder = root / split
+        folder.mkdir(parents=True)
+        rows = []
+        for index in range(count):
+            colour, shape = list(COLOURS)[index % 4], SHAPES[(index // 4) % 3]
+            name = f"{index:03d}.png"
+            draw(colour, shape, 4 + (index * 7 + (split == "validation")) % 9).save(folder / name)
+            rows.append({"file_name": name, "text": f"a {colour} {shape}", "style": "flat"})
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if corrupt:
+        (root / "train" / "005.png").write_bytes(b"these bytes are not a PNG file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory, data_dir) -> Path:
+    """Frozen tiny VAE, text encoder and a BPE tokenizer learned from the captions, saved as separate folders."""
+    from hf_scratch.models.clip import ScratchCLIPTextConfig, ScratchCLIPTextModel
+    from hf_scratch.models.vae import ScratchAutoencoderKL
+    from hf_scratch.tokenization import train_clip_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("components")
+    captions = [json.loads(line)["text"] for line in (data_dir / "train" / "metadata.jsonl").read_text().splitlines()]
+    tokenizer = train_clip_bpe_tokenizer(captions, vocab_size=600, save_dir=root / "tokenizer", model_max_length=8)
+    torch.manual_seed(0)
+    levels = ("DownEncoderBlock2D", "DownEncoderBlock2D")
+    ScratchAutoencoderKL(
+        block_out_channels=(16, 32), down_block_types=levels, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=RESOLUTION, scaling_factor=1.0,
+    ).save_pretrained(root / "vae")
+    text_config = ScratchCLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    ScratchCLIPTextModel(text_config).save_pretrained(root / "text_encoder")
+    return root
+
+
+def launch(script: str, args: list[str], launcher: list[str] | None = None, **popen) -> subprocess.Popen:
+    """Start `accelerate launch <launcher> training/<script> <args>` in its own process group, one thread each."""
+    launcher = launcher or ["--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+                            "--dynamo_backend", "no"]
+    command = [ACCELERATE, "launch", *launcher, "--num_cpu_threads_per_process", "1", str(TRAINING / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **popen.pop("env", {})}
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, **popen,
+    )
+
+
+def run(script: str, args: list[str], launcher: list[str] | None = None, timeout: int = 400, **popen) -> str:
+    process = launch(script, args, launcher, **popen)
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"{script} exited with {process.returncode}:\n{output[-6000:]}"
+    return output
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / common.TRAIN_LOG).read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def assert_loss_falls(output_dir: Path, window: int = 2) -> None:
+    values = list(losses(output_dir).values())
+    first, last = sum(values[:window]) / window, sum(values[-window:]) / window
+    assert last < first, f"loss did not fall: {values}"
+
+
+def unet_args(data_dir: Path, components: Path, output_dir: Path, steps: int = 8) -> list[str]:
+    return [
+        "--train_data_dir", str(data_dir), "--resolution", str(RESOLUTION), "--output_dir", str(output_dir),
+        "--vae_path", str(components / "vae"), "--text_encoder_path", str(components / "text_encoder"),
+        "--tokenizer_path", str(components / "tokenizer"),
+        "--block_out_channels", "32", "64", "--layers_per_block", "1", "--attention_head_dim", "4",
+        "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--max_train_steps", str(steps),
+        "--learning_rate", "1e-3", "--lr_warmup_steps", "2", "--lr_scheduler", "constant_with_warmup",
+        "--snr_gamma", "5", "--noise_offset", "0.05", "--caption_dropout_prob", "0.2", "--use_ema",
+        "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--report_to", "tensorboard",
+        "--validation_prompts", "a red circle", "--num_validation_images", "2", "--validation_inference_steps", "2",
+        "--validation_steps", "100",
+    ]
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory, data_dir, components) -> Path:
+    """The uninterrupted reference run: 8 steps, checkpoints every 3, EMA, min-SNR, offset noise, caption dropout."""
+    output_dir = tmp_path_factory.mktemp("unet") / "run"
+    run("train_unet.py", unet_args(data_dir, components, output_dir))
+    return output_dir
+
+
+@pytest.mark.slow
+def test_train_vae(tmp_path, data_dir):
+    output_dir = tmp_path / "vae"
+    run("train_vae.py", [
+        "--train_data_dir", str(data_dir), "--resolution", str(RESOLUTION), "--output_dir", str(output_dir),
+        "--block_out_channels", "16", "32", "--norm_num_groups", "8", "--train_batch_size", "8",
+        "--max_train_steps", "8", "--learning_rate", "2e-3", "--validation_steps", "4", "--checkpointing_steps", "4",
+        "--use_discriminator", "--disc_start", "4", "--disc_channels", "16", "--disc_layers", "2",
+    ])
+    assert_loss_falls(output_dir)
+    log = [json.loads(line) for line in (output_dir / common.TRAIN_LOG).read_text().splitlines()]
+    assert "discriminator_loss" not in log[3] and "discriminator_loss" in log[4]  # the GAN joins at --disc_start
+    psnr = [json.loads(line)["psnr"] for line in (output_dir / "validation" / "psnr.jsonl").read_text().splitlines()]
+    assert len(psnr) == 2 and psnr[1] > psnr[0]
+
+    from hf_scratch.models.vae import ScratchAutoencoderKL
+
+    vae = ScratchAutoencoderKL.from_pretrained(output_dir)
+    assert vae.config.scaling_factor != 0.18215  # set from the training latents
+    assert vae.encode(torch.zeros(1, 3, RESOLUTION, RESOLUTION)).latent_dist.mean.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.slow
+def test_train_clip(tmp_path, data_dir):
+    output_dir = tmp_path / "clip"
+    run("train_clip.py", [
+        "--train_data_dir", str(data_dir), "--resolution", str(RESOLUTION), "--output_dir", str(output_dir),
+        "--vocab_size", "600", "--max_length", "8", "--text_hidden_size", "32", "--text_layers", "2",
+        "--text_heads", "2", "--vision_hidden_size", "32", "--vision_layers", "2", "--vision_heads", "2",
+        "--projection_dim", "32", "--train_batch_size", "16", "--max_train_steps", "12", "--learning_rate", "2e-3",
+        "--validation_steps", "6", "--checkpointing_steps", "6",
+    ])
+    assert_loss_falls(output_dir, window=3)
+    retrieval = [json.loads(line) for line in (output_dir / "validation_retrieval.jsonl").read_text().splitlines()]
+    assert {"text_to_image_top1", "text_to_image_top5", "image_to_text_top1", "image_to_text_top5"} <= set(retrieval[-1])
+
+    from transformers import CLIPTokenizer
+
+    from hf_scratch.models.clip import ScratchCLIPModel, ScratchCLIPTextModel
+
+    tokenizer = CLIPTokenizer.from_pretrained(output_dir / "tokenizer")
+    clip = ScratchCLIPModel.from_pretrained(output_dir)
+    text_encoder = ScratchCLIPTextModel.from_pretrained(output_dir / "text_encoder")
+    ids = tokenizer(["a red circle"], padding="max_length", max_length=8, return_tensors="pt").input_ids
+    torch.testing.assert_close(text_encoder(ids)[0], clip.text_model(ids)[0])  # the saved tower is CLIP's own
+
+
+@pytest.mark.slow
+def test_train_unet_ends_with_a_loadable_pipeline(unet_run):
+    from diffusers import DiffusionPipeline
+
+    # diffusers 0.42 loads a component from an outside package only once its module has been imported.
+    import hf_scratch.models.clip, hf_scratch.models.unet, hf_scratch.models.vae, hf_scratch.schedulers.ddpm  # noqa
+
+    assert_loss_falls(unet_run)
+    assert sorted(losses(unet_run)) == list(range(1, 9))
+    assert [p.name for p in common.list_checkpoints(unet_run)] == ["checkpoint-6", "checkpoint-8"]  # total limit 2
+    assert (unet_run / "validation" / "step-000008.png").is_file()
+    assert list((unet_run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    card = (unet_run / "README.md").read_text()
+    assert "(1 skipped" in card and "optimizer steps" in card
+
+    pipe = DiffusionPipeline.from_pretrained(unet_run, trust_remote_code=True)
+    assert type(pipe).__name__ == "ScratchStableDiffusionPipeline"
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (RESOLUTION, RESOLUTION)
+
+
+@pytest.mark.slow
+def test_kill_after_checkpoint_and_resume_is_bit_identical(tmp_path, data_dir, components, unet_run):
+    output_dir = tmp_path / "killed"
+    args = unet_args(data_dir, components, output_dir)
+    process = launch("train_unet.py", args)
+    deadline = time.monotonic() + 300
+    while not common.list_checkpoints(output_dir):
+        assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert not (output_dir / "model_index.json").exists(), "the run finished before it was killed"
+    killed_at = int(common.list_checkpoints(output_dir)[-1].name.split("-")[1])
+    assert killed_at < 8
+    (output_dir / ".checkpoint-99.partial").mkdir()  # what a kill during a save leaves behind
+
+    output = run("train_unet.py", [*args, "--resume_from_checkpoint", "latest"])
+    assert f"resuming from {output_dir / f'checkpoint-{killed_at}'}" in output
+    assert not (output_dir / ".checkpoint-99.partial").exists()
+    assert losses(output_dir) == losses(unet_run)  # every step, bit for bit
+    for component in ("unet/diffusion_pytorch_model.safetensors",):
+        expected, resumed = load_file(unet_run / component), load_file(output_dir / component)
+        assert expected.keys() == resumed.keys()
+        assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    reference = json.loads((unet_run / "ranks" / "rank-0.json").read_text())
+    assert json.loads((output_dir / "ranks" / "rank-0.json").read_text())["final_checksum"] == reference["final_checksum"]
+
+
+@pytest.mark.slow
+def test_two_processes_keep_weights_in_sync(tmp_path, data_dir, components):
+    output_dir = tmp_path / "ddp"
+    args = [*unet_args(data_dir, components, output_dir, steps=3), "--cache_latents", "--report_to", "none"]
+    launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+    process = launch("train_unet.py", args, launcher, env={"ACCELERATE_USE_CPU": "1"})
+    output, _ = process.communicate(timeout=400)
+    # Judge by the files the ranks wrote: a torch.distributed teardown can abort after training has finished.
+    reports = sorted((output_dir / "ranks").glob("rank-*.json")) if (output_dir / "ranks").exists() else []
+    assert len(reports) == 2, f"launcher exited with {process.returncode}:\n{output[-6000:]}"
+    if process.returncode != 0:
+        print(f"two-process launcher exited with {process.returncode} after both ranks wrote their reports")
+    ranks = [json.loads(path.read_text()) for path in reports]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["initial_checksum"] == ranks[1]["initial_checksum"]
+    assert ranks[0]["final_checksum"] == ranks[1]["final_checksum"] != ranks[0]["initial_checksum"]
+    assert (output_dir / "model_index.json").is_file()
+    assert sorted(losses(output_dir)) == [1, 2, 3]
+
+
+# -------------------------------------------------------------------------------------------------------- user errors
+def vae_argv(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--train_data_dir", str(data_dir), "--output_dir", str(output_dir), "--resolution", str(RESOLUTION), *extra]
+
+
+def test_missing_dataset_folder(tmp_path):
+    import train_vae
+
+    args = train_vae.parse_args(vae_argv(tmp_path / "nowhere", tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"--train_data_dir='.*nowhere' is not an existing folder"):
+        train_vae.main(args)
+
+
+def test_missing_caption_column(tmp_path, data_dir):
+    import train_clip
+
+    args = train_clip.parse_args(vae_argv(data_dir, tmp_path / "out", "--caption_column", "prompt"))
+    with pytest.raises(ValueError, match=r"--caption_column='prompt' is not a column .* available columns: image, text"):
+        train_clip.main(args)
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, data_dir):
+    from accelerate import Accelerator
+
+    args = common.build_parser("test").parse_args(vae_argv(data_dir, tmp_path / "out"))
+    dataset = common.load_image_text_dataset(args, "train", Accelerator())
+    assert (len(dataset), dataset.num_skipped) == (47, 1)
+    example = dataset[0]
+    assert example["pixel_values"].shape == (3, RESOLUTION, RESOLUTION) and example["caption"] == "a red circle"
+    assert -1.0 <= example["pixel_values"].min() and example["pixel_values"].max() <= 1.0
+
+
+def test_resolution_must_be_a_multiple_of_8(tmp_path, data_dir):
+    import train_vae
+
+    with pytest.raises(ValueError, match=r"--resolution=30 is not a positive multiple of 8"):
+        train_vae.parse_args([*vae_argv(data_dir, tmp_path / "out"), "--resolution", "30"])
+
+
+def test_resume_path_that_does_not_exist(tmp_path, data_dir):
+    import train_vae
+
+    missing = tmp_path / "out" / "checkpoint-7"
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint='.*checkpoint-7' does not exist"):
+        train_vae.parse_args(vae_argv(data_dir, tmp_path / "out", "--resume_from_checkpoint", str(missing)))
+
+
+def test_latest_ignores_partial_checkpoints(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", ".checkpoint-12.partial", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-2" / common.CHECKPOINT_STATE).write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-10" / common.CHECKPOINT_STATE).write_text('{"global_step": 10}')
+    assert common.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
+    assert common.find_resume_checkpoint(tmp_path / "empty", "latest") is None
+    with pytest.raises(ValueError, match="is not a complete checkpoint"):
+        common.find_resume_checkpoint(tmp_path, str(tmp_path / ".checkpoint-12.partial"))
+
+
+def test_epoch_batches_are_a_seeded_function_of_the_epoch():
+    class FakeAccelerator:
+        num_processes, process_index, gradient_accumulation_steps = 2, 1, 2
+
+    batches = common.EpochBatches(num_examples=21, batch_size=2, accelerator=FakeAccelerator(), seed=3)
+    assert batches.updates_per_epoch == 2  # 21 // (2 per rank x 2 ranks x 2 micro-batches)
+    epoch = batches.batches(epoch=1)
+    assert len(epoch) == 4 and all(len(b) == 2 for b in epoch)
+    assert batches.batches(epoch=1, skip_updates=1) == epoch[2:]
+    assert batches.batches(epoch=1) == epoch and batches.batches(epoch=2) != epoch

@@ -1,0 +1,370 @@
+"""Train a text-conditioned U-Net in the latent space of a frozen VAE: latent diffusion (Rombach et al. 2022,
+arXiv:2112.10752).
+
+Each step encodes images to z_0 = E(x) · scaling_factor, draws t ~ U{0, T−1} and ε ~ N(0, I), forms
+z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4, `add_noise`), and regresses the U-Net output onto the target:
+
+| --prediction_type | target | reference |
+|---|---|---|
+| epsilon | ε | Ho et al. 2020, arXiv:2006.11239, Eq. 14 |
+| v_prediction | v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 (`get_velocity`) | Salimans & Ho 2022, arXiv:2202.00512, Sec. 4 |
+
+Options: min-SNR-γ loss weights (Hang et al. 2023, arXiv:2303.09556), zero-terminal-SNR betas (Lin et al. 2023,
+arXiv:2305.08891, which needs v-prediction), offset noise, and caption dropout, which trains the unconditional model
+that classifier-free guidance needs (Ho & Salimans 2022, arXiv:2207.12598).
+
+The VAE and the text encoder come from a pipeline folder (ours or an official diffusers one) or from the folders
+that `train_vae.py` and `train_clip.py` write. The run ends with a complete `ScratchStableDiffusionPipeline` folder in
+--output_dir, loadable by `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`, with a model card.
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from common import (
+    EpochBatches,
+    Trainer,
+    build_parser,
+    check_args,
+    create_accelerator,
+    create_optimizer,
+    image_grid,
+    load_image_text_dataset,
+    optimizer_step,
+    tracker_config,
+)
+from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
+
+from hf_scratch.models.clip import ScratchCLIPTextModel
+from hf_scratch.models.unet import ScratchUNet2DConditionModel
+from hf_scratch.models.vae import ScratchAutoencoderKL
+from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(__doc__.splitlines()[0])
+    source = parser.add_argument_group("frozen components")
+    source.add_argument("--pretrained_model_name_or_path", help="a local pipeline folder with vae/, text_encoder/, ...")
+    source.add_argument("--vae_path", help="a VAE folder (train_vae.py's --output_dir); overrides the pipeline's")
+    source.add_argument("--text_encoder_path", help="a CLIP text model folder (train_clip.py writes text_encoder/)")
+    source.add_argument("--tokenizer_path", help="a CLIPTokenizer folder (train_clip.py writes tokenizer/)")
+
+    unet = parser.add_argument_group("U-Net (from scratch unless --unet_from_pretrained)")
+    unet.add_argument("--unet_from_pretrained", action="store_true", help="start from the pipeline folder's unet/")
+    unet.add_argument("--unet_config", help="a JSON file of ScratchUNet2DConditionModel config keys")
+    unet.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 256])
+    unet.add_argument("--layers_per_block", type=int, default=2)
+    unet.add_argument("--attention_head_dim", type=int, default=8, help="heads per block (diffusers' naming)")
+    unet.add_argument("--norm_num_groups", type=int, default=32)
+    unet.add_argument(
+        "--cross_attention_levels", type=int, nargs="+", default=None,
+        help="indices of the resolution levels with cross-attention; default all but the deepest (as in SD)",
+    )
+
+    diffusion = parser.add_argument_group("diffusion")
+    diffusion.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
+                           help="default: the pipeline scheduler's, or epsilon")
+    diffusion.add_argument("--rescale_betas_zero_snr", action="store_true")
+    diffusion.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-γ weighting; 5.0 is the paper's")
+    diffusion.add_argument("--noise_offset", type=float, default=0.0)
+    diffusion.add_argument("--caption_dropout_prob", type=float, default=0.1)
+    diffusion.add_argument("--cache_latents", action="store_true",
+                           help="encode the dataset once and sample latents from the cached posteriors")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--validation_prompts", nargs="+", default=[])
+    validation.add_argument("--num_validation_images", type=int, default=4, help="per prompt")
+    validation.add_argument("--validation_inference_steps", type=int, default=50)
+    validation.add_argument("--guidance_scale", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    check_args(args)
+    if not args.pretrained_model_name_or_path and not (args.vae_path and args.text_encoder_path and args.tokenizer_path):
+        raise ValueError(
+            "pass --pretrained_model_name_or_path (a pipeline folder), or all of --vae_path, --text_encoder_path and "
+            "--tokenizer_path"
+        )
+    if args.unet_from_pretrained and not args.pretrained_model_name_or_path:
+        raise ValueError("--unet_from_pretrained needs --pretrained_model_name_or_path, whose unet/ it loads")
+    if not 0.0 <= args.caption_dropout_prob < 1.0:
+        raise ValueError(f"--caption_dropout_prob={args.caption_dropout_prob} must be in [0, 1)")
+    return args
+
+
+def load_frozen_components(args: argparse.Namespace) -> tuple[ScratchAutoencoderKL, ScratchCLIPTextModel, CLIPTokenizer]:
+    """The VAE, text encoder and tokenizer: explicit paths first, then the pipeline folder's subfolders."""
+    root = args.pretrained_model_name_or_path
+
+    def location(path: str | None, subfolder: str) -> dict[str, Any]:
+        if path:
+            return {"pretrained_model_name_or_path": path}
+        return {"pretrained_model_name_or_path": root, "subfolder": subfolder}
+
+    vae = ScratchAutoencoderKL.from_pretrained(**location(args.vae_path, "vae"))
+    text_encoder = ScratchCLIPTextModel.from_pretrained(**location(args.text_encoder_path, "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(**location(args.tokenizer_path, "tokenizer"))
+    return vae, text_encoder, tokenizer
+
+
+def build_scheduler(args: argparse.Namespace) -> ScratchDDPMScheduler:
+    """The pipeline's scheduler with the requested options, or SD's training schedule (scaled-linear β, T=1000)."""
+    overrides = {"rescale_betas_zero_snr": args.rescale_betas_zero_snr} if args.rescale_betas_zero_snr else {}
+    if args.prediction_type:
+        overrides["prediction_type"] = args.prediction_type
+    if args.rescale_betas_zero_snr:
+        overrides["timestep_spacing"] = "trailing"  # Lin et al. Sec. 3.3: sampling must start at t = T
+    scheduler_folder = Path(args.pretrained_model_name_or_path or "", "scheduler")
+    if args.pretrained_model_name_or_path and scheduler_folder.is_dir():
+        config = ScratchDDPMScheduler.load_config(scheduler_folder)
+        scheduler = ScratchDDPMScheduler.from_config(config, **overrides)
+    else:
+        scheduler = ScratchDDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, **overrides
+        )
+    if scheduler.config.rescale_betas_zero_snr and scheduler.config.prediction_type == "epsilon":
+        raise ValueError(
+            "--rescale_betas_zero_snr gives ᾱ_T = 0, where ε-prediction carries no information about the image; "
+            "add --prediction_type v_prediction (Lin et al. 2023, Sec. 3.2)"
+        )
+    return scheduler
+
+
+def build_unet(
+    args: argparse.Namespace, vae: ScratchAutoencoderKL, text_encoder: ScratchCLIPTextModel
+) -> ScratchUNet2DConditionModel:
+    if args.unet_from_pretrained:
+        unet = ScratchUNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet")
+    elif args.unet_config:
+        unet = ScratchUNet2DConditionModel.from_config(json.loads(Path(args.unet_config).read_text()))
+    else:
+        levels = len(args.block_out_channels)
+        attention = args.cross_attention_levels if args.cross_attention_levels is not None else range(levels - 1)
+        down = ["CrossAttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)]
+        unet = ScratchUNet2DConditionModel(
+            sample_size=args.resolution // vae_scale_factor(vae),
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels,
+            down_block_types=tuple(down),
+            up_block_types=tuple(block.replace("Down", "Up") for block in reversed(down)),
+            block_out_channels=tuple(args.block_out_channels),
+            layers_per_block=args.layers_per_block,
+            attention_head_dim=args.attention_head_dim,
+            norm_num_groups=args.norm_num_groups,
+            cross_attention_dim=text_encoder.config.hidden_size,
+        )
+    for key, expected, source in (
+        ("in_channels", vae.config.latent_channels, "the VAE's latent_channels"),
+        ("cross_attention_dim", text_encoder.config.hidden_size, "the text encoder's hidden_size"),
+    ):
+        if unet.config[key] != expected:
+            raise ValueError(f"the U-Net's {key}={unet.config[key]} does not match {source} ({expected})")
+    return unet
+
+
+def vae_scale_factor(vae: ScratchAutoencoderKL) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """The VAE posterior N(μ, σ²) of every training image, encoded once: items {"latent_mean", "latent_logvar",
+    "caption"}. Latents are still sampled afresh every step, so caching changes the cost, not the objective."""
+
+    def __init__(self, means: torch.Tensor, logvars: torch.Tensor, captions: list[str]) -> None:
+        self.means, self.logvars, self.captions = means, logvars, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"latent_mean": self.means[index], "latent_logvar": self.logvars[index], "caption": self.captions[index]}
+
+
+@torch.no_grad()
+def cache_latents(
+    dataset: torch.utils.data.Dataset, vae: ScratchAutoencoderKL, accelerator: Accelerator, batch_size: int
+) -> CachedLatents:
+    """Encode the dataset once, each process a contiguous share of it, and gather the posteriors on every process."""
+    encoded = []
+    with accelerator.split_between_processes(list(range(len(dataset)))) as indices:
+        starts = range(0, len(indices), batch_size)
+        for start in tqdm(starts, desc="caching latents", disable=not accelerator.is_local_main_process):
+            pixels = torch.stack([dataset[i]["pixel_values"] for i in indices[start : start + batch_size]])
+            posterior = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist
+            encoded.extend(zip(posterior.mean.float().cpu(), posterior.logvar.float().cpu()))
+    encoded = gather_object(encoded)
+    return CachedLatents(
+        torch.stack([mean for mean, _ in encoded]), torch.stack([logvar for _, logvar in encoded]), list(dataset.captions)
+    )
+
+
+def min_snr_weights(scheduler: ScratchDDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR_t, γ) / SNR_t for ε, min(SNR_t, γ) / (SNR_t + 1) for v (Hang et al. Eq. 9)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)  # SNR_t = ᾱ_t / (1 − ᾱ_t)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1.0)
+
+
+def write_model_card(
+    args: argparse.Namespace, trainer: Trainer, dataset_size: int, skipped: int, scheduler: ScratchDDPMScheduler
+) -> None:
+    """README.md of the pipeline folder: how to load it, the data, the objective, the run and its compute."""
+    compute = trainer.compute_summary()
+    source = args.train_data_dir or args.dataset_name
+    origin = f"fine-tuned from `{args.pretrained_model_name_or_path}`" if args.unet_from_pretrained else "from scratch"
+    card = f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [text-to-image, latent-diffusion, hf-scratch]
+---
+
+# hf-scratch latent diffusion model
+
+A U-Net trained {origin} by `training/train_unet.py` of hf-scratch, in the latent space of a frozen VAE and
+conditioned on a frozen CLIP text encoder.
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{args.output_dir}", trust_remote_code=True)
+image = pipe("{(args.validation_prompts or ['a prompt'])[0]}", guidance_scale={args.guidance_scale}).images[0]
+```
+
+## Data
+- source: `{source}`, split `{args.train_split}`, {dataset_size} images ({skipped} skipped because they do not decode)
+- resolution {args.resolution} px, captions from column `{args.caption_column}`, dropped with probability
+  {args.caption_dropout_prob} for classifier-free guidance
+
+## Training
+- objective: {scheduler.config.prediction_type}, {scheduler.config.num_train_timesteps} timesteps,
+  β schedule {scheduler.config.beta_schedule}, zero terminal SNR {scheduler.config.rescale_betas_zero_snr},
+  min-SNR γ {args.snr_gamma}, noise offset {args.noise_offset}
+- {compute['optimizer_steps']} optimizer steps of {compute['samples_per_step']} samples, learning rate
+  {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), EMA {args.use_ema}
+- command: `{compute['command']}`
+
+## Compute
+- {compute['processes']} process(es) on {compute['device']}
+- {compute['samples_per_s']} samples/s; {compute['wall_seconds_this_session']} s of wall time in the last session
+
+## Limitations
+A small model trained briefly on a small dataset: expect rough images, and only for prompts like its captions.
+"""
+    (Path(args.output_dir) / "README.md").write_text(card)
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = create_accelerator(args)
+    set_seed(args.seed)
+    vae, text_encoder, tokenizer = load_frozen_components(args)
+    scheduler = build_scheduler(args)
+    unet = build_unet(args, vae, text_encoder)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (vae, text_encoder):
+        frozen.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    images = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
+    dataset = cache_latents(images, vae, accelerator, args.train_batch_size) if args.cache_latents else images
+    batches = EpochBatches(len(dataset), args.train_batch_size, accelerator, args.seed)
+    optimizer, lr_scheduler = create_optimizer(args, unet.parameters(), batches.updates_per_epoch, accelerator)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    trainer = Trainer(accelerator, args, dataset, batches, unet, lr_scheduler)
+    trainer.resume()
+    accelerator.init_trackers("train_unet", config=tracker_config(args))
+
+    def encode_prompts(captions: list[str]) -> torch.Tensor:
+        input_ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return text_encoder(input_ids.to(accelerator.device))[0]
+
+    def train_step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        with accelerator.accumulate(unet):
+            with torch.no_grad():
+                if args.cache_latents:
+                    std = (0.5 * batch["latent_logvar"]).exp()
+                    latents = batch["latent_mean"] + std * torch.randn_like(std)
+                else:
+                    pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+                    latents = vae.encode(pixels).latent_dist.sample()
+                latents = latents.to(accelerator.device, torch.float32) * vae.config.scaling_factor
+                dropped = torch.rand(len(batch["caption"])) < args.caption_dropout_prob
+                captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
+                encoder_hidden_states = encode_prompts(captions)
+
+                noise = torch.randn_like(latents)
+                if args.noise_offset:
+                    noise += args.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
+                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
+                noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε
+                if scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                else:
+                    target = scheduler.get_velocity(latents, noise, timesteps)
+
+            prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            if args.snr_gamma is not None:
+                loss = loss * min_snr_weights(scheduler, timesteps, args.snr_gamma)
+            loss = loss.mean()
+            optimizer_step(accelerator, loss, unet, optimizer, lr_scheduler, args.max_grad_norm)
+        return {"loss": loss}
+
+    def pipeline() -> ScratchStableDiffusionPipeline:
+        return ScratchStableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=accelerator.unwrap_model(unet),
+            scheduler=scheduler,
+        )
+
+    def validate(step: int) -> None:
+        if not args.validation_prompts:
+            return
+        if accelerator.is_main_process:
+            with trainer.ema_weights():
+                pipe = pipeline()
+                pipe.set_progress_bar_config(disable=True)
+                result = pipe(
+                    args.validation_prompts,
+                    height=args.resolution,
+                    width=args.resolution,
+                    num_inference_steps=args.validation_inference_steps,
+                    guidance_scale=args.guidance_scale,
+                    num_images_per_prompt=args.num_validation_images,
+                    generator=torch.Generator().manual_seed(args.seed),
+                )
+            grid = image_grid(result.images, columns=args.num_validation_images)  # one row per prompt
+            folder = Path(args.output_dir, "validation")
+            folder.mkdir(exist_ok=True)
+            grid.save(folder / f"step-{step:06d}.png")
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        accelerator.wait_for_everyone()
+
+    trainer.run(train_step, lambda step: validate(step) if step % args.validation_steps == 0 else None)
+    if trainer.global_step % args.validation_steps:
+        validate(trainer.global_step)
+    trainer.write_rank_report()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with trainer.ema_weights():
+            pipeline().save_pretrained(args.output_dir)
+        write_model_card(args, trainer, len(dataset), images.num_skipped, scheduler)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
