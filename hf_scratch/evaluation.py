@@ -566,7 +566,9 @@ def load_judge(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     if not (folder / "config.json").is_file():
         raise ValueError(f"--clip {str(folder)!r} holds no config.json; pass the output folder of train_clip.py")
     tokenizer_folder = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
-    return ScratchCLIPModel.from_pretrained(folder).eval(), CLIPTokenizer.from_pretrained(tokenizer_folder)
+    # fp32 whatever the stored dtype: the shipped judge is stored in fp16, which the CPU runs slowly or not at all.
+    judge = ScratchCLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
+    return judge, CLIPTokenizer.from_pretrained(tokenizer_folder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

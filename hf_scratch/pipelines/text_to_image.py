@@ -112,6 +112,14 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "DiffusionPipeline":
+        """`DiffusionPipeline.from_pretrained`, except that weights load as float32 unless `dtype` (or the older
+        `torch_dtype`) says otherwise: the shipped model stores fp16 weights, which a CPU runs slowly or not at all."""
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = torch.float32
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def from_official(cls, folder: str | os.PathLike, **kwargs: Any) -> "ScratchStableDiffusionPipeline":
         """Load a diffusers-layout folder (e.g. one saved by `StableDiffusionPipeline`) into our own component classes.
 

