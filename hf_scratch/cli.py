@@ -63,6 +63,7 @@ def _read_prompts(args: argparse.Namespace) -> List[str]:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 
@@ -73,7 +74,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
 
-    state = PartialState()
+    # PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without cpu=True two CPU processes both act as rank 0.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     indexed = list(enumerate(prompts))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,99 @@
+"""The `hf-scratch` command: generate (also split across two processes), convert, info, and its error messages."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from hf_scratch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from _tiny import tiny_components
+
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+    from hf_scratch.schedulers.ddim import ScratchDDIMScheduler
+
+    folder = tmp_path_factory.mktemp("cli") / "tiny"
+    scheduler = ScratchDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=scheduler).save_pretrained(str(folder))
+    return folder
+
+
+def test_generate_writes_a_png_of_the_requested_size(model_dir, tmp_path):
+    out = tmp_path / "img.png"
+    code = main(["generate", "red heart", "--model", str(model_dir), "--steps", "2", "--height", "40", "--width", "48",
+                 "--scheduler", "dpm++", "--output", str(out)])
+    assert code == 0
+    assert Image.open(out).size == (48, 40)
+
+
+def test_generate_is_reproducible_by_seed(model_dir, tmp_path):
+    paths = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
+    for path, seed in zip(paths, ("3", "3", "4")):
+        assert main(["generate", "x", "--model", str(model_dir), "--steps", "2", "--seed", seed,
+                     "--output", str(path)]) == 0
+    a, b, c = (Image.open(path).tobytes() for path in paths)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "x", "--scheduler", "nope"], "Unknown scheduler 'nope'"),
+        (["generate", "x", "--steps", "0"], "num_inference_steps"),
+        (["generate", "x", "--height", "33"], "multiple of 8"),
+        (["generate"], "Give a prompt"),
+        (["info", "/nonexistent/folder"], "is not a folder"),
+    ],
+)
+def test_errors_are_one_clear_line(model_dir, argv, message, capsys):
+    if argv[0] == "generate":
+        argv = argv + ["--model", str(model_dir)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_info_lists_components_and_parameters(model_dir, capsys):
+    assert main(["info", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "ScratchUNet2DConditionModel" in out and "ScratchAutoencoderKL" in out and "M parameters" in out
+
+
+def test_convert_folder_to_single_file_and_back(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_scratch.models.unet import ScratchUNet2DConditionModel
+
+    single = tmp_path / "model.safetensors"
+    assert main(["convert", str(model_dir), str(single)]) == 0
+    assert any(key.startswith("model.diffusion_model.") for key in load_file(str(single)))
+    back = tmp_path / "back"
+    assert main(["convert", str(single), str(back), "--config", str(model_dir)]) == 0
+    original = ScratchUNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet").state_dict()
+    restored = ScratchUNet2DConditionModel.from_pretrained(str(back / "unet")).state_dict()
+    assert original.keys() == restored.keys()
+    assert all((original[key] == restored[key]).all() for key in original)
+
+
+@pytest.mark.slow
+def test_prompts_file_is_split_across_two_processes(model_dir, tmp_path):
+    """`accelerate launch` with two real CPU processes: each prompt is drawn once, by one of the two ranks."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red heart\ngrinning face\ndog face\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_scratch.cli",
+               "generate", "--prompts-file", str(prompts), "--model", str(model_dir), "--steps", "2",
+               "--output", str(tmp_path / "out.png")]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    images = sorted(path.name for path in tmp_path.glob("out-*.png"))
+    assert images == ["out-0000-0.png", "out-0001-0.png", "out-0002-0.png"], result.stderr[-3000:]
+    ranks = {line.split("]")[0] for line in result.stdout.splitlines() if line.startswith("[rank")}
+    assert ranks == {"[rank 0", "[rank 1"}, result.stdout
