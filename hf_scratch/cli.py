@@ -7,34 +7,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
-# Scheduler names the CLI accepts: (module, class, extra config). Ours first, then diffusers' own.
-SCHEDULERS: Dict[str, Tuple[str, str, dict]] = {
-    "ddpm": ("hf_scratch.schedulers.ddpm", "ScratchDDPMScheduler", {}),
-    "ddim": ("hf_scratch.schedulers.ddim", "ScratchDDIMScheduler", {}),
-    "dpm++": ("hf_scratch.schedulers.dpm_solver", "ScratchDPMSolverMultistepScheduler", {}),
-    "dpm++-karras": ("hf_scratch.schedulers.dpm_solver", "ScratchDPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "diffusers-pndm": ("diffusers", "PNDMScheduler", {}),
-    "diffusers-ddim": ("diffusers", "DDIMScheduler", {}),
-    "diffusers-dpm++": ("diffusers", "DPMSolverMultistepScheduler", {}),
-    "diffusers-euler": ("diffusers", "EulerDiscreteScheduler", {}),
-    "diffusers-euler-a": ("diffusers", "EulerAncestralDiscreteScheduler", {}),
-    "diffusers-unipc": ("diffusers", "UniPCMultistepScheduler", {}),
-}
-
-
-def make_scheduler(name: str, config):
-    """Build the scheduler called `name` from a pipeline's scheduler config (values at defaults kept)."""
-    import importlib
-
-    if name not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}.")
-    module, class_name, overrides = SCHEDULERS[name]
-    scheduler_class = getattr(importlib.import_module(module), class_name)
-    # An in-memory config drops the values left at the source class's defaults, so pass them all explicitly.
-    return scheduler_class.from_config({**dict(config), **overrides})
-
+from hf_scratch.schedulers import SCHEDULERS, make_scheduler
 
 def _resolve_model(model: Optional[str]) -> str:
     if model is not None:

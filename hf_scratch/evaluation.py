@@ -308,7 +308,7 @@ def generate_and_score(
 
 def parse_sampler(spec: str) -> tuple[str, int]:
     """"dpm++-20" -> ("dpm++", 20): a scheduler name of `hf_scratch.cli.SCHEDULERS` and a number of steps."""
-    from hf_scratch.cli import SCHEDULERS
+    from hf_scratch.schedulers import SCHEDULERS
 
     name, _, steps = spec.rpartition("-")
     if name not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
@@ -405,7 +405,7 @@ def run_emoji_bench(
         rows = range(min(GRID_ROWS[split], len(sample.prompts)))
         grid_rows += [(split, sample.prompts[i], generated[i], sample.real[i]) for i in rows]
 
-    from hf_scratch.cli import make_scheduler
+    from hf_scratch.schedulers import make_scheduler
 
     sampler_results = {}
     own_scheduler = pipeline.scheduler

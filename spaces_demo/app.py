@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from hf_scratch.cli import SCHEDULERS, make_scheduler
+from hf_scratch.schedulers import SCHEDULERS, make_scheduler
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
 
