@@ -1,7 +1,8 @@
 """Official Stable Diffusion configs and builders for diffusers' own models, the references our parity tests compare to.
 
-The configs are copied from the Hub's `config.json` files (runwayml/stable-diffusion-v1-5 unet/ and vae/,
-stabilityai/stable-diffusion-2-1 unet/); there is no network here, so the reference models get seeded random weights.
+The SD v1.5 configs are the official ones kept in `hf_scratch.formats.configs`; the SD2 U-Net config is copied from
+stabilityai/stable-diffusion-2-1's unet/config.json. There is no network here, so the reference models get seeded random
+weights.
 """
 
 import gc
@@ -10,25 +11,8 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
+from hf_scratch.formats.configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+
 SD15_UNET_PARAMETERS = 859_520_964
 
 SD2_UNET_CONFIG: dict[str, Any] = {
@@ -45,18 +29,6 @@ SD2_UNET_CONFIG: dict[str, Any] = {
 }
 SD2_UNET_PARAMETERS = 865_910_724
 
-SD15_VAE_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
 SD15_VAE_PARAMETERS = 83_653_863
 
 # Tiny configs with the same block layout, for fast tests.

@@ -25,7 +25,6 @@ from .schedule import (
     make_betas,
     predict_original_sample_and_noise,
     spaced_timesteps,
-    threshold_sample,
 )
 
 
@@ -156,14 +155,7 @@ class ScratchDDIMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         )
 
         # 2. keep x̂_0 in the data range
-        if self.config.thresholding:
-            pred_original_sample = threshold_sample(
-                pred_original_sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
-            )
-        elif self.config.clip_sample:
-            pred_original_sample = pred_original_sample.clamp(
-                -self.config.clip_sample_range, self.config.clip_sample_range
-            )
+        pred_original_sample = self.bound_original_sample(pred_original_sample)
 
         # 3. σ_t(η) = η √((1 − ᾱ_{t'}) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_{t'})                        (Eq. 16)
         variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)

@@ -26,7 +26,6 @@ from .schedule import (
     make_betas,
     predict_original_sample_and_noise,
     spaced_timesteps,
-    threshold_sample,
 )
 
 # None is how a DPM-Solver config records "no learned variance"; it reads as fixed_small, as in diffusers
@@ -168,14 +167,7 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         )
 
         # 2. keep x̂_0 in the data range
-        if self.config.thresholding:
-            pred_original_sample = threshold_sample(
-                pred_original_sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
-            )
-        elif self.config.clip_sample:
-            pred_original_sample = pred_original_sample.clamp(
-                -self.config.clip_sample_range, self.config.clip_sample_range
-            )
+        pred_original_sample = self.bound_original_sample(pred_original_sample)
 
         # 3. μ̃_t = √ᾱ_{t'} β_t / (1 − ᾱ_t) · x̂_0 + √α_t (1 − ᾱ_{t'}) / (1 − ᾱ_t) · x_t   (Eq. 7; with Eq. 15, Eq. 11)
         pred_original_sample_coeff = (alpha_prod_t_prev**0.5 * current_beta_t) / beta_prod_t

@@ -206,6 +206,16 @@ class NoiseScheduleMixin:
     in its own namespace only. Put it before `SchedulerMixin` in the bases so that its `_get_compatibles` wins.
     """
 
+    def bound_original_sample(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
+        """x̂_0 kept in the data range: dynamic thresholding when `thresholding`, else clipping when `clip_sample`."""
+        if self.config.thresholding:
+            return threshold_sample(
+                pred_original_sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
+            )
+        if self.config.clip_sample:
+            return pred_original_sample.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return pred_original_sample
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Samples q(x_t | x_0) in closed form: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4)."""
         return add_noise(self.alphas_cumprod, original_samples, noise, timesteps)
