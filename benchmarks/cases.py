@@ -1,0 +1,281 @@
+"""The benchmark cases: each builds ours and diffusers' side by side, times them interleaved and returns table rows.
+
+Every case times our eager model against diffusers' first. Where `hf_scratch.fast` applies, it then compiles ours in
+place and times it against diffusers again (a second phase, so at most one extra copy of the weights is alive), and
+records the compile time and the relative error of the compiled output against our eager output. Cases that report
+peak memory run each implementation in a fresh process (`benchmarks.child`).
+"""
+
+import gc
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import peers
+from .builders import build_pair, build_pipeline, place
+from .rows import Row, Settings, relative_error
+from .timing import interleaved, median, run_child, time_call
+
+FAST_VARIANT = "ours + compile_for_inference"
+
+
+def _time_row(
+    case: str,
+    description: str,
+    variant: str,
+    ours: Callable[[], Any],
+    reference: Callable[[], Any],
+    settings: Settings,
+    warmup: int | None = None,
+) -> Row:
+    times = interleaved(
+        {"ours": ours, "reference": reference},
+        settings.warmup if warmup is None else warmup,
+        settings.repeats,
+        settings.device,
+    )
+    return Row(
+        case, description, variant, "s", median(times["ours"]), median(times["reference"]),
+        times=times["ours"], reference_times=times["reference"],
+    )  # fmt: skip
+
+
+def _fast_row(
+    case: str,
+    description: str,
+    target: Any,
+    ours: Callable[[], torch.Tensor],
+    reference: Callable[[], Any],
+    eager_output: torch.Tensor,
+    settings: Settings,
+) -> Row:
+    """Compiles `target` in place with `hf_scratch.fast`, then times `ours` (which calls it) against `reference`."""
+    from hf_scratch.fast import compile_for_inference
+
+    compile_for_inference(target)
+    compile_s = time_call(ours, settings.device)  # the first call traces and compiles
+    error = relative_error(ours(), eager_output)
+    row = _time_row(case, description, FAST_VARIANT, ours, reference, settings)
+    row.extra.update(compile_s=compile_s, rel_err_vs_eager=error)
+    return row
+
+
+def unet_step(settings: Settings, pixels: int) -> list[Row]:
+    """One U-Net forward at batch 2 (a CFG pair), plus OpenVINO and ONNX Runtime at 512 px when installed."""
+    size, device, dtype = settings.size, settings.device, settings.dtype
+    latent = size.latent_sizes[pixels]
+    case, description = f"unet_{pixels}", f"U-Net step, batch {size.batch}, {latent}x{latent} latents ({pixels} px)"
+    ours, reference = (place(model, device, dtype) for model in build_pair("unet", size.unet))
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(size.batch, size.unet["in_channels"], latent, latent, generator=generator)
+    context = torch.randn(size.batch, size.text_length, size.unet["cross_attention_dim"], generator=generator)
+    inputs = (sample.to(device, dtype), torch.full((size.batch,), 500, device=device), context.to(device, dtype))
+
+    def run_ours() -> torch.Tensor:
+        return ours(*inputs).sample
+
+    def run_reference() -> torch.Tensor:
+        return reference(*inputs).sample
+
+    with torch.no_grad():
+        eager_output = run_ours()
+        rows = [_time_row(case, description, "ours", run_ours, run_reference, settings)]
+        rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, run_reference())
+        if settings.fast:
+            rows.append(_fast_row(case, description, ours, run_ours, run_reference, eager_output, settings))
+        del ours
+        torch._dynamo.reset()  # drops the compiled graph and its frozen copy of the weights before the peers load
+        gc.collect()
+        if settings.peers and pixels == 512 and device == "cpu" and dtype == torch.float32:
+            rows += peers.unet_rows(case, description, reference, inputs, run_reference, settings)
+    return rows
+
+
+def vae_decode(settings: Settings, pixels: int) -> list[Row]:
+    """Decoding one latent to an image, without tiling."""
+    size, device, dtype = settings.size, settings.device, settings.dtype
+    latent = size.latent_sizes[pixels]
+    case, description = f"vae_decode_{pixels}", f"VAE decode, batch 1, {latent}x{latent} latent ({pixels} px)"
+    ours, reference = (place(model, device, dtype) for model in build_pair("vae", size.vae))
+    latents = torch.randn(1, size.vae["latent_channels"], latent, latent, generator=torch.Generator().manual_seed(0))
+    latents = latents.to(device, dtype)
+
+    def run_ours() -> torch.Tensor:
+        return ours.decode(latents).sample
+
+    def run_reference() -> torch.Tensor:
+        return reference.decode(latents).sample
+
+    with torch.no_grad():
+        eager_output = run_ours()
+        rows = [_time_row(case, description, "ours", run_ours, run_reference, settings)]
+        rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, run_reference())
+        if settings.fast:
+            rows.append(_fast_row(case, description, ours, run_ours, run_reference, eager_output, settings))
+    return rows
+
+
+def vae_decode_tiled(settings: Settings, pixels: int = 1024) -> list[Row]:
+    """Tiled decoding of a large latent, each implementation in a fresh process: time and peak RSS."""
+    size = settings.size
+    latent = size.latent_sizes[pixels]
+    case = f"vae_decode_{pixels}_tiled"
+    description = f"VAE decode with tiling, batch 1, {latent}x{latent} latent ({pixels} px)"
+    task = {"job": "vae_tiled", "size": size.name, "latent": latent, "device": settings.device}
+    results: dict[str, list[dict[str, Any]]] = {"ours": [], "diffusers": []}
+    for _ in range(max(1, settings.repeats // 2)):
+        for impl in results:
+            results[impl].append(run_child({**task, "impl": impl, "dtype": str(settings.dtype).split(".")[1]}))
+    time_row = Row(
+        case, description, "ours", "s",
+        median([r["seconds"] for r in results["ours"]]), median([r["seconds"] for r in results["diffusers"]]),
+        times=[r["seconds"] for r in results["ours"]], reference_times=[r["seconds"] for r in results["diffusers"]],
+    )  # fmt: skip
+    memory_key = "peak_gpu_gib" if settings.device.startswith("cuda") else "peak_rss_gib"
+    memory_row = Row(
+        f"{case}_memory", f"{description}, peak {'GPU memory' if memory_key == 'peak_gpu_gib' else 'RSS'}", "ours",
+        "GiB", max(r[memory_key] for r in results["ours"]), max(r[memory_key] for r in results["diffusers"]),
+    )  # fmt: skip
+    return [time_row, memory_row]
+
+
+def text_encoder(settings: Settings) -> list[Row]:
+    """The CLIP text encoder on a CFG pair of 77-token prompts."""
+    size, device = settings.size, settings.device
+    case, description = "text_encoder", f"CLIP text encoder, batch {size.batch} x {size.text_length} tokens"
+    pair = build_pair("text_encoder", size.text_encoder)
+    ours, reference = (place(model, device, settings.dtype) for model in pair)
+    vocab = size.text_encoder["vocab_size"]
+    input_ids = torch.randint(0, vocab, (size.batch, size.text_length), generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.to(device)
+
+    def run_ours() -> torch.Tensor:
+        return ours(input_ids)[0]
+
+    def run_reference() -> torch.Tensor:
+        return reference(input_ids)[0]
+
+    with torch.no_grad():
+        row = _time_row(case, description, "ours", run_ours, run_reference, settings)
+        row.extra["rel_err_vs_diffusers"] = relative_error(run_ours(), run_reference())
+    return [row]
+
+
+def pipeline(settings: Settings, pixels: int = 256) -> list[Row]:
+    """A whole text-to-image generation with CFG: our pipeline and diffusers' `StableDiffusionPipeline`."""
+    size, device, dtype = settings.size, settings.device, settings.dtype
+    height = size.latent_sizes[pixels] * size.vae_scale()
+    steps = size.pipeline_steps
+    case, description = f"pipeline_{pixels}", f"text-to-image, {height}x{height} px, {steps} DPM-Solver++ steps, CFG"
+    pairs = {kind: build_pair(kind, getattr(size, kind)) for kind in ("unet", "vae", "text_encoder")}
+    ours = place(build_pipeline("ours", {kind: pair[0] for kind, pair in pairs.items()}, size), device, dtype)
+    reference = place(build_pipeline("diffusers", {kind: pair[1] for kind, pair in pairs.items()}, size), device, dtype)
+    del pairs
+
+    def generate(pipe: Any, num_inference_steps: int = steps) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipe(
+            "a red heart", height=height, width=height, num_inference_steps=num_inference_steps,
+            generator=generator, output_type="pt",
+        ).images  # fmt: skip
+
+    with torch.no_grad():
+        # A one-step warm-up: a full one would cost a whole generation.
+        generate(ours, 1)
+        generate(reference, 1)
+        eager_output = generate(ours)
+        rows = [_time_row(case, description, "ours", lambda: generate(ours), lambda: generate(reference), settings, 0)]
+        rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, generate(reference))
+        if settings.fast:
+            from hf_scratch.fast import compile_for_inference
+
+            compile_for_inference(ours)
+            compile_s = time_call(lambda: generate(ours, 1), device)
+            error = relative_error(generate(ours), eager_output)
+            row = _time_row(case, description, FAST_VARIANT, lambda: generate(ours), lambda: generate(reference),
+                            settings, 0)  # fmt: skip
+            row.extra.update(compile_s=compile_s, rel_err_vs_eager=error)
+            rows.append(row)
+    return rows
+
+
+def train_step(settings: Settings) -> list[Row]:
+    """Forward, backward and AdamW step of a small U-Net on noise prediction; reported in samples per second."""
+    size, device = settings.size, settings.device
+    config, batch, latent = size.train_unet, size.train_batch, size.train_latent
+    case, description = "train_step", f"U-Net training step, batch {batch}, {latent}x{latent} latents"
+    ours, reference = (model.to(device).train() for model in build_pair("unet", config, share_weights=False))
+    parameters = sum(p.numel() for p in reference.parameters())
+    description += f", {parameters / 1e6:.1f}M parameters"
+    generator = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randn(batch, config["in_channels"], latent, latent, generator=generator).to(device),
+        torch.randint(0, size.scheduler["num_train_timesteps"], (batch,), generator=generator).to(device),
+        torch.randn(batch, size.text_length, config["cross_attention_dim"], generator=generator).to(device),
+    )
+    target = torch.randn(batch, config["out_channels"], latent, latent, generator=generator).to(device)
+    autocast = torch.autocast(device.split(":")[0], settings.dtype, enabled=settings.dtype != torch.float32)
+
+    def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.mse_loss(model(*inputs).sample.float(), target)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    # diffusers' training scripts use torch.optim.AdamW with its defaults (a per-tensor loop on the CPU).
+    reference_step = make_step(reference, torch.optim.AdamW(reference.parameters(), lr=1e-4))
+    ours_step = make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4))
+    rows = [_time_row(case, description, "ours", ours_step, reference_step, settings)]
+    if settings.fast:
+        # The training levers, one at a time on top of each other: a fused optimiser step (one kernel for all
+        # tensors), then forward and backward compiled by inductor. Neither is in hf_scratch.fast: on this CPU
+        # neither reached 1.2x (see BENCHMARKS.md).
+        fused_step = make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True))
+        rows.append(_time_row(case, description, "ours + AdamW(fused=True)", fused_step, reference_step, settings))
+        ours.compile(backend="inductor", dynamic=False)  # in place: `fused_step` now runs the compiled model
+        compile_s = time_call(fused_step, device)
+        row = _time_row(case, description, "ours + AdamW(fused=True) + torch.compile", fused_step, reference_step,
+                        settings)  # fmt: skip
+        row.extra["compile_s"] = compile_s
+        rows.append(row)
+    for row in rows:  # seconds per step -> samples per second
+        row.times = [batch / t for t in row.times]
+        row.reference_times = [batch / t for t in row.reference_times]
+        row.value, row.reference = batch / row.value, batch / row.reference
+        row.unit, row.higher_is_better = "samples/s", True
+    return rows
+
+
+def generation_memory(settings: Settings, pixels: int = 512) -> list[Row]:
+    """Peak memory of a whole generation (text encoder, a few U-Net steps, VAE decode), each in a fresh process."""
+    size = settings.size
+    height = size.latent_sizes[pixels] * size.vae_scale()
+    case = f"generate_{pixels}_memory"
+    description = f"peak RSS of a {height}x{height} px generation ({size.generation_steps} steps, CFG)"
+    task = {"job": "generate", "size": size.name, "pixels": pixels, "device": settings.device}
+    dtype = str(settings.dtype).split(".")[1]
+    results = {impl: run_child({**task, "impl": impl, "dtype": dtype}) for impl in ("ours", "diffusers")}
+    key = "peak_rss_gib"
+    if settings.device.startswith("cuda"):
+        key, description = "peak_gpu_gib", description.replace("RSS", "GPU memory")
+    row = Row(case, description, "ours", "GiB", results["ours"][key], results["diffusers"][key])
+    row.extra["seconds"] = {impl: result["seconds"] for impl, result in results.items()}
+    return [row]
+
+
+CASES: dict[str, Callable[[Settings], list[Row]]] = {
+    "unet_256": lambda settings: unet_step(settings, 256),
+    "unet_512": lambda settings: unet_step(settings, 512),
+    "vae_decode_256": lambda settings: vae_decode(settings, 256),
+    "vae_decode_512": lambda settings: vae_decode(settings, 512),
+    "vae_decode_1024_tiled": vae_decode_tiled,
+    "text_encoder": text_encoder,
+    "pipeline_256": pipeline,
+    "train_step": train_step,
+    "generate_512_memory": generation_memory,
+}

@@ -1,0 +1,95 @@
+"""The command line: `python -m benchmarks [--cases ...] [--size tiny|full] [--repeats N] [--out ...] [--json ...]`.
+
+`--size tiny` runs every case on tiny configs in seconds (the test suite does this); `--size full` uses the Stable
+Diffusion v1.5 architecture and takes tens of minutes on a 2-core CPU. `--device cuda --dtype float16` runs the same
+cases on a GPU (see `benchmarks/gpu.sh`).
+"""
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .cases import CASES
+from .report import write
+from .rows import Row, Settings
+from .sizes import get_size
+from .timing import machine_info
+
+logger = logging.getLogger("benchmarks")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="Times hf-scratch's models against diffusers' side by side."
+    )
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="CASE",
+                        help=f"cases to run (default: all): {', '.join(CASES)}")  # fmt: skip
+    parser.add_argument("--size", choices=["tiny", "full"], default="full")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each side (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch intra-op threads (default: the cores this process may use)")  # fmt: skip
+    parser.add_argument("--no-fast", dest="fast", action="store_false", help="skip the hf_scratch.fast variants")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip OpenVINO and ONNX Runtime")
+    parser.add_argument("--out", type=Path, default=None, help="Markdown report to write, e.g. BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, default=None, help="JSON results to write, e.g. benchmarks/results.json")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of the cases not run now from the existing --json file")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} asked for, but torch.cuda.is_available() is False")
+    if args.device == "cpu" and args.dtype == "float16":
+        parser.error("--dtype float16 is a GPU setting; use float32 (or bfloat16) on the CPU")
+    return args
+
+
+def _merge(previous: list[dict], rows: list[Row], cases: list[str]) -> list[Row]:
+    """The rows of `previous` whose case was not run now, plus `rows`, in the order of `CASES`."""
+    kept = [
+        Row(**{key: value for key, value in row.items() if key != "ratio"})
+        for row in previous
+        if row["extra"].get("run_case") not in cases
+    ]
+    order = list(CASES)
+    return sorted(kept + rows, key=lambda row: order.index(row.extra["run_case"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logger.setLevel(logging.INFO)  # our progress lines, without the exporters' INFO chatter
+    torch.set_num_threads(args.threads)
+    settings = Settings(
+        size=get_size(args.size), device=args.device, dtype=getattr(torch, args.dtype), warmup=args.warmup,
+        repeats=args.repeats, fast=args.fast, peers=args.peers,
+    )  # fmt: skip
+    machine = machine_info(args.device)
+    recorded = {**asdict(settings), "size": args.size, "dtype": args.dtype, "threads": args.threads}
+    previous = json.loads(args.json.read_text())["rows"] if args.update and args.json and args.json.exists() else []
+    rows: list[Row] = []
+    for index, name in enumerate(args.cases):
+        logger.info("case %s (load average %.1f)", name, os.getloadavg()[0])
+        case_rows = CASES[name](settings)
+        for row in case_rows:
+            row.extra.update(run_case=name, loadavg=os.getloadavg()[0], date=time.strftime("%Y-%m-%d %H:%M"))
+            logger.info("  %s / %s: %.4g %s vs %.4g (ratio %.3f)", row.case, row.variant, row.value, row.unit,
+                        row.reference, row.ratio)  # fmt: skip
+        rows += case_rows
+        torch._dynamo.reset()  # compiled graphs hold their own weight copies
+        gc.collect()
+        machine["loadavg_end"] = list(os.getloadavg())
+        # Written after every case, so an interrupted run keeps what it measured.
+        write(machine, recorded, _merge(previous, rows, args.cases[: index + 1]), args.out, args.json)
+    return 0

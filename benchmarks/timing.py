@@ -1,0 +1,120 @@
+"""Interleaved wall-clock timing, per-process peak memory, and a description of the machine.
+
+On a shared machine the load drifts over a run, so the harness never times one implementation's repeats in a block:
+it runs warm-ups, then alternates `ours, reference, ours, reference, ...` and compares medians. The ratio of two
+medians taken that way stays meaningful when the absolute figures do not.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    """Waits for queued kernels, so a timer read after it covers the work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], device: str) -> float:
+    """Seconds one call of `fn` takes."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str) -> dict[str, list[float]]:
+    """Times each of `fns` `repeats` times, alternating between them, after `warmup` untimed rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_call(fn, device))
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set size so far, in GiB (Linux reports `ru_maxrss` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_child(task: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Runs `benchmarks.child` on `task` in a fresh interpreter and returns the JSON it prints last.
+
+    A fresh process is the only clean way to read one workload's peak memory: `ru_maxrss` never goes down, and freed
+    memory is not always returned to the system.
+    """
+    task = {"threads": torch.get_num_threads(), **task}
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.child", json.dumps(task)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark child {task} failed:\n{completed.stderr[-4000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _total_ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """CPU, cores, RAM, accelerator, library versions, date and load average, for the report header."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "threads": torch.get_num_threads(),
+        "ram_gib": round(_total_ram_gib(), 1),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": device,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_start": list(os.getloadavg()),
+        "versions": {
+            name: _version(name)
+            for name in ("torch", "diffusers", "transformers", "hf-scratch", "openvino", "onnxruntime", "onnxscript")
+        },
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,70 @@
+"""The benchmark harness (`python -m benchmarks`) at tiny size: every case reports, and the reports are well formed.
+
+These tests check the harness, not the speed: wall-clock figures on a shared CI machine say nothing, so no test here
+asserts a time or a ratio target. One thread keeps the tiny models fast on a loaded machine (two OpenMP threads on two
+busy cores wait on each other far longer than the work takes).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cases import CASES, FAST_VARIANT
+from benchmarks.run import main
+
+# Cases that add a second row: the tiled decode reports its time and its peak RSS.
+EXPECTED_CASES = [case for name in CASES for case in ([name, f"{name}_memory"] if name.endswith("_tiled") else [name])]
+
+
+def _run(tmp_path: Path, *options: str) -> tuple[dict, str]:
+    markdown, results = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
+    main(["--size", "tiny", "--repeats", "1", "--warmup", "1", "--threads", "1", *options,
+          "--out", str(markdown), "--json", str(results)])  # fmt: skip
+    return json.loads(results.read_text()), markdown.read_text()
+
+
+def test_every_case_reports_positive_times_and_finite_ratios(tmp_path: Path) -> None:
+    payload, markdown = _run(tmp_path, "--no-fast", "--no-peers")
+    cases = [row["case"] for row in payload["rows"]]
+    assert cases == EXPECTED_CASES
+    for row in payload["rows"]:
+        assert row["value"] > 0 and row["reference"] > 0, row
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+        assert all(t > 0 for t in row["times"] + row["reference_times"]), row
+        assert f"`{row['case']}`" in markdown
+    # ours and diffusers hold the same weights, so eager outputs agree to float32 rounding.
+    for row in payload["rows"]:
+        if "rel_err_vs_diffusers" in row["extra"]:
+            assert row["extra"]["rel_err_vs_diffusers"] < 1e-4, row
+    assert payload["machine"]["cores"] >= 1 and len(payload["machine"]["loadavg_end"]) == 3
+    assert {check["case"] for check in payload["targets"]} == {"unet_512", "vae_decode_512", "generate_512_memory",
+                                                               "train_step"}  # fmt: skip
+
+
+def test_hand_written_notes_survive_a_rerun(tmp_path: Path) -> None:
+    notes = "<!-- notes -->\nWhat we tried.\n<!-- /notes -->"
+    (tmp_path / "BENCHMARKS.md").write_text(f"# old\n\n{notes}\n")
+    _, markdown = _run(tmp_path, "--no-fast", "--no-peers", "--cases", "text_encoder")
+    assert notes in markdown and "# old" not in markdown
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        main(["--repeats", "0"])
+    with pytest.raises(SystemExit):
+        main(["--cases", "no_such_case"])
+
+
+@pytest.mark.slow
+def test_fast_variants_and_peers_at_tiny_size(tmp_path: Path) -> None:
+    """Compiles the tiny models with `hf_scratch.fast` (minutes on a small CPU) and runs the optional peers."""
+    payload, _ = _run(tmp_path, "--cases", "unet_512", "vae_decode_512", "pipeline_256", "train_step")
+    variants = {(row["case"], row["variant"]) for row in payload["rows"]}
+    for case in ("unet_512", "vae_decode_512", "pipeline_256"):
+        assert (case, FAST_VARIANT) in variants
+    for row in payload["rows"]:
+        assert row["value"] > 0 and math.isfinite(row["ratio"]), row
+        if row["variant"] == FAST_VARIANT:
+            assert row["extra"]["rel_err_vs_eager"] < 1e-4, row
