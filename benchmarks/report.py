@@ -46,7 +46,9 @@ def check_targets(rows: list[Row]) -> list[dict[str, Any]]:
     checks = []
     for target in TARGETS:
         ours = [row for row in rows if row.case == target.case and row.variant not in PEERS]
-        if not ours:
+        if not ours:  # a target stays in the table, unmeasured, until a run measures it
+            checks.append({"case": target.case, "goal": target.goal, "best_variant": None, "ratio": None,
+                           "peer_ratios": {}, "met": None})  # fmt: skip
             continue
         pick = max if target.higher_is_better else min
         best = pick(ours, key=lambda row: row.ratio)
@@ -111,6 +113,9 @@ def markdown(machine: dict[str, Any], settings: dict[str, Any], rows: list[Row],
         )
     lines += ["", "## Targets", "", "| target | best variant | ratio | met |", "|---|---|---:|---|"]
     for check in check_targets(rows):
+        if check["ratio"] is None:
+            lines.append(f"| {check['goal']} | – | – | not measured yet |")
+            continue
         peers = "".join(f"; {name} {ratio:.3f}" for name, ratio in check["peer_ratios"].items())
         lines.append(
             f"| {check['goal']} | {check['best_variant']} | {check['ratio']:.3f}{peers} | "
