@@ -1,0 +1,3 @@
+"""Loads hf-scratch's pipeline class (`pip install hf-scratch`)."""
+
+from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
