@@ -71,7 +71,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             for k, image in enumerate(images):
                 path = output.with_name(f"{output.stem}-{index:04d}-{k}{output.suffix}") if many else output
                 image.save(path)
-                print(f"[rank {state.process_index}] {prompt!r} -> {path}")
+                rank = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
+                print(f"{rank}{prompt!r} -> {path}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
