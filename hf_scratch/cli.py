@@ -143,6 +143,61 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(json.dumps(counts, indent=2))
 
 
+def build_eval_parser() -> argparse.ArgumentParser:
+    import torch
+
+    from hf_scratch.evaluation import DEFAULT_SAMPLERS
+
+    parser = argparse.ArgumentParser(prog="hf-scratch eval", description="emoji-bench: VAE, CLIP and generation metrics of a pipeline folder.")
+    parser.add_argument("--model", required=True, help="pipeline folder (ScratchStableDiffusionPipeline)")
+    parser.add_argument("--clip", required=True, help="judge CLIP folder (train_clip.py's output, with tokenizer/)")
+    parser.add_argument("--data", required=True, help="emoji dataset folder (hf-scratch data emoji)")
+    parser.add_argument("--out", required=True, help="folder for emoji_bench.json, emoji_bench.md and grid.png")
+    parser.add_argument("--num_prompts", type=int, default=64, help="captions sampled from each split")
+    parser.add_argument("--num_prompts_samplers", type=int, default=16, help="train prompts for the sampler table")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20, help="steps of the pipeline's own scheduler")
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--samplers", nargs="*", default=list(DEFAULT_SAMPLERS), help="NAME-STEPS, e.g. ddim-50")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the pipeline's")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_vae_images", type=int, default=None, help="default: the whole validation split")
+    parser.add_argument("--cache_dir", default=None, help="datasets' cache folder (default: its own)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python training/evaluate.py --model DIR --clip DIR --data DIR --out DIR`; prints the Markdown tables."""
+    import logging
+
+    import datasets
+
+    from hf_scratch.evaluation import load_judge, load_pipeline, run_emoji_bench, to_markdown
+
+    args = build_eval_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if not Path(args.data).is_dir():
+            raise ValueError(f"--data {args.data!r} is not a folder; build one with `hf-scratch data emoji`")
+        pipeline = load_pipeline(args.model).to(args.device)
+        pipeline.set_progress_bar_config(disable=True)
+        judge_clip, judge_tokenizer = load_judge(args.clip)
+        results = run_emoji_bench(
+            pipeline, judge_clip.to(args.device), judge_tokenizer,
+            datasets.load_dataset(args.data, cache_dir=args.cache_dir),
+            num_prompts=args.num_prompts, num_prompts_samplers=args.num_prompts_samplers, seed=args.seed,
+            steps=args.steps, guidance=args.guidance, samplers=args.samplers, resolution=args.resolution,
+            batch_size=args.batch_size, max_vae_images=args.max_vae_images, model=args.model, judge=args.clip,
+            data=args.data, out_dir=args.out,
+        )  # fmt: skip
+    except ValueError as error:
+        print(f"emoji-bench: error: {error}", file=sys.stderr)
+        return 2
+    print(to_markdown(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--limit", type=int, default=None, help="cap the number of items (for smoke tests)")
     data.set_defaults(func=cmd_data)
 
-    # `eval` hands all its arguments to hf_scratch.evaluation.main (see `main` below); listed here for --help.
+    # `eval` hands all its arguments to `eval_main` (see `main` below); listed here for --help.
     sub.add_parser("eval", help="emoji-bench: VAE, CLIP and generation metrics (hf-scratch eval --help)")
     return parser
 
@@ -187,9 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:
-        from hf_scratch.evaluation import main as evaluation_main
-
-        return evaluation_main(argv[1:])
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:

@@ -25,12 +25,10 @@ so `frechet_ridge` · I is added to both; the distance of identical sets stays 0
 is biased upwards (as FID is): compare numbers only at equal sample sizes.
 """
 
-import argparse
 import hashlib
 import json
 import logging
 import math
-import sys
 import textwrap
 import time
 from collections.abc import Sequence
@@ -526,27 +524,6 @@ def write_outputs(results: dict, grid: PIL.Image.Image, out_dir: str | Path) -> 
     logger.info("wrote %s", ", ".join(str(out / name) for name in ("emoji_bench.json", "emoji_bench.md", "grid.png")))
 
 
-# --------------------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="pipeline folder (ScratchStableDiffusionPipeline)")
-    parser.add_argument("--clip", required=True, help="judge CLIP folder (train_clip.py's output, with tokenizer/)")
-    parser.add_argument("--data", required=True, help="emoji dataset folder (hf-scratch data emoji)")
-    parser.add_argument("--out", required=True, help="folder for emoji_bench.json, emoji_bench.md and grid.png")
-    parser.add_argument("--num_prompts", type=int, default=64, help="captions sampled from each split")
-    parser.add_argument("--num_prompts_samplers", type=int, default=16, help="train prompts for the sampler table")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20, help="steps of the pipeline's own scheduler")
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--samplers", nargs="*", default=list(DEFAULT_SAMPLERS), help="NAME-STEPS, e.g. ddim-50")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the pipeline's")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_vae_images", type=int, default=None, help="default: the whole validation split")
-    parser.add_argument("--cache_dir", default=None, help="datasets' cache folder (default: its own)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
-
-
 def load_pipeline(folder: str | Path) -> Any:
     """`ScratchStableDiffusionPipeline.from_pretrained(folder)`, with a clear error for a folder that isn't one."""
     from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
@@ -569,30 +546,3 @@ def load_judge(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     # fp32 whatever the stored dtype: the shipped judge is stored in fp16, which the CPU runs slowly or not at all.
     judge = ScratchCLIPModel.from_pretrained(folder, dtype=torch.float32).eval()
     return judge, CLIPTokenizer.from_pretrained(tokenizer_folder)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python training/evaluate.py --model DIR --clip DIR --data DIR --out DIR`; prints the Markdown tables."""
-    import datasets
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        if not Path(args.data).is_dir():
-            raise ValueError(f"--data {args.data!r} is not a folder; build one with `hf-scratch data emoji`")
-        pipeline = load_pipeline(args.model).to(args.device)
-        pipeline.set_progress_bar_config(disable=True)
-        judge_clip, judge_tokenizer = load_judge(args.clip)
-        results = run_emoji_bench(
-            pipeline, judge_clip.to(args.device), judge_tokenizer,
-            datasets.load_dataset(args.data, cache_dir=args.cache_dir),
-            num_prompts=args.num_prompts, num_prompts_samplers=args.num_prompts_samplers, seed=args.seed,
-            steps=args.steps, guidance=args.guidance, samplers=args.samplers, resolution=args.resolution,
-            batch_size=args.batch_size, max_vae_images=args.max_vae_images, model=args.model, judge=args.clip,
-            data=args.data, out_dir=args.out,
-        )  # fmt: skip
-    except ValueError as error:
-        print(f"emoji-bench: error: {error}", file=sys.stderr)
-        return 2
-    print(to_markdown(results))
-    return 0

@@ -14,6 +14,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from hf_scratch.data.emoji import build_emoji_dataset
+from hf_scratch.cli import eval_main as main
 from hf_scratch.evaluation import (
     GRID_ROWS,
     SPLITS,
@@ -22,7 +23,6 @@ from hf_scratch.evaluation import (
     hash_sample,
     judge_image_features,
     judge_text_features,
-    main,
     parse_sampler,
     psnr,
     retrieval_accuracy,
