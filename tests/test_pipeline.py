@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image

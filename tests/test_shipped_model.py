@@ -6,6 +6,8 @@ captions, where chance is 5/10,946 ≈ 0.05%. The floor, 2 of 32, is below half 
 so it fails on a broken model rather than on a small numerical drift between machines.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,17 @@ def test_generate_with_the_shipped_model_by_default(tmp_path):
     pipe = ScratchStableDiffusionPipeline.from_pretrained(default_model_path())
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     assert Image.open(out).size == (side, side)
+
+
+def test_diffusers_loads_the_shipped_folder_in_a_fresh_interpreter():
+    """`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` with nothing of ours imported beforehand."""
+    code = ("import sys; from diffusers import DiffusionPipeline; "
+            "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True); "
+            "print(type(pipe).__name__, type(pipe.unet).__name__, pipe.unet.dtype)")
+    result = subprocess.run([sys.executable, "-c", code, default_model_path()], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.split() == ["ScratchStableDiffusionPipeline", "ScratchUNet2DConditionModel", "torch.float32"], \
+        result.stderr[-2000:]
 
 
 @pytest.mark.slow

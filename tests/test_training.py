@@ -195,9 +195,6 @@ def test_train_clip(tmp_path, data_dir):
 def test_train_unet_ends_with_a_loadable_pipeline(unet_run):
     from diffusers import DiffusionPipeline
 
-    # diffusers 0.42 loads a component from an outside package only once its module has been imported.
-    import hf_scratch.models.clip, hf_scratch.models.unet, hf_scratch.models.vae, hf_scratch.schedulers.ddpm  # noqa
-
     assert_loss_falls(unet_run)
     assert sorted(losses(unet_run)) == list(range(1, 9))
     assert [p.name for p in common.list_checkpoints(unet_run)] == ["checkpoint-6", "checkpoint-8"]  # total limit 2

@@ -25,7 +25,6 @@ from .schedule import (
     check_choice,
     make_betas,
     predict_original_sample_and_noise,
-    spaced_timesteps,
 )
 
 # None is how a DPM-Solver config records "no learned variance"; it reads as fixed_small, as in diffusers
@@ -100,21 +99,6 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy())
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """DDPM feeds x_t to the model unscaled."""
-        return sample
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Chooses the `num_inference_steps` timesteps to visit, spaced by `config.timestep_spacing`."""
-        timesteps = spaced_timesteps(
-            num_inference_steps,
-            self.config.num_train_timesteps,
-            self.config.timestep_spacing,
-            self.config.steps_offset,
-        )
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def previous_timestep(self, timestep: int) -> int:
         """t', the timestep after t in the schedule (t − 1 on the full chain); −1 past the last step."""

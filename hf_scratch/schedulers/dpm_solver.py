@@ -191,10 +191,6 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
     def set_begin_index(self, begin_index: int = 0) -> None:
         self._begin_index = begin_index
 
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """The solver feeds x_t to the model unscaled."""
-        return sample
-
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Chooses the timesteps and their σ_i, and appends the σ the last step lands on."""
         num_train_timesteps = self.config.num_train_timesteps

@@ -206,6 +206,18 @@ class NoiseScheduleMixin:
     in its own namespace only. Put it before `SchedulerMixin` in the bases so that its `_get_compatibles` wins.
     """
 
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """These schedulers feed x_t to the model unscaled (unlike σ-parameterised ones such as Euler)."""
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Chooses the `num_inference_steps` timesteps to visit, spaced by `config.timestep_spacing`."""
+        timesteps = spaced_timesteps(
+            num_inference_steps, self.config.num_train_timesteps, self.config.timestep_spacing, self.config.steps_offset
+        )
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+
     def bound_original_sample(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
         """x̂_0 kept in the data range: dynamic thresholding when `thresholding`, else clipping when `clip_sample`."""
         if self.config.thresholding:
