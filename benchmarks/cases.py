@@ -1,11 +1,13 @@
 """The benchmark cases: each builds ours and diffusers' side by side, times them interleaved and returns table rows.
 
-Every case times our eager model against diffusers' first. Where `hf_scratch.fast` applies, it then compiles ours in
-place and times it against diffusers again (a second phase, so at most one extra copy of the weights is alive), and
-records the compile time and the relative error of the compiled output against our eager output. Cases that report
-peak memory run each implementation in a fresh process (`benchmarks.child`).
+Every case times our eager model against diffusers' first. Where `hf_scratch.fast` applies, each chosen fast path
+then runs on its own copy of ours and is timed against diffusers again (one phase per path, so at most one extra copy
+of the weights is alive), recording its set-up time (build, transform or compile, with the first call) and the
+relative error of its output against our eager output. Cases that report peak memory run each implementation in a
+fresh process (`benchmarks.child`).
 """
 
+import copy
 import gc
 from typing import Any, Callable
 
@@ -17,7 +19,11 @@ from .builders import build_pair, build_pipeline, place
 from .rows import Row, Settings, relative_error
 from .timing import interleaved, median, run_child, time_call
 
-FAST_VARIANT = "ours + compile_for_inference"
+# Each fast path of `hf_scratch.fast`: the row's variant name and the function that applies it in place.
+FAST_PATHS = {
+    "winograd": ("ours + use_winograd", "use_winograd"),
+    "compile": ("ours + compile_for_inference", "compile_for_inference"),
+}
 
 
 def _time_row(
@@ -41,24 +47,33 @@ def _time_row(
     )  # fmt: skip
 
 
-def _fast_row(
+def _fast_rows(
     case: str,
     description: str,
     target: Any,
-    ours: Callable[[], torch.Tensor],
+    run: Callable[[Any], torch.Tensor],
     reference: Callable[[], Any],
     eager_output: torch.Tensor,
     settings: Settings,
-) -> Row:
-    """Compiles `target` in place with `hf_scratch.fast`, then times `ours` (which calls it) against `reference`."""
-    from hf_scratch.fast import compile_for_inference
+    first_call: Callable[[Any], Any] | None = None,
+    warmup: int | None = None,
+) -> list[Row]:
+    """Applies each fast path in `settings.fast` to a copy of `target` and times `run(copy)` against `reference`."""
+    import hf_scratch.fast
 
-    compile_for_inference(target)
-    compile_s = time_call(ours, settings.device)  # the first call traces and compiles
-    error = relative_error(ours(), eager_output)
-    row = _time_row(case, description, FAST_VARIANT, ours, reference, settings)
-    row.extra.update(compile_s=compile_s, rel_err_vs_eager=error)
-    return row
+    rows = []
+    for name in settings.fast:
+        variant, function = FAST_PATHS[name]
+        fast = getattr(hf_scratch.fast, function)(copy.deepcopy(target))
+        setup_s = time_call(lambda: (first_call or run)(fast), settings.device)  # builds, transforms or compiles
+        error = relative_error(run(fast), eager_output)
+        row = _time_row(case, description, variant, lambda: run(fast), reference, settings, warmup)
+        row.extra.update(setup_s=setup_s, rel_err_vs_eager=error)
+        rows.append(row)
+        del fast
+        torch._dynamo.reset()  # drops a compiled graph and its frozen copy of the weights
+        gc.collect()
+    return rows
 
 
 def unet_step(settings: Settings, pixels: int) -> list[Row]:
@@ -72,20 +87,18 @@ def unet_step(settings: Settings, pixels: int) -> list[Row]:
     context = torch.randn(size.batch, size.text_length, size.unet["cross_attention_dim"], generator=generator)
     inputs = (sample.to(device, dtype), torch.full((size.batch,), 500, device=device), context.to(device, dtype))
 
-    def run_ours() -> torch.Tensor:
-        return ours(*inputs).sample
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        return model(*inputs).sample
 
     def run_reference() -> torch.Tensor:
         return reference(*inputs).sample
 
     with torch.no_grad():
-        eager_output = run_ours()
-        rows = [_time_row(case, description, "ours", run_ours, run_reference, settings)]
+        eager_output = run(ours)
+        rows = [_time_row(case, description, "ours", lambda: run(ours), run_reference, settings)]
         rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, run_reference())
-        if settings.fast:
-            rows.append(_fast_row(case, description, ours, run_ours, run_reference, eager_output, settings))
+        rows += _fast_rows(case, description, ours, run, run_reference, eager_output, settings)
         del ours
-        torch._dynamo.reset()  # drops the compiled graph and its frozen copy of the weights before the peers load
         gc.collect()
         if settings.peers and pixels == 512 and device == "cpu" and dtype == torch.float32:
             rows += peers.unet_rows(case, description, reference, inputs, run_reference, settings)
@@ -101,18 +114,17 @@ def vae_decode(settings: Settings, pixels: int) -> list[Row]:
     latents = torch.randn(1, size.vae["latent_channels"], latent, latent, generator=torch.Generator().manual_seed(0))
     latents = latents.to(device, dtype)
 
-    def run_ours() -> torch.Tensor:
-        return ours.decode(latents).sample
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        return model.decode(latents).sample
 
     def run_reference() -> torch.Tensor:
         return reference.decode(latents).sample
 
     with torch.no_grad():
-        eager_output = run_ours()
-        rows = [_time_row(case, description, "ours", run_ours, run_reference, settings)]
+        eager_output = run(ours)
+        rows = [_time_row(case, description, "ours", lambda: run(ours), run_reference, settings)]
         rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, run_reference())
-        if settings.fast:
-            rows.append(_fast_row(case, description, ours, run_ours, run_reference, eager_output, settings))
+        rows += _fast_rows(case, description, ours, run, run_reference, eager_output, settings)
     return rows
 
 
@@ -187,16 +199,8 @@ def pipeline(settings: Settings, pixels: int = 256) -> list[Row]:
         eager_output = generate(ours)
         rows = [_time_row(case, description, "ours", lambda: generate(ours), lambda: generate(reference), settings, 0)]
         rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, generate(reference))
-        if settings.fast:
-            from hf_scratch.fast import compile_for_inference
-
-            compile_for_inference(ours)
-            compile_s = time_call(lambda: generate(ours, 1), device)
-            error = relative_error(generate(ours), eager_output)
-            row = _time_row(case, description, FAST_VARIANT, lambda: generate(ours), lambda: generate(reference),
-                            settings, 0)  # fmt: skip
-            row.extra.update(compile_s=compile_s, rel_err_vs_eager=error)
-            rows.append(row)
+        rows += _fast_rows(case, description, ours, generate, lambda: generate(reference), eager_output, settings,
+                           first_call=lambda pipe: generate(pipe, 1), warmup=0)  # fmt: skip
     return rows
 
 
@@ -231,7 +235,7 @@ def train_step(settings: Settings) -> list[Row]:
     reference_step = make_step(reference, torch.optim.AdamW(reference.parameters(), lr=1e-4))
     ours_step = make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4))
     rows = [_time_row(case, description, "ours", ours_step, reference_step, settings)]
-    if settings.fast:
+    if "compile" in settings.fast:
         # The training levers, one at a time on top of each other: a fused optimiser step (one kernel for all
         # tensors), then forward and backward compiled by inductor. Neither is in hf_scratch.fast: on this CPU
         # neither reached 1.2x (see BENCHMARKS.md).

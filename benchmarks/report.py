@@ -71,6 +71,8 @@ def _format(value: float, unit: str) -> str:
 
 def _notes(row: Row) -> str:
     parts = []
+    if "setup_s" in row.extra:
+        parts.append(f"set-up + first call {row.extra['setup_s']:.0f} s")
     if "compile_s" in row.extra:
         parts.append(f"compile + first call {row.extra['compile_s']:.0f} s")
     if "convert_and_first_run_s" in row.extra:

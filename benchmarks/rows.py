@@ -17,7 +17,7 @@ class Settings:
     dtype: torch.dtype = torch.float32
     warmup: int = 1
     repeats: int = 3
-    fast: bool = True
+    fast: tuple[str, ...] = ("winograd", "compile")  # the hf_scratch.fast paths to time, in order
     peers: bool = True
 
 

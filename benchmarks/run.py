@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import CASES
+from .cases import CASES, FAST_PATHS
 from .report import write
 from .rows import Row, Settings
 from .sizes import get_size
@@ -39,12 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch intra-op threads (default: the cores this process may use)")  # fmt: skip
-    parser.add_argument("--no-fast", dest="fast", action="store_false", help="skip the hf_scratch.fast variants")
+    parser.add_argument("--fast", nargs="*", choices=list(FAST_PATHS), default=list(FAST_PATHS), metavar="PATH",
+                        help=f"hf_scratch.fast paths to time (default: all): {', '.join(FAST_PATHS)}")  # fmt: skip
+    parser.add_argument("--no-fast", dest="fast", action="store_const", const=[], help="skip the hf_scratch.fast paths")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip OpenVINO and ONNX Runtime")
     parser.add_argument("--out", type=Path, default=None, help="Markdown report to write, e.g. BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="JSON results to write, e.g. benchmarks/results.json")
     parser.add_argument("--update", action="store_true",
-                        help="keep the rows of the cases not run now from the existing --json file")  # fmt: skip
+                        help="keep the rows of the existing --json file that this run does not measure again")  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -55,12 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _merge(previous: list[dict], rows: list[Row], cases: list[str]) -> list[Row]:
-    """The rows of `previous` whose case was not run now, plus `rows`, in the order of `CASES`."""
+def _merge(previous: list[dict], rows: list[Row]) -> list[Row]:
+    """`rows`, plus each row of `previous` that they do not measure again (same case and variant), in case order."""
+    measured = {(row.case, row.variant) for row in rows}
     kept = [
         Row(**{key: value for key, value in row.items() if key != "ratio"})
         for row in previous
-        if row["extra"].get("run_case") not in cases
+        if (row["case"], row["variant"]) not in measured
     ]
     order = list(CASES)
     return sorted(kept + rows, key=lambda row: order.index(row.extra["run_case"]))
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = Settings(
         size=get_size(args.size), device=args.device, dtype=getattr(torch, args.dtype), warmup=args.warmup,
-        repeats=args.repeats, fast=args.fast, peers=args.peers,
+        repeats=args.repeats, fast=tuple(args.fast), peers=args.peers,
     )  # fmt: skip
     machine = machine_info(args.device)
     recorded = {**asdict(settings), "size": args.size, "dtype": args.dtype, "threads": args.threads}
@@ -91,5 +94,5 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         machine["loadavg_end"] = list(os.getloadavg())
         # Written after every case, so an interrupted run keeps what it measured.
-        write(machine, recorded, _merge(previous, rows, args.cases[: index + 1]), args.out, args.json)
+        write(machine, recorded, _merge(previous, rows), args.out, args.json)
     return 0

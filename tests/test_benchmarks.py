@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.cases import CASES, FAST_VARIANT
+from benchmarks.cases import CASES, FAST_PATHS
 from benchmarks.run import main
 
 # Cases that add a second row: the tiled decode reports its time and its peak RSS.
@@ -57,14 +57,31 @@ def test_bad_arguments_are_refused() -> None:
         main(["--cases", "no_such_case"])
 
 
+def _check_fast_rows(payload: dict, paths: list[str]) -> None:
+    variants = {(row["case"], row["variant"]) for row in payload["rows"]}
+    fast_variants = {FAST_PATHS[path][0] for path in paths}
+    for case in ("unet_512", "vae_decode_512", "pipeline_256"):
+        assert {(case, variant) for variant in fast_variants} <= variants
+    for row in payload["rows"]:
+        assert row["value"] > 0 and math.isfinite(row["ratio"]), row
+        if row["variant"] in fast_variants:
+            assert row["extra"]["rel_err_vs_eager"] < 1e-4 and row["extra"]["setup_s"] > 0, row
+
+
+def test_winograd_variant_at_tiny_size(tmp_path: Path) -> None:
+    payload, _ = _run(tmp_path, "--fast", "winograd", "--no-peers", "--cases", "unet_512", "vae_decode_512",
+                      "pipeline_256")  # fmt: skip
+    _check_fast_rows(payload, ["winograd"])
+
+
+def test_update_keeps_rows_not_measured_again(tmp_path: Path) -> None:
+    _run(tmp_path, "--no-fast", "--no-peers", "--cases", "text_encoder", "unet_256")
+    payload, _ = _run(tmp_path, "--no-fast", "--no-peers", "--cases", "unet_256", "--update")
+    assert [row["case"] for row in payload["rows"]] == ["unet_256", "text_encoder"]
+
+
 @pytest.mark.slow
 def test_fast_variants_and_peers_at_tiny_size(tmp_path: Path) -> None:
     """Compiles the tiny models with `hf_scratch.fast` (minutes on a small CPU) and runs the optional peers."""
     payload, _ = _run(tmp_path, "--cases", "unet_512", "vae_decode_512", "pipeline_256", "train_step")
-    variants = {(row["case"], row["variant"]) for row in payload["rows"]}
-    for case in ("unet_512", "vae_decode_512", "pipeline_256"):
-        assert (case, FAST_VARIANT) in variants
-    for row in payload["rows"]:
-        assert row["value"] > 0 and math.isfinite(row["ratio"]), row
-        if row["variant"] == FAST_VARIANT:
-            assert row["extra"]["rel_err_vs_eager"] < 1e-4, row
+    _check_fast_rows(payload, list(FAST_PATHS))

@@ -114,7 +114,9 @@ class ResnetBlock2D(nn.Module):
             hidden_states = hidden_states + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
         hidden_states = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden_states))))
         shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (shortcut + hidden_states) / self.output_scale_factor
+        output = shortcut + hidden_states
+        # x / 1.0 == x exactly, so the usual factor of 1 skips a pass over the activations.
+        return output if self.output_scale_factor == 1.0 else output / self.output_scale_factor
 
 
 class Attention(nn.Module):

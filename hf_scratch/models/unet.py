@@ -177,8 +177,10 @@ class Transformer2DModel(nn.Module):
             hidden_states = block(hidden_states, encoder_hidden_states)
         if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)
-        # And one copy back, so the convolutions after this block keep a contiguous NCHW layout.
-        hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+        # Back to (B, C, H, W): a free view for a channels-last input, else one copy to keep the convolutions NCHW.
+        hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        if not residual.is_contiguous(memory_format=torch.channels_last):
+            hidden_states = hidden_states.contiguous()
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)
         return hidden_states + residual
