@@ -19,13 +19,14 @@ $(VENV)/.installed: setup.cfg constraints.txt
 
 install: $(VENV)/.installed
 
-# Debian packages the tests use: Chromium for the browser test, Noto emoji and Fashion-MNIST as real data.
+# Debian packages the tests use: Chromium for the browser test, Noto emoji and Fashion-MNIST as real data, and g++
+# with ninja to build the Winograd kernel (hf_scratch/kernels/winograd.cpp).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=""; for p in chromium fonts-noto-color-emoji dataset-fashion-mnist; do \
+	  missing=""; for p in chromium fonts-noto-color-emoji dataset-fashion-mnist g++ ninja-build; do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
-	else echo "not root: skipping apt packages (chromium, fonts-noto-color-emoji, dataset-fashion-mnist); tests that need them will skip"; fi
+	else echo "not root: skipping apt packages (chromium, fonts-noto-color-emoji, dataset-fashion-mnist, g++, ninja-build); tests that need them will skip or fail"; fi
 
 run: install
 	$(VENV)/bin/hf-scratch generate "$(PROMPT)" --output $(OUT)

@@ -221,11 +221,13 @@ def train_step(settings: Settings) -> list[Row]:
     target = torch.randn(batch, config["out_channels"], latent, latent, generator=generator).to(device)
     autocast = torch.autocast(device.split(":")[0], settings.dtype, enabled=settings.dtype != torch.float32)
 
-    def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    def make_step(
+        model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample: torch.Tensor = inputs[0]
+    ) -> Callable[[], None]:
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                loss = F.mse_loss(model(*inputs).sample.float(), target)
+                loss = F.mse_loss(model(sample, *inputs[1:]).sample.float(), target)
             loss.backward()
             optimizer.step()
 
@@ -235,18 +237,25 @@ def train_step(settings: Settings) -> list[Row]:
     reference_step = make_step(reference, torch.optim.AdamW(reference.parameters(), lr=1e-4))
     ours_step = make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4))
     rows = [_time_row(case, description, "ours", ours_step, reference_step, settings)]
-    if "compile" in settings.fast:
+    if settings.fast:
         # The training levers, one at a time on top of each other: a fused optimiser step (one kernel for all
-        # tensors), then forward and backward compiled by inductor. Neither is in hf_scratch.fast: on this CPU
-        # neither reached 1.2x (see BENCHMARKS.md).
-        fused_step = make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True))
+        # tensors), channels-last activations and weights (oneDNN's faster convolution backward), then forward and
+        # backward compiled by inductor. None is in hf_scratch.fast: see BENCHMARKS.md for what each gave.
+        optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+        fused_step = make_step(ours, optimizer)
         rows.append(_time_row(case, description, "ours + AdamW(fused=True)", fused_step, reference_step, settings))
-        ours.compile(backend="inductor", dynamic=False)  # in place: `fused_step` now runs the compiled model
-        compile_s = time_call(fused_step, device)
-        row = _time_row(case, description, "ours + AdamW(fused=True) + torch.compile", fused_step, reference_step,
-                        settings)  # fmt: skip
-        row.extra["compile_s"] = compile_s
-        rows.append(row)
+        ours.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)  # its state in the new layout
+        channels_last_step = make_step(ours, optimizer, inputs[0].contiguous(memory_format=torch.channels_last))
+        variant = "ours + AdamW(fused=True) + channels_last"
+        rows.append(_time_row(case, description, variant, channels_last_step, reference_step, settings))
+        if "compile" in settings.fast:
+            ours.compile(backend="inductor", dynamic=False)  # in place: the step now runs the compiled model
+            compile_s = time_call(channels_last_step, device)
+            row = _time_row(case, description, f"{variant} + torch.compile", channels_last_step, reference_step,
+                            settings)  # fmt: skip
+            row.extra["compile_s"] = compile_s
+            rows.append(row)
     for row in rows:  # seconds per step -> samples per second
         row.times = [batch / t for t in row.times]
         row.reference_times = [batch / t for t in row.reference_times]

@@ -41,6 +41,12 @@ def row_dict(row: Row) -> dict[str, Any]:
     return {**asdict(row), "ratio": row.ratio}
 
 
+def _cautious_ratio(row: Row, target: Target) -> float:
+    """The worse of the row's interleaved ratio and its ratio against diffusers' eager-phase median, when recorded."""
+    ratios = [row.ratio, row.extra.get("ratio_vs_eager_phase", row.ratio)]
+    return min(ratios) if target.higher_is_better else max(ratios)
+
+
 def check_targets(rows: list[Row]) -> list[dict[str, Any]]:
     """Each target with the best ratio of our variants, the variant that reached it, and whether it was met."""
     checks = []
@@ -51,13 +57,18 @@ def check_targets(rows: list[Row]) -> list[dict[str, Any]]:
                            "peer_ratios": {}, "met": None})  # fmt: skip
             continue
         pick = max if target.higher_is_better else min
-        best = pick(ours, key=lambda row: row.ratio)
-        met = best.ratio >= target.bound if target.higher_is_better else best.ratio <= target.bound
-        peers = {row.variant: row.ratio for row in rows if row.case == target.case and row.variant in PEERS}
+        best = pick(ours, key=lambda row: _cautious_ratio(row, target))
+        ratio = _cautious_ratio(best, target)
+        met = ratio >= target.bound if target.higher_is_better else ratio <= target.bound
+        peers = {
+            row.variant: _cautious_ratio(row, target)
+            for row in rows
+            if row.case == target.case and row.variant in PEERS
+        }
         if target.beat_peers:
-            met = met and all(best.ratio < ratio for ratio in peers.values())
+            met = met and all(ratio < peer_ratio for peer_ratio in peers.values())
         checks.append(
-            {"case": target.case, "goal": target.goal, "best_variant": best.variant, "ratio": best.ratio,
+            {"case": target.case, "goal": target.goal, "best_variant": best.variant, "ratio": ratio,
              "peer_ratios": peers, "met": met}
         )  # fmt: skip
     return checks
@@ -77,6 +88,8 @@ def _notes(row: Row) -> str:
         parts.append(f"compile + first call {row.extra['compile_s']:.0f} s")
     if "convert_and_first_run_s" in row.extra:
         parts.append(f"convert + first call {row.extra['convert_and_first_run_s']:.0f} s")
+    if "ratio_vs_eager_phase" in row.extra:
+        parts.append(f"{row.extra['ratio_vs_eager_phase']:.3f} against diffusers' eager-phase median")
     for key, label in (("rel_err_vs_eager", "rel. err vs eager"), ("rel_err_vs_diffusers", "rel. err vs diffusers")):
         if key in row.extra:
             parts.append(f"{label} {row.extra[key]:.1e}")
@@ -113,7 +126,11 @@ def markdown(machine: dict[str, Any], settings: dict[str, Any], rows: list[Row],
             f"| `{row.case}` | {row.description} | {row.variant} | {_format(row.value, row.unit)} | "
             f"{_format(row.reference, row.unit)} | {row.ratio:.3f} | {_notes(row)} |"
         )
-    lines += ["", "## Targets", "", "| target | best variant | ratio | met |", "|---|---|---:|---|"]
+    lines += [
+        "", "## Targets", "",
+        "Each ratio is the worse of the variant's interleaved one and the one against diffusers' eager-phase median.",
+        "", "| target | best variant | ratio | met |", "|---|---|---:|---|",
+    ]  # fmt: skip
     for check in check_targets(rows):
         if check["ratio"] is None:
             lines.append(f"| {check['goal']} | – | – | not measured yet |")

@@ -1,28 +1,21 @@
-"""Opt-in fast paths for inference.
+"""Opt-in fast paths for inference. Nothing in the library calls this module: eager PyTorch stays the default.
 
-- `use_winograd`: 3x3 convolutions through Winograd's F(4x4, 3x3) on channels-last memory (`hf_scratch.winograd`).
-  On a 2-core AVX-512 CPU it is the fast path that pays: the SD 1.5 U-Net step at 512 px and the VAE decode at 512 px
-  ran in about three quarters of diffusers' time (BENCHMARKS.md), within 1e-5 relative of eager.
-- `compile_for_inference`: `torch.compile` (inductor) with the weights frozen into the compiled graph.
+`use_winograd` is the one that pays on a CPU. It runs the 3x3 convolutions through Winograd's minimal filtering
+(`hf_scratch.winograd`, F(4x4, 3x3) and F(2x2, 3x3) tiles) on channels-last memory. On a 2-core AVX-512 Xeon, in
+interleaved runs of `python -m benchmarks`, the SD 1.5 U-Net step at 512 px took about 0.7x diffusers' time, ahead of
+OpenVINO and ONNX Runtime, and the VAE decode at 512 px 0.69x (BENCHMARKS.md); outputs stay within 1e-5 relative of
+eager. The costs: the transformed filters (4.1 GiB for the SD 1.5 U-Net at 512 px, 0.7 GiB for the VAE decoder, kept
+beside the weights), a C++ compiler for the tile kernel (built once, about 30 s), and about 30 s to transform the
+filters on the first call.
 
-
-Nothing in the library calls this module; eager PyTorch stays the default, because compiling costs minutes on a small
-CPU and ties the model to one input shape. `compile_for_inference` compiles a model, a VAE's decoder, or a pipeline's
-U-Net in place. With `freeze=True`, inductor treats the weights as constants (constant folding, oneDNN
-weight pre-packing for convolutions and linear layers) and fuses the element-wise work around them; the outputs match
-eager within float32 rounding. `BENCHMARKS.md` records the speed-ups, compile times and errors measured with
-`python -m benchmarks`; on a 2-core Xeon the SD 1.5 U-Net step took 0.61x the eager time (relative error 3e-6).
-
-The costs: compiling the SD 1.5 U-Net took minutes (976 s cold on a loaded 2-core machine), and the frozen,
-pre-packed weights are a second copy (peak RSS 9.4 GB for one compiled U-Net, against 3.4 GB eager). Inductor caches
-compiled code on disk (`TORCHINDUCTOR_CACHE_DIR`, default `/tmp/torchinductor_$USER`), so a second process with the
-same model and shapes compiled in 158 s.
+`compile_for_inference` compiles with `torch.compile` (inductor) and the weights frozen into the graph. On the same CPU
+it gave no gain at 512 px (1.01x diffusers), slowed the end-to-end 256 px pipeline (1.17x), took minutes to compile
+(976 s cold on a loaded machine, about 90 s from inductor's on-disk cache) and held a second copy of the weights.
 
 Example:
     >>> pipe = ScratchStableDiffusionPipeline.from_pretrained(folder)
-    >>> compile_for_inference(pipe)  # in place; the first call at each shape compiles
-    >>> with torch.no_grad():
-    ...     image = pipe("red heart, twemoji style", num_inference_steps=20).images[0]
+    >>> use_winograd(pipe)  # in place; the first call transforms the filters
+    >>> image = pipe("red heart, twemoji style", num_inference_steps=20).images[0]
 """
 
 from typing import TypeVar

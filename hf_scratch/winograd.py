@@ -1,21 +1,22 @@
-"""Winograd convolution F(4x4, 3x3) for CPU inference (Lavin & Gray, "Fast Algorithms for Convolutional Neural
-Networks", CVPR 2016).
+"""Winograd convolution for CPU inference: F(4x4, 3x3) and F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for
+Convolutional Neural Networks", CVPR 2016).
 
-A 3x3 convolution computes each 4x4 output tile from a 6x6 input tile d with 36 multiplications per channel pair
-instead of 144 (Eq. 8):
+A 3x3 convolution computes each m x m output tile from an a x a input tile d, a = m + 2, with a² multiplications per
+channel pair instead of 9m² (Eq. 8):
 
     Y = A^T [ U ⊙ V ] A,   U = G g G^T (the filter, transformed once),   V = B^T d B (the input tile).
 
-Summed over input channels, the 36 element-wise products become 36 matrix products, V_ξ (tiles x C_in) @ U_ξ
+Summed over input channels, the a² element-wise products become a² matrix products, V_ξ (tiles x C_in) @ U_ξ
 (C_in x C_out), which `torch.bmm` runs at full speed; the tile transforms run in a small C++ kernel
-(`kernels/winograd.cpp`) over channels-last memory. Against oneDNN's direct convolution on a 2-core AVX-512 CPU this
-cut the SD 1.5 U-Net step at 512 px by about a quarter (see BENCHMARKS.md).
+(`kernels/winograd.cpp`) over channels-last memory. F(4x4) saves 4x the multiplications and suits large outputs;
+small outputs (at most `SMALL_OUTPUT` pixels a side) use F(2x2), whose filters are less than half the size, because
+there the products are bound by reading the filters, not by arithmetic.
 
 The trade-offs, all opt-in through `hf_scratch.fast.use_winograd`:
-- exactness: outputs match the direct convolution to float32 rounding of the transforms (relative error about 3e-6
-  per layer, 6e-6 over the whole SD 1.5 U-Net), not bit for bit;
-- memory: U holds 36 values per filter where g holds 9, so the converted layers keep four times their 3x3 weights
-  beside the originals (the state dict is unchanged);
+- exactness: outputs match the direct convolution to float32 rounding of the transforms (relative error about 4e-6
+  per layer with 4x4 tiles, 6e-7 with 2x2, 6e-6 over the whole SD 1.5 U-Net), not bit for bit;
+- memory: a layer keeps U for each tile size it has run at, a²/9 times its 3x3 weights (4.1 GiB for the SD 1.5 U-Net
+  at 512 px), beside the original weights, so the state dict is unchanged;
 - a C++ compiler: the kernel is built on first use with `torch.utils.cpp_extension` and cached.
 Anything else (gradients, other dtypes or devices) falls back to the layer's own convolution.
 """

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -97,3 +98,13 @@ def test_prompts_file_is_split_across_two_processes(model_dir, tmp_path):
     assert images == ["out-0000-0.png", "out-0001-0.png", "out-0002-0.png"], result.stderr[-3000:]
     ranks = {line.split("]")[0] for line in result.stdout.splitlines() if line.startswith("[rank")}
     assert ranks == {"[rank 0", "[rank 1"}, result.stdout
+
+
+def test_generate_with_winograd_matches_the_default(tmp_path):
+    """The flag runs end to end and keeps the image to 8-bit rounding. The shipped model's layers have under 256
+    channels, so here it switches the layout to channels-last; the Winograd kernels are checked in test_winograd.py."""
+    paths = [tmp_path / "direct.png", tmp_path / "winograd.png"]
+    for path, extra in zip(paths, ([], ["--winograd"])):
+        assert main(["generate", "red heart, twemoji style", "--steps", "4", "--output", str(path), *extra]) == 0
+    direct, fast = (np.asarray(Image.open(path), dtype=np.int16) for path in paths)
+    assert direct.shape == fast.shape and np.abs(direct - fast).max() <= 2  # within rounding to 8 bits
