@@ -26,6 +26,17 @@ from torch import nn
 Target = TypeVar("Target")
 
 
+def _is_pipeline(target: object) -> bool:
+    return hasattr(target, "unet") and hasattr(target, "vae")
+
+
+def _check_target(target: object) -> None:
+    if not (_is_pipeline(target) or isinstance(target, nn.Module)):
+        raise ValueError(
+            f"target must be an nn.Module or a pipeline with `unet` and `vae`, got {type(target).__name__}"
+        )
+
+
 def _compile(module: nn.Module, freeze: bool, dynamic: bool) -> None:
     # `nn.Module.compile` compiles in place: the module keeps its class, config and state-dict keys.
     module.compile(backend="inductor", dynamic=dynamic, options={"freezing": freeze})
@@ -44,22 +55,18 @@ def compile_for_inference(target: Target, *, freeze: bool = True, dynamic: bool 
         dynamic: compile shape-generic kernels. The default specialises on the first shapes seen (faster kernels);
             a new shape compiles again.
     """
-    if hasattr(target, "unet") and hasattr(target, "vae"):
+    _check_target(target)
+    if _is_pipeline(target):
         _compile(target.unet, freeze, dynamic)
-    elif isinstance(target, nn.Module) and isinstance(getattr(target, "decoder", None), nn.Module):
+    elif isinstance(getattr(target, "decoder", None), nn.Module):
         _compile(target.decoder, freeze, dynamic)
-    elif isinstance(target, nn.Module):
-        _compile(target, freeze, dynamic)
     else:
-        raise ValueError(
-            f"target must be an nn.Module or a pipeline with `unet` and `vae`, got {type(target).__name__}"
-        )
+        _compile(target, freeze, dynamic)
     return target
 
 
-
 def use_winograd(target: Target, *, min_channels: int = 256) -> Target:
-    """Runs the 3x3 convolutions of `target` through Winograd's F(4x4, 3x3) and keeps it channels-last; in place.
+    """Runs the 3x3 convolutions of `target` through Winograd tiles and keeps it channels-last; in place.
 
     Args:
         target: a pipeline with `unet` and `vae` (both are converted), or any `nn.Module`.
@@ -67,21 +74,14 @@ def use_winograd(target: Target, *, min_channels: int = 256) -> Target:
             U-Net's, and the VAE's 256- and 512-channel blocks; thin layers at high resolution are faster direct).
 
     Outputs match the direct convolution to float32 rounding (about 6e-6 relative over the SD 1.5 U-Net). The cost is
-    memory: each converted layer keeps its transformed filter, four times its 3x3 weights. Gradients, other dtypes
-    and other devices fall back to the layers' own convolution. The C++ tile kernel builds on first use (a compiler
-    is needed; about 30 s, then cached).
+    memory: each converted layer keeps its transformed filters, 16/9 or 4 times its 3x3 weights (by tile size).
+    Gradients, other dtypes and other devices fall back to the layers' own convolution. The C++ tile kernel builds on
+    first use (a compiler is needed; about 30 s, then cached).
     """
     from . import winograd
 
-    if hasattr(target, "unet") and hasattr(target, "vae"):
-        modules = [target.unet, target.vae]
-    elif isinstance(target, nn.Module):
-        modules = [target]
-    else:
-        raise ValueError(
-            f"target must be an nn.Module or a pipeline with `unet` and `vae`, got {type(target).__name__}"
-        )
-    for module in modules:
+    _check_target(target)
+    for module in [target.unet, target.vae] if _is_pipeline(target) else [target]:
         winograd.convert(module, min_channels)
         # Channels-last lets the tile kernels and the transformer blocks read activations without copies.
         module.to(memory_format=torch.channels_last)

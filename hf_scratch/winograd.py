@@ -64,9 +64,9 @@ def _kernels() -> Any:
 
     source = Path(__file__).parent / "kernels" / "winograd.cpp"
     try:
-        return cpp_extension.load(
-            name="hf_scratch_winograd", sources=[str(source)], extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False
-        )
+        # -fopenmp: ATen's parallel_for runs on OpenMP only when the extension is compiled with it.
+        flags = ["-O3", "-march=native", "-fopenmp"]
+        return cpp_extension.load(name="hf_scratch_winograd", sources=[str(source)], extra_cflags=flags)
     except (OSError, RuntimeError, ImportError) as error:
         raise RuntimeError(
             "Winograd convolutions build a small C++ kernel on first use and need a C++ compiler (g++) and ninja "
@@ -121,7 +121,8 @@ def is_eligible(conv: nn.Module, min_channels: int) -> bool:
 
 
 class WinogradConv2d(nn.Conv2d):
-    """An `nn.Conv2d` that runs F(4x4, 3x3) for float32 CPU inference and its own convolution otherwise.
+    """An `nn.Conv2d` that runs Winograd tiles (`tile_size` picks F(4x4) or F(2x2)) for float32 CPU inference and its
+    own convolution otherwise.
 
     Made by `convert` from an existing layer: same parameters and state-dict keys. The transformed filter is cached
     and rebuilt whenever the weight changes (e.g. after `load_state_dict`).
