@@ -47,25 +47,30 @@ def _time_row(
     )  # fmt: skip
 
 
-def _fast_rows(
+def _eager_and_fast_rows(
     case: str,
     description: str,
-    target: Any,
+    ours: Any,
     run: Callable[[Any], torch.Tensor],
-    reference: Callable[[], Any],
-    eager_output: torch.Tensor,
+    reference: Callable[[], torch.Tensor],
     settings: Settings,
     first_call: Callable[[Any], Any] | None = None,
     warmup: int | None = None,
 ) -> list[Row]:
-    """Applies each fast path in `settings.fast` to a copy of `target` and times `run(copy)` against `reference`."""
+    """Times `run(ours)` against `reference`, then each fast path in `settings.fast` applied to a copy of `ours`.
+
+    The eager row records the relative error against diffusers' output; each fast row its set-up time (build,
+    transform or compile, with the first call, `first_call` when given) and its error against our eager output.
+    """
     import hf_scratch.fast
 
-    rows = []
+    eager_output = run(ours)
+    rows = [_time_row(case, description, "ours", lambda: run(ours), reference, settings, warmup)]
+    rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, reference())
     for name in settings.fast:
         variant, function = FAST_PATHS[name]
-        fast = getattr(hf_scratch.fast, function)(copy.deepcopy(target))
-        setup_s = time_call(lambda: (first_call or run)(fast), settings.device)  # builds, transforms or compiles
+        fast = getattr(hf_scratch.fast, function)(copy.deepcopy(ours))
+        setup_s = time_call(lambda: (first_call or run)(fast), settings.device)
         error = relative_error(run(fast), eager_output)
         row = _time_row(case, description, variant, lambda: run(fast), reference, settings, warmup)
         row.extra.update(setup_s=setup_s, rel_err_vs_eager=error)
@@ -94,10 +99,7 @@ def unet_step(settings: Settings, pixels: int) -> list[Row]:
         return reference(*inputs).sample
 
     with torch.no_grad():
-        eager_output = run(ours)
-        rows = [_time_row(case, description, "ours", lambda: run(ours), run_reference, settings)]
-        rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, run_reference())
-        rows += _fast_rows(case, description, ours, run, run_reference, eager_output, settings)
+        rows = _eager_and_fast_rows(case, description, ours, run, run_reference, settings)
         del ours
         gc.collect()
         if settings.peers and pixels == 512 and device == "cpu" and dtype == torch.float32:
@@ -121,11 +123,7 @@ def vae_decode(settings: Settings, pixels: int) -> list[Row]:
         return reference.decode(latents).sample
 
     with torch.no_grad():
-        eager_output = run(ours)
-        rows = [_time_row(case, description, "ours", lambda: run(ours), run_reference, settings)]
-        rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, run_reference())
-        rows += _fast_rows(case, description, ours, run, run_reference, eager_output, settings)
-    return rows
+        return _eager_and_fast_rows(case, description, ours, run, run_reference, settings)
 
 
 def vae_decode_tiled(settings: Settings, pixels: int = 1024) -> list[Row]:
@@ -196,12 +194,8 @@ def pipeline(settings: Settings, pixels: int = 256) -> list[Row]:
         # A one-step warm-up: a full one would cost a whole generation.
         generate(ours, 1)
         generate(reference, 1)
-        eager_output = generate(ours)
-        rows = [_time_row(case, description, "ours", lambda: generate(ours), lambda: generate(reference), settings, 0)]
-        rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, generate(reference))
-        rows += _fast_rows(case, description, ours, generate, lambda: generate(reference), eager_output, settings,
-                           first_call=lambda pipe: generate(pipe, 1), warmup=0)  # fmt: skip
-    return rows
+        return _eager_and_fast_rows(case, description, ours, generate, lambda: generate(reference), settings,
+                                    first_call=lambda pipe: generate(pipe, 1), warmup=0)  # fmt: skip
 
 
 def train_step(settings: Settings) -> list[Row]:

@@ -35,12 +35,17 @@ struct F4 {
   };
 };
 
+// The m x m output tiles of an (N, H_out, W_out) output, numbered t = (n * tiles_h + tile_y) * tiles_w + tile_x.
 struct Tiling {
   int64_t tiles_h, tiles_w, count;
   Tiling(int64_t batch, int64_t out_height, int64_t out_width, int64_t m)
       : tiles_h((out_height + m - 1) / m), tiles_w((out_width + m - 1) / m), count(batch * tiles_h * tiles_w) {}
-};
 
+  struct Position {
+    int64_t n, tile_y, tile_x;
+  };
+  Position locate(int64_t t) const { return {t / (tiles_h * tiles_w), (t / tiles_w) % tiles_h, t % tiles_w}; }
+};
 template <typename F>
 void input_tiles(const float* x, float* v, int64_t padding, int64_t H, int64_t W, int64_t C, const Tiling& tiling) {
   constexpr int64_t m = F::m;
@@ -50,8 +55,7 @@ void input_tiles(const float* x, float* v, int64_t padding, int64_t H, int64_t W
     alignas(64) float d[A][A][kChannelBlock];
     alignas(64) float rows[A][A][kChannelBlock];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (tiling.tiles_h * tiling.tiles_w);
-      const int64_t tile_y = (t / tiling.tiles_w) % tiling.tiles_h, tile_x = t % tiling.tiles_w;
+      const auto [n, tile_y, tile_x] = tiling.locate(t);
       for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
         const int64_t cb = std::min(kChannelBlock, C - c0);
         for (int k = 0; k < A; ++k) {  // d: the tile, zero outside the image
@@ -98,8 +102,7 @@ void output_tiles(const float* mp, const float* bias, float* y, int64_t H_out, i
   at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float rows[m][A][kChannelBlock];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (tiling.tiles_h * tiling.tiles_w);
-      const int64_t tile_y = (t / tiling.tiles_w) % tiling.tiles_h, tile_x = t % tiling.tiles_w;
+      const auto [n, tile_y, tile_x] = tiling.locate(t);
       for (int64_t k0 = 0; k0 < K; k0 += kChannelBlock) {
         const int64_t kb = std::min(kChannelBlock, K - k0);
         for (int64_t p = 0; p < m; ++p) {  // rows = A^T M
