@@ -22,6 +22,7 @@ _PUBLIC_NAMES = {
     "ScratchDDPMScheduler": "hf_scratch.schedulers.ddpm",
     "ScratchDDIMScheduler": "hf_scratch.schedulers.ddim",
     "ScratchDPMSolverMultistepScheduler": "hf_scratch.schedulers.dpm_solver",
+    "ScratchFlowMatchEulerScheduler": "hf_scratch.schedulers.flow_match",
     "ScratchStableDiffusionPipeline": "hf_scratch.pipelines.text_to_image",
     "ScratchStableDiffusionImg2ImgPipeline": "hf_scratch.pipelines.image_to_image",
     "default_model_path": "hf_scratch.pretrained",

@@ -193,19 +193,25 @@ def _positives(query_texts: Sequence[str], item_texts: Sequence[str]) -> torch.T
 
 # ------------------------------------------------------------------------------------------------------------ parts
 @torch.no_grad()
-def evaluate_vae(vae: torch.nn.Module, images: torch.Tensor, batch_size: int) -> dict:
-    """PSNR and SSIM of x -> D(mode of q(z|x)) for images (N, 3, H, W) in [0, 1], and the std of the scaled latents."""
+def reconstruct(vae: torch.nn.Module, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """D(mode of q(z|x)) in [0, 1] of images (N, 3, H, W) in [0, 1], and the scaled latents (N, C, h, w)."""
     reconstructions, latents = [], []
     for batch in images.split(batch_size):
         latent = vae.encode((batch * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()
         reconstructions.append(((vae.decode(latent).sample.float().cpu() + 1) / 2).clamp(0, 1))
         latents.append(latent.float().cpu() * vae.config.scaling_factor)
-    reconstructions = torch.cat(reconstructions)
+    return torch.cat(reconstructions), torch.cat(latents)
+
+
+@torch.no_grad()
+def evaluate_vae(vae: torch.nn.Module, images: torch.Tensor, batch_size: int) -> dict:
+    """PSNR and SSIM of x -> D(mode of q(z|x)) for images (N, 3, H, W) in [0, 1], and the std of the scaled latents."""
+    reconstructions, latents = reconstruct(vae, images, batch_size)
     return {
         "images": len(images),
         "psnr": psnr(reconstructions, images).mean().item(),
         "ssim": ssim(reconstructions, images).mean().item(),
-        "scaled_latent_std": torch.cat(latents).std().item(),
+        "scaled_latent_std": latents.std().item(),
     }
 
 
@@ -279,12 +285,21 @@ def generate_and_score(
 ) -> tuple[dict, torch.Tensor]:
     """Metrics (a)-(c) of the module docstring, and seconds per image, for images generated from `sample.prompts`
     with `steps` steps of the pipeline's scheduler; also returns the images."""
-    batch_size = settings["batch_size"]
     scheduler = type(pipeline.scheduler).__name__
     logger.info("%s, %d steps: %d prompts of %s", scheduler, steps, len(sample.prompts), sample.split)
     generated, seconds = generate(
-        pipeline, sample.prompts, settings["seed"], steps, settings["guidance"], settings["resolution"], batch_size
-    )
+        pipeline, sample.prompts, settings["seed"], steps, settings["guidance"], settings["resolution"],
+        settings["batch_size"],
+    )  # fmt: skip
+    scores = score_images(generated, sample, judge, settings)
+    scores["seconds_per_image"] = seconds / len(sample.prompts)
+    return scores, generated
+
+
+def score_images(images: torch.Tensor, sample: SplitSample, judge: torch.nn.Module, settings: dict) -> dict:
+    """Metrics (a)-(c) of the module docstring for images (N, 3, H, W) in [0, 1], one per prompt of `sample`."""
+    batch_size = settings["batch_size"]
+    generated = images
     generated_features = judge_image_features(judge, generated, batch_size)
     similarity = generated_features @ sample.caption_features.T  # (prompts, captions)
     scores = {"prompts": len(sample.prompts), "captions": len(sample.captions)}
@@ -300,8 +315,18 @@ def generate_and_score(
     pixels = sample.split in PIXEL_SPLITS
     scores["psnr"] = psnr(generated, sample.real).mean().item() if pixels else None
     scores["ssim"] = ssim(generated, sample.real).mean().item() if pixels else None
-    scores["seconds_per_image"] = seconds / len(sample.prompts)
-    return scores, generated
+    return scores
+
+
+@torch.no_grad()
+def ceiling_scores(vae: torch.nn.Module, sample: SplitSample, judge: torch.nn.Module, settings: dict) -> dict:
+    """What a perfect generator would score: the metrics of `score_images` on the true images of the prompts
+    ("true"; their Fréchet distance, PSNR and SSIM against themselves are trivial and left out) and on their VAE
+    reconstructions ("vae"), the best a latent diffusion model on this VAE can draw."""
+    true = score_images(sample.real, sample, judge, settings)
+    true.update(frechet_clip=None, psnr=None, ssim=None)
+    reconstructions, _ = reconstruct(vae, sample.real, settings["batch_size"])
+    return {"true": true, "vae": score_images(reconstructions, sample, judge, settings)}
 
 
 def parse_sampler(spec: str) -> tuple[str, int]:
@@ -396,10 +421,11 @@ def run_emoji_bench(
         )  # fmt: skip
         for split in SPLITS
     }
-    generation, grid_rows = {}, []
+    generation, ceiling, grid_rows = {}, {}, []
     for split, sample in samples.items():
         sample = sample.head(num_prompts)
         generation[split], generated = generate_and_score(pipeline, sample, judge_clip, settings, steps)
+        ceiling[split] = ceiling_scores(pipeline.vae, sample, judge_clip, settings)
         rows = range(min(GRID_ROWS[split], len(sample.prompts)))
         grid_rows += [(split, sample.prompts[i], generated[i], sample.real[i]) for i in rows]
 
@@ -422,6 +448,7 @@ def run_emoji_bench(
         "vae": vae,
         "clip": clip,
         "generation": generation,
+        "ceiling": ceiling,
         "samplers": sampler_results,
         "settings": settings,
         "seconds": time.perf_counter() - start,
@@ -486,6 +513,11 @@ def to_markdown(results: dict) -> str:
         (spec, scores["prompts"], *(scores[key] for key in _SCORE_COLUMNS))
         for spec, scores in results["samplers"].items()
     ]
+    ceilings = [
+        (split, source, *(scores.get(key) for key in _SCORE_COLUMNS[:-1]))
+        for split, by_source in results.get("ceiling", {}).items()
+        for source, scores in by_source.items()
+    ]
     vae_row = (vae["images"], vae["psnr"], vae["ssim"], vae["scaled_latent_std"])
     steps, guidance, seed = settings["steps"], settings["guidance"], settings["seed"]
     return f"""\
@@ -507,6 +539,11 @@ Retrieval ranks all captions of the split for each generated image. PSNR and SSI
 the splits whose emoji were trained on.
 
 {_table(("split", "prompts", "captions", *_SCORE_HEADER), generation)}
+
+Ceiling: the same metrics on the true images of the same prompts, and on their VAE reconstructions (the best this
+latent space allows).
+
+{_table(("split", "ceiling from", *_SCORE_HEADER[:-1]), ceilings)}
 
 ## Samplers (train)
 

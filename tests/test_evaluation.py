@@ -170,7 +170,15 @@ def test_main_writes_json_markdown_and_grid_with_finite_numbers(bench_inputs, on
     ]  # fmt: skip
     assert main(argv) == 0
     results = json.loads((out / "emoji_bench.json").read_text())
-    assert set(results) == {"model", "judge", "data", "vae", "clip", "generation", "samplers", "settings", "seconds"}
+    assert set(results) == {
+        "model", "judge", "data", "vae", "clip", "generation", "ceiling", "samplers", "settings", "seconds"
+    }  # fmt: skip
+    for split, ceiling in results["ceiling"].items():
+        # the true images' own Fréchet distance, PSNR and SSIM are trivial and left out; the VAE's are measured
+        assert ceiling["true"]["frechet_clip"] is None and ceiling["true"]["psnr"] is None
+        assert ceiling["vae"]["frechet_clip"] >= 0
+        assert (ceiling["vae"]["psnr"] is None) == (split == "validation")
+        assert ceiling["true"]["prompts"] == results["generation"][split]["prompts"]
     assert set(results["generation"]) == set(SPLITS)
     assert set(results["samplers"]) == {"ddpm-3", "ddim-2", "dpm++-2"}
     assert set(results["clip"]) == {"images", "text_to_image", "image_to_text"}
@@ -185,7 +193,7 @@ def test_main_writes_json_markdown_and_grid_with_finite_numbers(bench_inputs, on
     assert numbers and all(math.isfinite(number) for number in numbers)
     markdown = (out / "emoji_bench.md").read_text()
     assert markdown in capsys.readouterr().out
-    assert "| ddpm-3 |" in markdown and "| heldout_style |" in markdown
+    assert "| ddpm-3 |" in markdown and "| heldout_style |" in markdown and "| heldout_style | vae |" in markdown
     with PIL.Image.open(out / "grid.png") as grid:
         rows = sum(min(GRID_ROWS[split], results["generation"][split]["prompts"]) for split in SPLITS)
         cell = grid.width // 4  # text (two cells wide), generated, true

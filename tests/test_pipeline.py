@@ -20,6 +20,8 @@ from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
@@ -176,6 +178,16 @@ def test_image_to_image_matches_diffusers(scheduler, diffusers_components, scrat
     expected = reference(**kwargs, generator=seeded()).images
     assert image.shape == (1, 32, 32, 3)
     assert np.abs(image - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("scheduler_class", [EDMDPMSolverMultistepScheduler, EDMEulerScheduler])
+def test_edm_schedulers_match_diffusers(scheduler_class, diffusers_components, scratch_components):
+    """A model trained with the EDM objective samples through diffusers' EDM schedulers: σ-scaled start, c_in, c_noise."""
+    ours = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler_class(sigma_data=1.0)))
+    reference = reference_pipeline(StableDiffusionPipeline, diffusers_components, scheduler_class(sigma_data=1.0))
+    kwargs = dict(prompt="a red apple", num_inference_steps=4, guidance_scale=4.0, output_type="np")
+    assert np.abs(ours(**kwargs, generator=seeded()).images - reference(**kwargs, generator=seeded()).images).max() \
+        <= TOLERANCE
 
 
 def test_image_to_image_pil_input_and_generator_list_match_diffusers(diffusers_components):

@@ -8,6 +8,7 @@ fail with messages that name the problem.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -208,6 +210,51 @@ def test_train_unet_ends_with_a_loadable_pipeline(unet_run):
     assert pipe.scheduler.config.prediction_type == "epsilon"
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (RESOLUTION, RESOLUTION)
+
+
+OBJECTIVE_CASES = {
+    "epsilon+huber": ["--objective", "epsilon", "--loss_type", "huber", "--huber_schedule", "snr"],
+    "v+zero-snr": ["--objective", "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", "5"],
+    "edm+immiscible": ["--objective", "edm", "--sigma_data", "1.0", "--edm_p_mean", "0.29", "--edm_p_std", "1.0",
+                       "--immiscible_noise"],
+    "flow-logit-normal": ["--objective", "flow_matching", "--weighting_scheme", "logit_normal"],
+    "flow-mode+huber": ["--objective", "flow_matching", "--weighting_scheme", "mode", "--loss_type", "huber"],
+}
+SAMPLER_OF = {"epsilon": "ScratchDDPMScheduler", "v_prediction": "ScratchDDPMScheduler",
+              "edm": "EDMDPMSolverMultistepScheduler", "flow_matching": "ScratchFlowMatchEulerScheduler"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", OBJECTIVE_CASES)
+def test_every_objective_trains_saves_and_samples(case, tmp_path, data_dir, components):
+    """A few steps of each objective; the folder loads through DiffusionPipeline with the objective's sampler, which
+    draws a finite image, and the snapshot asked for is a pipeline too."""
+    from diffusers import DiffusionPipeline
+
+    output_dir = tmp_path / case
+    args = unet_args(data_dir, components, output_dir, steps=4)
+    args[args.index("--snr_gamma") : args.index("--snr_gamma") + 2] = []  # the case says which weighting
+    run("train_unet.py", [*args, *OBJECTIVE_CASES[case], "--snapshot_steps", "2"])
+    values = list(losses(output_dir).values())
+    assert len(values) == 4 and all(math.isfinite(value) for value in values)
+    objective = OBJECTIVE_CASES[case][1]
+    for folder in (output_dir, output_dir / "snapshots" / "step-2"):
+        pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+        assert type(pipe.scheduler).__name__ == SAMPLER_OF[objective]
+        image = pipe("a red circle", num_inference_steps=3, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        assert image.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(image).all()
+    assert objective.replace("_", " ").split()[0] in (output_dir / "README.md").read_text().lower()
+
+
+def test_objective_flags_are_checked(tmp_path, data_dir, components):
+    import train_unet
+
+    base = unet_args(data_dir, components, tmp_path / "run")
+    with pytest.raises(ValueError, match="--snr_gamma belongs to the DDPM chain"):
+        train_unet.parse_args([*base, "--objective", "flow_matching"])  # base passes --snr_gamma 5
+    with pytest.raises(ValueError, match="contradicts"):
+        train_unet.parse_args([*base, "--objective", "epsilon", "--prediction_type", "v_prediction"])
 
 
 @pytest.mark.slow

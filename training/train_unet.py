@@ -1,21 +1,27 @@
 """Train a text-conditioned U-Net in the latent space of a frozen VAE: latent diffusion (Rombach et al. 2022,
 arXiv:2112.10752).
 
-Each step encodes images to z_0 = E(x) · scaling_factor, draws t ~ U{0, T−1} and ε ~ N(0, I), forms
-z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4, `add_noise`), and regresses the U-Net output onto the target:
+Each step samples clean latents z_0 = E(x) · scaling_factor and noise ε ~ N(0, I), and `--objective` turns them into
+the network's input, timestep, target and per-sample weight (`hf_scratch.objectives` has each objective's equations):
 
-| --prediction_type | target | reference |
+| --objective | network output | reference |
 |---|---|---|
-| epsilon | ε | Ho et al. 2020, arXiv:2006.11239, Eq. 14 |
-| v_prediction | v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 (`get_velocity`) | Salimans & Ho 2022, arXiv:2202.00512, Sec. 4 |
+| epsilon | ε, from z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε | Ho et al. 2020, arXiv:2006.11239, Eq. 14 |
+| v_prediction | v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 | Salimans & Ho 2022, arXiv:2202.00512, Sec. 4 |
+| edm | F of D = c_skip x + c_out F(c_in x; c_noise), x = z_0 + σ ε | Karras et al. 2022, arXiv:2206.00364, Table 1 |
+| flow_matching | ε − z_0, from z_t = (1 − t) z_0 + t ε | Esser et al. 2024, arXiv:2403.03206, Sec. 2–3 |
 
-Options: min-SNR-γ loss weights (Hang et al. 2023, arXiv:2303.09556), zero-terminal-SNR betas (Lin et al. 2023,
-arXiv:2305.08891, which needs v-prediction), offset noise, and caption dropout, which trains the unconditional model
-that classifier-free guidance needs (Ho & Salimans 2022, arXiv:2207.12598).
+Options: min-SNR-γ loss weights (Hang et al. 2023, arXiv:2303.09556) for ε and v, zero-terminal-SNR betas (Lin et al.
+2023, arXiv:2305.08891, which needs v-prediction), immiscible noise assignment (Li et al. 2024, arXiv:2406.12303),
+the scheduled pseudo-Huber loss (Khrapov & Kotov 2024, arXiv:2403.16728), offset noise, and caption dropout, which
+trains the unconditional model that classifier-free guidance needs (Ho & Salimans 2022, arXiv:2207.12598).
 
 The VAE and the text encoder come from a pipeline folder (ours or an official diffusers one) or from the folders
 that `train_vae.py` and `train_clip.py` write. The run ends with a complete `ScratchStableDiffusionPipeline` folder in
---output_dir, loadable by `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`, with a model card.
+--output_dir, with the scheduler that samples the objective (DDPM for ε and v, diffusers'
+`EDMDPMSolverMultistepScheduler` for EDM, `ScratchFlowMatchEulerScheduler` for flow matching), loadable by
+`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`, and a model card. `--snapshot_steps` also saves the
+EMA pipeline at chosen steps under `snapshots/step-N`.
 """
 
 import argparse
@@ -25,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from common import (
@@ -43,6 +48,7 @@ from common import (
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
+from hf_scratch import objectives
 from hf_scratch.models.clip import ScratchCLIPTextModel
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.models.vae import ScratchAutoencoderKL
@@ -70,11 +76,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="indices of the resolution levels with cross-attention; default all but the deepest (as in SD)",
     )
 
-    diffusion = parser.add_argument_group("diffusion")
+    diffusion = parser.add_argument_group("diffusion objective (hf_scratch.objectives)")
+    diffusion.add_argument("--objective", choices=objectives.OBJECTIVES, default=None,
+                           help="default: the pipeline scheduler's prediction type, or epsilon")
     diffusion.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
-                           help="default: the pipeline scheduler's, or epsilon")
-    diffusion.add_argument("--rescale_betas_zero_snr", action="store_true")
-    diffusion.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-γ weighting; 5.0 is the paper's")
+                           help="the older spelling of --objective epsilon|v_prediction")
+    diffusion.add_argument("--rescale_betas_zero_snr", action="store_true", help="ε/v: zero terminal SNR, trailing")
+    diffusion.add_argument("--snr_gamma", type=float, default=None, help="ε/v: min-SNR-γ weighting; 5.0 is the paper's")
+    diffusion.add_argument("--sigma_data", type=float, default=0.5, help="edm: σ_data, the std of the latents")
+    diffusion.add_argument("--edm_p_mean", type=float, default=-1.2, help="edm: mean of ln σ (EDM2 latents: -0.4)")
+    diffusion.add_argument("--edm_p_std", type=float, default=1.2, help="edm: std of ln σ (EDM2 latents: 1.0)")
+    diffusion.add_argument("--edm_sigma_min", type=float, default=0.002, help="edm: the sampler's smallest σ")
+    diffusion.add_argument("--edm_sigma_max", type=float, default=80.0, help="edm: the sampler's largest σ")
+    diffusion.add_argument("--weighting_scheme", choices=objectives.WEIGHTING_SCHEMES, default="logit_normal",
+                           help="flow_matching: the density of t")
+    diffusion.add_argument("--logit_mean", type=float, default=0.0, help="flow_matching, logit_normal: m")
+    diffusion.add_argument("--logit_std", type=float, default=1.0, help="flow_matching, logit_normal: s")
+    diffusion.add_argument("--mode_scale", type=float, default=1.29, help="flow_matching, mode: s")
+    diffusion.add_argument("--immiscible_noise", action="store_true",
+                           help="pair each batch's noise with its latents by linear assignment (Li et al. 2024)")
+    diffusion.add_argument("--loss_type", choices=objectives.LOSS_TYPES, default="l2")
+    diffusion.add_argument("--huber_schedule", choices=objectives.HUBER_SCHEDULES, default="snr")
+    diffusion.add_argument("--huber_c", type=float, default=0.1, help="c_0 of the pseudo-Huber loss")
     diffusion.add_argument("--noise_offset", type=float, default=0.0)
     diffusion.add_argument("--caption_dropout_prob", type=float, default=0.1)
     diffusion.add_argument("--cache_latents", action="store_true",
@@ -85,8 +108,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     validation.add_argument("--num_validation_images", type=int, default=4, help="per prompt")
     validation.add_argument("--validation_inference_steps", type=int, default=50)
     validation.add_argument("--guidance_scale", type=float, default=4.0)
+    validation.add_argument("--snapshot_steps", type=int, nargs="+", default=[],
+                            help="also save the (EMA) pipeline at these steps, to snapshots/step-N")
     args = parser.parse_args(argv)
     check_args(args)
+    if args.prediction_type and args.objective and args.prediction_type != args.objective:
+        raise ValueError(f"--prediction_type={args.prediction_type} contradicts --objective={args.objective}; pass one")
+    args.objective = args.objective or args.prediction_type
+    if args.objective in ("edm", "flow_matching"):
+        for flag in ("snr_gamma", "rescale_betas_zero_snr"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} belongs to the DDPM chain of --objective epsilon|v_prediction, "
+                                 f"not to --objective {args.objective}")
+    if args.loss_type == "huber" and not 0 < args.huber_c <= 1:
+        raise ValueError(f"--huber_c={args.huber_c} must be in (0, 1]")
     if not args.pretrained_model_name_or_path and not (args.vae_path and args.text_encoder_path and args.tokenizer_path):
         raise ValueError(
             "pass --pretrained_model_name_or_path (a pipeline folder), or all of --vae_path, --text_encoder_path and "
@@ -114,11 +149,22 @@ def load_frozen_components(args: argparse.Namespace) -> tuple[ScratchAutoencoder
     return vae, text_encoder, tokenizer
 
 
+def build_objective(args: argparse.Namespace) -> Any:
+    """The training objective of `--objective` with its flags (see `hf_scratch.objectives`)."""
+    if args.objective == "edm":
+        return objectives.EDMObjective(
+            args.sigma_data, args.edm_p_mean, args.edm_p_std, args.edm_sigma_min, args.edm_sigma_max
+        )
+    if args.objective == "flow_matching":
+        return objectives.FlowMatchingObjective(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+    return objectives.DDPMObjective(build_scheduler(args), args.snr_gamma)
+
+
 def build_scheduler(args: argparse.Namespace) -> ScratchDDPMScheduler:
     """The pipeline's scheduler with the requested options, or SD's training schedule (scaled-linear β, T=1000)."""
     overrides = {"rescale_betas_zero_snr": args.rescale_betas_zero_snr} if args.rescale_betas_zero_snr else {}
-    if args.prediction_type:
-        overrides["prediction_type"] = args.prediction_type
+    if args.objective:
+        overrides["prediction_type"] = args.objective
     if args.rescale_betas_zero_snr:
         overrides["timestep_spacing"] = "trailing"  # Lin et al. Sec. 3.3: sampling must start at t = T
     scheduler_folder = Path(args.pretrained_model_name_or_path or "", "scheduler")
@@ -205,17 +251,24 @@ def cache_latents(
     )
 
 
-def min_snr_weights(scheduler: ScratchDDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights min(SNR_t, γ) / SNR_t for ε, min(SNR_t, γ) / (SNR_t + 1) for v (Hang et al. Eq. 9)."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)  # SNR_t = ᾱ_t / (1 − ᾱ_t)
-    clipped = snr.clamp(max=gamma)
-    return clipped / snr if scheduler.config.prediction_type == "epsilon" else clipped / (snr + 1.0)
+def describe_objective(args: argparse.Namespace, scheduler: Any) -> str:
+    """One line of the model card naming the objective and its settings."""
+    extras = f"immiscible noise {args.immiscible_noise}, loss {args.loss_type}" + (
+        f" ({args.huber_schedule} schedule, c_0 {args.huber_c})" if args.loss_type == "huber" else ""
+    )
+    if args.objective == "edm":
+        return (f"EDM (Karras et al. 2022), σ_data {args.sigma_data}, ln σ ~ N({args.edm_p_mean}, {args.edm_p_std}²), "
+                f"{extras}")
+    if args.objective == "flow_matching":
+        return f"flow matching (rectified flow), t ~ {args.weighting_scheme}, {extras}"
+    return (
+        f"{scheduler.config.prediction_type}, {scheduler.config.num_train_timesteps} timesteps, "
+        f"β schedule {scheduler.config.beta_schedule}, zero terminal SNR {scheduler.config.rescale_betas_zero_snr}, "
+        f"min-SNR γ {args.snr_gamma}, noise offset {args.noise_offset}, {extras}"
+    )
 
 
-def write_model_card(
-    args: argparse.Namespace, trainer: Trainer, dataset_size: int, skipped: int, scheduler: ScratchDDPMScheduler
-) -> None:
+def write_model_card(args: argparse.Namespace, trainer: Trainer, dataset_size: int, skipped: int, scheduler: Any) -> None:
     """README.md of the pipeline folder: how to load it, the data, the objective, the run and its compute."""
     compute = trainer.compute_summary()
     source = args.train_data_dir or args.dataset_name
@@ -244,9 +297,8 @@ image = pipe("{(args.validation_prompts or ['a prompt'])[0]}", guidance_scale={a
   {args.caption_dropout_prob} for classifier-free guidance
 
 ## Training
-- objective: {scheduler.config.prediction_type}, {scheduler.config.num_train_timesteps} timesteps,
-  β schedule {scheduler.config.beta_schedule}, zero terminal SNR {scheduler.config.rescale_betas_zero_snr},
-  min-SNR γ {args.snr_gamma}, noise offset {args.noise_offset}
+- objective: {describe_objective(args, scheduler)}
+- sampler saved with the model: `{type(scheduler).__name__}`
 - {compute['optimizer_steps']} optimizer steps of {compute['samples_per_step']} samples, learning rate
   {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), EMA {args.use_ema}
 - command: `{compute['command']}`
@@ -265,7 +317,8 @@ def main(args: argparse.Namespace) -> None:
     accelerator = create_accelerator(args)
     set_seed(args.seed)
     vae, text_encoder, tokenizer = load_frozen_components(args)
-    scheduler = build_scheduler(args)
+    objective = build_objective(args)
+    scheduler = objective.sampling_scheduler()
     unet = build_unet(args, vae, text_encoder)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (vae, text_encoder):
@@ -305,18 +358,18 @@ def main(args: argparse.Namespace) -> None:
                 noise = torch.randn_like(latents)
                 if args.noise_offset:
                     noise += args.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
-                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=latents.device)
-                noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε
-                if scheduler.config.prediction_type == "epsilon":
-                    target = noise
-                else:
-                    target = scheduler.get_velocity(latents, noise, timesteps)
+                if args.immiscible_noise:
+                    noise = objectives.immiscible_noise(latents, noise)
+                batch_target = objective(latents, noise)
 
-            prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-            loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            if args.snr_gamma is not None:
-                loss = loss * min_snr_weights(scheduler, timesteps, args.snr_gamma)
-            loss = loss.mean()
+            prediction = unet(batch_target.model_input, batch_target.timesteps, encoder_hidden_states).sample
+            huber_c = None
+            if args.loss_type == "huber":
+                discrete = batch_target.timesteps if isinstance(objective, objectives.DDPMObjective) else None
+                huber_c = objectives.huber_c(batch_target.noise_to_signal, args.huber_schedule, args.huber_c,
+                                             timesteps=discrete)
+            loss = objectives.per_sample_loss(prediction, batch_target.target, args.loss_type, huber_c)
+            loss = (loss * batch_target.weights).mean()
             optimizer_step(accelerator, loss, unet, optimizer, lr_scheduler, args.max_grad_norm)
         return {"loss": loss}
 
@@ -328,6 +381,12 @@ def main(args: argparse.Namespace) -> None:
             unet=accelerator.unwrap_model(unet),
             scheduler=scheduler,
         )
+
+    def save_snapshot(step: int) -> None:
+        if accelerator.is_main_process:
+            with trainer.ema_weights():
+                pipeline().save_pretrained(Path(args.output_dir, "snapshots", f"step-{step}"))
+        accelerator.wait_for_everyone()
 
     def validate(step: int) -> None:
         if not args.validation_prompts:
@@ -354,7 +413,13 @@ def main(args: argparse.Namespace) -> None:
                     tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
         accelerator.wait_for_everyone()
 
-    trainer.run(train_step, lambda step: validate(step) if step % args.validation_steps == 0 else None)
+    def on_update(step: int) -> None:
+        if step in args.snapshot_steps:
+            save_snapshot(step)
+        if step % args.validation_steps == 0:
+            validate(step)
+
+    trainer.run(train_step, on_update)
     if trainer.global_step % args.validation_steps:
         validate(trainer.global_step)
     trainer.write_rank_report()

@@ -68,7 +68,8 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         device: torch.device,
         generator: torch.Generator | list[torch.Generator] | None,
     ) -> torch.Tensor:
-        """x_t ~ q(x_t | x_0) with x_0 = scaling_factor * (a sample of the VAE posterior of `image`)."""
+        """x_t ~ q(x_t | x_0) with x_0 = scaling_factor * (a sample of the VAE posterior of `image`): `add_noise` for
+        DDPM-family schedulers, the flow x_σ = (1 − σ) x_0 + σ ε (`scale_noise`) for flow-matching ones."""
         image = image.to(device=device, dtype=dtype)
         if isinstance(generator, list):
             # One posterior sample per image, each from its own generator.
@@ -81,6 +82,8 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
             init_latents = init_latents.repeat_interleave(num_images // init_latents.shape[0], dim=0)
         init_latents = self.vae.config.scaling_factor * init_latents
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+        if not hasattr(self.scheduler, "add_noise"):
+            return self.scheduler.scale_noise(init_latents, timestep.repeat(num_images), noise)
         return self.scheduler.add_noise(init_latents, noise, timestep.repeat(num_images))
 
     @torch.no_grad()

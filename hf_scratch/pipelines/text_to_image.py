@@ -32,6 +32,7 @@ import hf_scratch.models.vae  # noqa: F401  isort: skip
 import hf_scratch.schedulers.ddim  # noqa: F401  isort: skip
 import hf_scratch.schedulers.ddpm  # noqa: F401  isort: skip
 import hf_scratch.schedulers.dpm_solver  # noqa: F401  isort: skip
+import hf_scratch.schedulers.flow_match  # noqa: F401  isort: skip
 
 logger = logging.get_logger(__name__)
 
@@ -305,11 +306,12 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_T ~ N(0, init_noise_sigma^2 I), drawn here or given as unit-variance `latents`."""
+        """x_T ~ N(0, init_noise_sigma^2 I), drawn here or given as unit-variance `latents`. Flow schedulers, which
+        start from x_1 = ε, may have no `init_noise_sigma`: it is 1 for them."""
         if latents is None:
             shape = self.latent_shape(num_images, height, width)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        return latents.to(device=device, dtype=dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     def latent_shape(self, num_images: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(N, C, H / f, W / f): the U-Net's input shape for `num_images` images of `height` x `width` pixels."""
@@ -319,9 +321,13 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
     def _pred_original_sample(
         self, step_output: BaseOutput, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
     ) -> torch.Tensor:
-        """The x_0 predicted at this step: the scheduler's own, else from the model output via alphas_cumprod."""
+        """The x_0 predicted at this step: the scheduler's own, else from the model output via alphas_cumprod (or,
+        for a flow scheduler without them, x̂_0 = x_σ − σ v̂)."""
         if getattr(step_output, "pred_original_sample", None) is not None:
             return step_output.pred_original_sample
+        if not hasattr(self.scheduler, "alphas_cumprod"):
+            sigma = self.scheduler.sigmas[self.scheduler.step_index - 1].to(sample)  # step() has moved on by one
+            return sample - sigma * model_output
         alpha_prod_t = self.scheduler.alphas_cumprod[int(timestep)].to(sample)
         beta_prod_t = 1 - alpha_prod_t
         prediction_type = self.scheduler.config.prediction_type
@@ -347,7 +353,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             for step_index, timestep in enumerate(timesteps):
                 # Classifier-free guidance: one U-Net call on [x_t; x_t] with [uncond; cond] text.
                 model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, timestep)
+                if hasattr(self.scheduler, "scale_model_input"):  # flow schedulers feed x_t as it is
+                    model_input = self.scheduler.scale_model_input(model_input, timestep)
                 noise_pred = self.unet(model_input, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
                 if do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)

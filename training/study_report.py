@@ -1,0 +1,208 @@
+"""docs/study.md and docs/study.png from the objectives study's results (docs/study.json, written by study.py).
+
+Every figure is a mean over seeds followed by its spread (max − min over seeds) in parentheses. The verdict compares
+each arm with the baseline A0 on the primary metric, judge top-5 averaged over the three splits at the end of training
+with 20 sampler steps: an arm wins only when its mean beats the baseline's by more than the larger of the two spreads.
+"""
+
+import json
+from pathlib import Path
+
+from study import ARMS, BASELINE, SPLITS, STEP_COUNTS
+
+SPLIT_NAMES = {"train": "train", "validation": "val", "heldout_style": "heldout"}
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return sum(values) / len(values), max(values) - min(values)
+
+
+def _cell(values: list[float], digits: int = 3) -> str:
+    mean, spread = _mean_spread(values)
+    return f"{mean:.{digits}f} ({spread:.{digits}f})" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def _by_arm(results: dict) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for run in results["runs"].values():
+        runs.setdefault(run["arm"], []).append(run)
+    return {arm: sorted(runs[arm], key=lambda run: run["seed"]) for arm in ARMS if arm in runs}
+
+
+def _score(run: dict, step: str, split: str, steps: int, metric: str) -> float:
+    return run["checkpoints"][step][split][str(steps)][metric]
+
+
+def _split_mean(run: dict, step: str, steps: int, metric: str) -> float:
+    return sum(_score(run, step, split, steps, metric) for split in SPLITS) / len(SPLITS)
+
+
+def _last(run: dict) -> str:
+    return str(max(int(step) for step in run["checkpoints"]))
+
+
+def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
+    """The one-sentence verdict and the per-arm comparison lines."""
+    if BASELINE not in by_arm:
+        return "no verdict: the baseline has not run", []
+    primary = {arm: [_split_mean(run, _last(run), STEP_COUNTS[0], "top5") for run in runs] for arm, runs in by_arm.items()}
+    base_mean, base_spread = _mean_spread(primary[BASELINE])
+    lines, winners = [], []
+    for arm, values in primary.items():
+        if arm == BASELINE:
+            continue
+        mean, spread = _mean_spread(values)
+        margin = max(spread, base_spread)
+        beats = len(values) > 1 and len(primary[BASELINE]) > 1 and mean - base_mean > margin
+        lines.append(
+            f"- {arm} vs {BASELINE}: {mean:.3f} − {base_mean:.3f} = {mean - base_mean:+.3f}, seed spread {margin:.3f}: "
+            + ("**beats the baseline**" if beats else "within the spread (tie)" if abs(mean - base_mean) <= margin
+               else "worse than the baseline" if mean < base_mean else "ahead, but with one seed only")
+        )
+        if beats:
+            winners.append((mean, arm))
+    ranked = sorted(((sum(v) / len(v), arm) for arm, v in primary.items()), reverse=True)
+    if len(ranked) >= 2:
+        (first, a), (second, b) = ranked[:2]
+        spread = max(_mean_spread(primary[a])[1], _mean_spread(primary[b])[1])
+        if first - second < 2 * spread and max(len(primary[a]), len(primary[b])) < 3:
+            lines.append(
+                f"- the top two, {a} and {b}, are closer ({first - second:.3f}) than twice their seed spread "
+                f"({2 * spread:.3f}): a third seed is due (`python training/study.py run --seeds 2 --arms {a} {b}`)"
+            )
+    if not winners:
+        return f"tie: no arm beats the baseline {BASELINE} by more than the seed spread", lines
+    best = max(winners)[1]
+    return f"{best} ({ARMS[best][0]}) wins: it beats the baseline {BASELINE} by more than the seed spread", lines
+
+
+def markdown(results: dict) -> str:
+    by_arm = _by_arm(results)
+    runs = [run for arm_runs in by_arm.values() for run in arm_runs]
+    if not runs:
+        return "# Objectives study\n\nNo run has finished yet.\n"
+    first = runs[0]
+    last = _last(first)
+    sentence, comparisons = verdict(by_arm)
+
+    def end_table(steps: int) -> str:
+        header = ["arm", "objective", "seeds"] + [f"top-5 {SPLIT_NAMES[s]}" for s in SPLITS]
+        header += ["top-5 mean", "Fréchet mean", "PSNR train"]
+        rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for arm, arm_runs in by_arm.items():
+            cells = [arm, ARMS[arm][0], str(len(arm_runs))]
+            cells += [_cell([_score(r, _last(r), s, steps, "top5") for r in arm_runs]) for s in SPLITS]
+            cells.append(_cell([_split_mean(r, _last(r), steps, "top5") for r in arm_runs]))
+            cells.append(_cell([_split_mean(r, _last(r), steps, "frechet_clip") for r in arm_runs]))
+            cells.append(_cell([_score(r, _last(r), "train", steps, "psnr") for r in arm_runs], 2))
+            rows.append("| " + " | ".join(cells) + " |")
+        ceiling = first["ceiling"]
+        for source in ("true", "vae"):
+            cells = [f"ceiling ({source} images)", "", ""]
+            cells += [f"{ceiling[s][source]['top5']:.3f}" for s in SPLITS]
+            cells.append(f"{sum(ceiling[s][source]['top5'] for s in SPLITS) / len(SPLITS):.3f}")
+            fd = [ceiling[s][source]["frechet_clip"] for s in SPLITS]
+            cells.append("0 by definition" if None in fd else f"{sum(fd) / len(fd):.3f}")
+            psnr = ceiling["train"][source]["psnr"]
+            cells.append("–" if psnr is None else f"{psnr:.2f}")
+            rows.append("| " + " | ".join(cells) + " |")
+        return "\n".join(rows)
+
+    curve_header = ["arm"] + [f"step {step}" for step in sorted(first["checkpoints"], key=int)]
+    curve = ["| " + " | ".join(curve_header) + " |", "|" + "---|" * len(curve_header)]
+    for arm, arm_runs in by_arm.items():
+        cells = [arm]
+        for step in sorted(first["checkpoints"], key=int):
+            top5 = _cell([_split_mean(r, step, STEP_COUNTS[0], "top5") for r in arm_runs])
+            fd = _cell([_split_mean(r, step, STEP_COUNTS[0], "frechet_clip") for r in arm_runs])
+            cells.append(f"{top5} / {fd}")
+        curve.append("| " + " | ".join(cells) + " |")
+
+    cost = ["| arm | training s per run | samples/s | evaluation s per run | final loss |", "|---|---|---|---|---|"]
+    for arm, arm_runs in by_arm.items():
+        cost.append(
+            f"| {arm} | {_cell([r['train_seconds'] for r in arm_runs], 0)} | {_cell([r['samples_per_s'] for r in arm_runs], 1)}"
+            f" | {_cell([r['eval_seconds'] for r in arm_runs], 0)} | {_cell([r['final_loss'] for r in arm_runs])} |"
+        )
+    prompts_end = first["checkpoints"][last]["train"]["20"]["prompts"]
+    prompts_mid = first["checkpoints"][min(first["checkpoints"], key=int)]["train"]["20"]["prompts"]
+    flags = "\n".join(f"| {arm} | `{' '.join(runs[0]['flags'])}` |" for arm, runs in by_arm.items())
+    return f"""# Objectives study
+
+Which training objective gives the best small latent-diffusion model at equal compute? Every run trains the shipped
+model's U-Net configuration (7.2M parameters, 8×8×4 latents) for {first['steps']} steps of batch 64 from the same
+initialisation and data order (fixed by the seed), on the shipped model's frozen VAE and text encoder with cached
+latents, with the same learning rate, schedule and EMA; only the objective differs. Two runs trained at a time, one
+thread each (`python training/study.py run`; this file comes from `python training/study.py report`).
+
+Metrics are emoji-bench's, judged by the shipped `emoji32-judge`: top-5 is the share of generated images whose prompt
+is among the judge's five best captions of the whole split, the Fréchet distance is on the judge's image embeddings
+(lower is better), PSNR is against the true emoji. Each arm samples with its own sampler (ε and v: DPM-Solver++ 2M;
+EDM: diffusers' EDM DPM-Solver++ 2M; flow matching: Euler), guidance 4. End points use {prompts_end} prompts per split,
+the 1/3 and 2/3 points {prompts_mid}. Figures are the mean over seeds, then (max − min over seeds).
+
+**Verdict: {sentence}.**
+
+{chr(10).join(comparisons)}
+
+## End of training, 20 sampler steps
+
+{end_table(20)}
+
+## End of training, 10 sampler steps
+
+{end_table(10)}
+
+## Learning curves (20 steps): mean top-5 / mean Fréchet distance
+
+{chr(10).join(curve)}
+
+![learning curves](study.png)
+
+## Cost
+
+Training seconds include caching the latents and, for immiscible noise, the assignment; the runs shared the machine
+two at a time, so compare seconds only within this table.
+
+{chr(10).join(cost)}
+
+## Flags of each arm (besides the shared recipe in `training/study.py`)
+
+| arm | flags |
+|---|---|
+{flags}
+"""
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_arm = _by_arm(results)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm, arm_runs in by_arm.items():
+        steps = sorted(arm_runs[0]["checkpoints"], key=int)
+        x = [int(step) for step in steps]
+        for axis, metric in zip(axes, ("top5", "frechet_clip")):
+            per_seed = [[_split_mean(run, step, STEP_COUNTS[0], metric) for step in steps] for run in arm_runs]
+            mean = [sum(values) / len(values) for values in zip(*per_seed)]
+            (line,) = axis.plot(x, mean, marker="o", label=f"{arm}: {ARMS[arm][0]}")
+            if len(per_seed) > 1:
+                axis.fill_between(x, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
+                                  color=line.get_color(), alpha=0.15)  # fmt: skip
+    axes[0].set(xlabel="training step", ylabel="judge top-5 (mean of 3 splits)", title="higher is better")
+    axes[1].set(xlabel="training step", ylabel="Fréchet distance, CLIP (mean of 3 splits)", title="lower is better")
+    axes[0].legend(fontsize=7)
+    figure.suptitle("Objectives at equal compute (band: min–max over seeds; 20 sampler steps)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(results_path: Path, markdown_path: Path, plot_path: Path) -> None:
+    results = json.loads(results_path.read_text())
+    markdown_path.write_text(markdown(results))
+    if results["runs"]:
+        plot(results, plot_path)
