@@ -91,7 +91,10 @@ def generate(
         raise gr.Error(f"Unknown scheduler {scheduler!r}.")
     steps, size, frames = int(steps), int(size), min(int(frames), int(steps))
     pipe = load_pipeline(folder)
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    try:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    except ValueError as error:  # a scheduler of another family (a flow sampler for an ε model, say)
+        raise gr.Error(str(error)) from None
     keep = set(np.linspace(0, steps - 1, frames).round().astype(int).tolist())
     trajectory: List[Image.Image] = []
 

@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "hf_scratch" / "pretrained" / "emoji32"
 JUDGE = ROOT / "hf_scratch" / "pretrained" / "emoji32-judge"
 
+BATCH_SIZE = 64
 # The shipped U-Net's recipe (training/recipes/emoji32.sh), shortened to the study's budget.
 COMMON_FLAGS = [
     "--resolution", "32", "--report_to", "none", "--cache_latents",
     "--block_out_channels", "64", "128", "128", "--layers_per_block", "1", "--cross_attention_levels", "0", "1", "2",
-    "--train_batch_size", "64", "--learning_rate", "5e-4", "--lr_scheduler", "cosine", "--lr_warmup_steps", "60",
+    "--train_batch_size", str(BATCH_SIZE), "--learning_rate", "5e-4", "--lr_scheduler", "cosine", "--lr_warmup_steps", "60",
     "--caption_dropout_prob", "0.1", "--use_ema", "--ema_decay", "0.999",
     "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1", "--checkpointing_steps", "100",
     "--validation_steps", "100000",
@@ -131,11 +132,9 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int) -> None:
         "--max_train_steps", str(args.steps), "--snapshot_steps", *map(str, snapshots), *COMMON_FLAGS, *flags,
     ]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     if not (out / "model_index.json").exists():
         with open(out / "train.out", "a") as log:
             subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     evaluate_command = [sys.executable, __file__, "run", "--evaluate", str(out), "--data", args.data,
                         "--prompts", str(args.prompts), "--prompts_midway", str(args.prompts_midway),
@@ -144,14 +143,16 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int) -> None:
         subprocess.run(evaluate_command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     evaluation = json.loads((out / "study_eval.json").read_text())
     log_rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    samples_per_s = log_rows[-1]["samples_per_s"]  # of the run's last session: a resumed run restarts the clock
+    train_seconds = args.steps * BATCH_SIZE / samples_per_s
     record(results_path, key, {
         "arm": arm, "seed": seed, "flags": flags, "steps": args.steps,
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - start, 1),
-        "samples_per_s": round(log_rows[-1]["samples_per_s"], 2), "final_loss": log_rows[-1]["loss"],
+        "samples_per_s": round(samples_per_s, 2), "final_loss": log_rows[-1]["loss"],
         "loss_curve": [[row["step"], row["loss"]] for row in log_rows[:: max(1, len(log_rows) // 60)]],
         **evaluation,
     })  # fmt: skip
-    print(f"{key}: done ({train_seconds:.0f} s training)", flush=True)
+    print(f"{key}: done ({train_seconds:.0f} s of training steps)", flush=True)
 
 
 def evaluate_run(args: argparse.Namespace) -> None:

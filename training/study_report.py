@@ -161,8 +161,9 @@ the 1/3 and 2/3 points {prompts_mid}. Figures are the mean over seeds, then (max
 
 ## Cost
 
-Training seconds include caching the latents and, for immiscible noise, the assignment; the runs shared the machine
-two at a time, so compare seconds only within this table.
+Training seconds are the optimizer steps' wall time (steps × batch / samples/s, the assignment of immiscible noise
+included; caching the latents, the same for every arm, is not); the runs shared the machine two at a time, so compare
+seconds only within this table.
 
 {chr(10).join(cost)}
 
