@@ -7,10 +7,14 @@ keep the ranks' weights identical. A run killed with SIGKILL right after a check
 fail with messages that name the problem.
 """
 
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -114,7 +118,7 @@ def run(script: str, args: list[str], launcher: list[str] | None = None, timeout
 
 def losses(output_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (output_dir / common.TRAIN_LOG).read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
 def assert_loss_falls(output_dir: Path, window: int = 2) -> None:
@@ -375,3 +379,210 @@ def test_epoch_batches_are_a_seeded_function_of_the_epoch():
     assert len(epoch) == 4 and all(len(b) == 2 for b in epoch)
     assert batches.batches(epoch=1, skip_updates=1) == epoch[2:]
     assert batches.batches(epoch=1) == epoch and batches.batches(epoch=2) != epoch
+
+
+# ------------------------------------------------------------------------------------ nothing lost, nothing unpickled
+def copy_run(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+def test_a_fresh_run_into_a_used_output_dir_is_refused(tmp_path, data_dir, components, unet_run):
+    import train_unet
+
+    used = copy_run(unet_run, tmp_path / "used")
+    with pytest.raises(ValueError, match="already holds a run .*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        train_unet.parse_args(unet_args(data_dir, components, used))
+    train_unet.parse_args([*unet_args(data_dir, components, used), "--resume_from_checkpoint", "latest"])  # allowed
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_removes_the_old_checkpoints(tmp_path, data_dir, components, unet_run):
+    used = copy_run(unet_run, tmp_path / "used")
+    (used / "checkpoint-100").mkdir()  # a checkpoint of the old run that "latest" must never find again
+    (used / "checkpoint-100" / common.CHECKPOINT_STATE).write_text('{"global_step": 100}')
+    args = unet_args(data_dir, components, used, steps=2)
+    run("train_unet.py", [*args, "--overwrite_output_dir"])
+    assert [p.name for p in common.list_checkpoints(used)] == ["checkpoint-2"]
+    assert sorted(losses(used)) == [1, 2]
+
+
+def test_output_dir_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    from checkpoints import LOCK_FILE, OutputDirLock
+
+    first = OutputDirLock(tmp_path)
+    first.acquire()
+    with pytest.raises(ValueError, match="in use by another run"):
+        OutputDirLock(tmp_path).acquire()
+    first.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    second = OutputDirLock(tmp_path)
+    second.acquire()  # the holder is gone: stale
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    second.release()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp_path, data_dir, components):
+    output_dir = tmp_path / "busy"
+    first = launch("train_unet.py", [*unet_args(data_dir, components, output_dir, steps=400), "--checkpointing_steps",
+                                     "1000"])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (output_dir / ".hf_scratch.lock").exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = launch("train_unet.py", [*unet_args(data_dir, components, output_dir), "--resume_from_checkpoint",
+                                          "latest"])  # fmt: skip
+        output, _ = second.communicate(timeout=120)
+        assert second.returncode != 0 and "is in use by another run" in output
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--max_train_steps", "0", "--max_train_steps=0 must be at least 1"),
+     ("--learning_rate", "0", "--learning_rate=0.0 must be a positive number"),
+     ("--learning_rate", "nan", "--learning_rate=nan must be a positive number"),
+     ("--lr_warmup_steps", "50", "--lr_warmup_steps=50 must be between 0 and --max_train_steps=8"),
+     ("--ema_decay", "1.5", "--ema_decay=1.5 must lie strictly between 0 and 1"),
+     ("--train_batch_size", "0", "--train_batch_size=0 must be at least 1")],
+)  # fmt: skip
+def test_impossible_numbers_are_refused(flag, value, message, tmp_path, data_dir, components):
+    import train_unet
+
+    args = unet_args(data_dir, components, tmp_path / "run")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_unet.parse_args([*args, flag, value])
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_naming_the_step_and_keeps_its_good_checkpoints(tmp_path, data_dir, components):
+    output_dir = tmp_path / "diverged"
+    args = unet_args(data_dir, components, output_dir, steps=6)
+    args[args.index("--learning_rate") + 1] = "1e38"  # the weights overflow within a few steps
+    args[args.index("--checkpointing_steps") + 1] = "1"
+    process = launch("train_unet.py", [*args, "--max_grad_norm", "0"])
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    match = re.search(r"training diverged at step (\d+): the (loss|gradient norm) is (nan|inf)", output)
+    assert match, output[-3000:]
+    step = int(match.group(1))
+    assert not (output_dir / "model_index.json").exists(), "a diverged run must not save a final model"
+    kept = common.list_checkpoints(output_dir)
+    assert kept and int(kept[-1].name.split("-")[1]) == step - 1  # the limit of 2 kept the last good ones
+    weights = load_file(kept[-1] / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def _rewrite_manifest(checkpoint: Path) -> None:
+    """Make the manifest agree with the files, as an attacker who replaces files could."""
+    state = json.loads((checkpoint / common.CHECKPOINT_STATE).read_text())
+    state["files"] = {name: (checkpoint / name).stat().st_size for name in state["files"]}
+    (checkpoint / common.CHECKPOINT_STATE).write_text(json.dumps(state))
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file at `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.slow
+def test_payloads_planted_in_every_checkpoint_file_never_run(tmp_path, data_dir, components, unet_run):
+    import pickle
+
+    source = common.list_checkpoints(unet_run)[-1]
+    names = sorted(path.name for path in source.iterdir()) + ["custom_checkpoint_0.pkl"]
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "ema.safetensors"} <= set(names)
+    for name in names:
+        run_dir = copy_run(unet_run, tmp_path / f"run-{name}")
+        checkpoint = run_dir / source.name
+        marker = tmp_path / f"ran-{name}"
+        (checkpoint / name).write_bytes(pickle.dumps(_Payload(marker)))
+        if name != common.CHECKPOINT_STATE:
+            if name in json.loads((checkpoint / common.CHECKPOINT_STATE).read_text())["files"]:
+                _rewrite_manifest(checkpoint)
+        process = launch("train_unet.py", [*unet_args(data_dir, components, run_dir, steps=9),
+                                           "--resume_from_checkpoint", str(checkpoint)])  # fmt: skip
+        output, _ = process.communicate(timeout=300)
+        assert not marker.exists(), f"unpickling {name} ran code:\n{output[-3000:]}"
+        if name == "random_states_0.pkl":  # unreadable random states: the run goes on, and says so
+            assert process.returncode == 0 and "random states were not restored" in output
+            assert any("warning" in json.loads(line) for line in (run_dir / common.TRAIN_LOG).read_text().splitlines())
+        elif name == "custom_checkpoint_0.pkl":  # accelerate's EMA pickle of older checkpoints is refused unread
+            assert process.returncode != 0 and "which is never loaded because unpickling can run code" in output
+        else:
+            assert process.returncode != 0
+
+
+@pytest.mark.slow
+def test_latest_skips_a_truncated_checkpoint_for_the_previous_good_one(tmp_path, data_dir, components, unet_run):
+    run_dir = copy_run(unet_run, tmp_path / "damaged")
+    newest = common.list_checkpoints(run_dir)[-1]
+    optimizer = newest / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    (run_dir / "model_index.json").unlink()
+    output = run("train_unet.py", [*unet_args(data_dir, components, run_dir), "--resume_from_checkpoint", "latest"])
+    assert f"skipping {newest.name}: {optimizer} has 100 bytes" in output
+    assert output.count(f"skipping {newest.name}") == 1 and f"resuming from {run_dir / 'checkpoint-6'}" in output
+    assert losses(run_dir) == losses(unet_run)  # the previous checkpoint continues the same run, bit for bit
+
+
+def test_checkpoint_problems_name_the_file(tmp_path):
+    from checkpoints import checkpoint_problem
+
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    assert "training_state.json is missing" in checkpoint_problem(folder)
+    (folder / common.CHECKPOINT_STATE).write_text("{not json")
+    assert "is not a valid training state" in checkpoint_problem(folder)
+    (folder / common.CHECKPOINT_STATE).write_text(json.dumps({"global_step": 3, "files": {"optimizer.bin": 10}}))
+    assert f"{folder / 'optimizer.bin'} is missing" in checkpoint_problem(folder)
+    (folder / "optimizer.bin").write_bytes(b"")
+    assert "has 0 bytes, 10 were written" in checkpoint_problem(folder)
+
+
+@pytest.mark.slow
+def test_resuming_from_non_finite_weights_is_refused(tmp_path, data_dir, components, unet_run):
+    from safetensors.torch import save_file
+
+    run_dir = copy_run(unet_run, tmp_path / "nan")
+    checkpoint = common.list_checkpoints(run_dir)[-1]
+    weights = load_file(checkpoint / "model.safetensors")
+    first = next(iter(weights))
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, checkpoint / "model.safetensors")
+    _rewrite_manifest(checkpoint)
+    process = launch("train_unet.py", [*unet_args(data_dir, components, run_dir, steps=9), "--resume_from_checkpoint",
+                                       str(checkpoint)])  # fmt: skip
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and f"refusing to resume from {checkpoint}" in output and first in output
+
+
+@pytest.mark.parametrize("row", [{"file_name": "000.png", "text": None}, {"file_name": "000.png"}])
+def test_a_row_without_a_caption_fails_at_load_naming_the_row(row, tmp_path, data_dir):
+    import train_unet
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    lines = (data / "train" / "metadata.jsonl").read_text().splitlines()
+    lines[3] = json.dumps({**row, "file_name": "003.png"})
+    (data / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    args = train_unet.parse_args(["--train_data_dir", str(data), "--output_dir", str(tmp_path / "out"),
+                                  "--pretrained_model_name_or_path", str(tmp_path)])  # fmt: skip
+
+    class MainProcess:
+        def main_process_first(self):
+            return contextlib.nullcontext()
+
+    with pytest.raises(ValueError, match=r"row 3 of split 'train' .*003\.png.* has caption None"):
+        common.load_image_text_dataset(args, "train", MainProcess())

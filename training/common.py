@@ -11,13 +11,17 @@ them lives here, in the order a run meets it:
    The order is a pure function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
 4. `Trainer` runs the update loop under Accelerate: gradient accumulation, EMA, a tqdm bar with loss and samples/s,
    one JSON line per optimizer step in `<output_dir>/train_log.jsonl`, TensorBoard scalars, and checkpoints.
-5. Checkpoints are `accelerator.save_state` folders written to `.checkpoint-N.partial` and renamed to `checkpoint-N`
-   once complete, so a kill during a save never leaves a broken `checkpoint-N` for `--resume_from_checkpoint latest`.
-   Accelerate stores every rank's RNG state with the weights, the optimizer and the LR schedule, which makes a resumed
-   run bit-identical to an uninterrupted one.
+5. Checkpoints (`checkpoints.py`) are `accelerator.save_state` folders written to `.checkpoint-N.partial` and renamed
+   to `checkpoint-N` once complete, so a kill during a save never leaves a broken `checkpoint-N` for
+   `--resume_from_checkpoint latest`, which also skips a checkpoint damaged later. Accelerate stores every rank's RNG
+   state with the weights, the optimizer and the LR schedule, which makes a resumed run bit-identical to an
+   uninterrupted one; the EMA is stored as safetensors, and nothing on the resume path unpickles code.
+6. A run owns its output folder (a lock file, and no fresh run on top of an old one), and a non-finite loss, gradient
+   or weight stops it with a `TrainingDiverged` error naming the step, before anything non-finite is saved.
 """
 
 import argparse
+import atexit
 import hashlib
 import io
 import json
@@ -25,9 +29,7 @@ import logging
 import math
 import os
 import platform
-import re
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,15 +45,26 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from checkpoints import (
+    CHECKPOINT_STATE,
+    TRAIN_LOG,
+    OutputDirLock,
+    TrainingDiverged,
+    check_finite,
+    check_output_dir,
+    clear_run,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_ema,
+    random_states_restorable,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from PIL import Image
 from tqdm.auto import tqdm
 
 logger = get_logger(__name__)
 
-TRAIN_LOG = "train_log.jsonl"
-CHECKPOINT_STATE = "training_state.json"
-_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-_PARTIAL_CHECKPOINT_NAME = re.compile(r"\.checkpoint-(\d+)\.partial")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -95,6 +108,8 @@ def build_parser(description: str, captions: bool = True) -> argparse.ArgumentPa
     ckpt.add_argument("--checkpointing_steps", type=int, default=500)
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N")
     ckpt.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder, or "latest"')
+    ckpt.add_argument("--overwrite_output_dir", action="store_true",
+                      help="start afresh in an --output_dir that holds a run, removing its checkpoints and logs")
 
     logs = parser.add_argument_group("logging")
     logs.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"))
@@ -113,11 +128,25 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}={getattr(args, name)} must be at least 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps={args.max_train_steps} must be at least 1 (or unset, to train epochs)")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise ValueError(f"--learning_rate={args.learning_rate} must be a positive number, e.g. 1e-4")
+    if args.lr_warmup_steps < 0 or (args.max_train_steps is not None and args.lr_warmup_steps > args.max_train_steps):
+        raise ValueError(
+            f"--lr_warmup_steps={args.lr_warmup_steps} must be between 0 and --max_train_steps={args.max_train_steps}"
+        )
+    if not 0 < args.ema_decay < 1:
+        raise ValueError(f"--ema_decay={args.ema_decay} must lie strictly between 0 and 1, e.g. 0.999")
+    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
+        raise ValueError(f"--max_grad_norm={args.max_grad_norm} must be a non-negative number (0 turns clipping off)")
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit={args.checkpoints_total_limit} must be at least 1 (or unset)")
     if args.max_train_steps is None and args.num_train_epochs < 1:
         raise ValueError(f"--num_train_epochs={args.num_train_epochs} must be at least 1 when --max_train_steps is unset")
-    find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint != "latest":  # "latest" is resolved (and broken checkpoints reported) at resume
+        find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -215,6 +244,15 @@ def load_image_text_dataset(
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     data = data.cast_column(args.image_column, datasets.Image(decode=False))
+    if caption_column is not None:
+        for index, caption in enumerate(data[caption_column]):
+            if not isinstance(caption, str):
+                image = data[index][args.image_column]
+                raise ValueError(
+                    f"row {index} of split {split!r} of --{source_flag}={source!r} ({image.get('path') or 'no file'}) "
+                    f"has caption {caption!r} in column {caption_column!r}; every row needs a text caption (use \"\" "
+                    "for none)"
+                )
 
     decodable = []
     for index, cell in enumerate(data[args.image_column]):
@@ -285,6 +323,12 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     datasets.utils.logging.disable_progress_bar()
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        lock = OutputDirLock(args.output_dir)
+        lock.acquire()
+        atexit.register(lock.release)
+        if args.overwrite_output_dir and args.resume_from_checkpoint is None:
+            clear_run(args.output_dir)
+    accelerator.wait_for_everyone()
     return accelerator
 
 
@@ -319,10 +363,21 @@ def optimizer_step(
     lr_scheduler: Any,
     max_grad_norm: float,
 ) -> None:
-    """Backward, and on the last micro-batch of an accumulation window clip, step and reset the gradients."""
+    """Backward, and on the last micro-batch of an accumulation window clip, step and reset the gradients.
+
+    A non-finite loss or gradient norm raises `TrainingDiverged` before the optimizer touches the weights."""
+    if not torch.isfinite(loss.detach()).all():
+        raise TrainingDiverged(f"the loss is {loss.detach().float().mean().item()}")
     accelerator.backward(loss)
-    if accelerator.sync_gradients and max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if accelerator.sync_gradients:
+        parameters = [p for p in model.parameters() if p.grad is not None]
+        if max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in parameters]))
+        if not torch.isfinite(torch.as_tensor(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"the gradient norm is {float(grad_norm)}")
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -340,66 +395,6 @@ def parameter_checksum(model: torch.nn.Module) -> str:
 def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
     """`args` with values TensorBoard's hparams accept (numbers, strings, booleans)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-
-
-# --------------------------------------------------------------------------------------------------------- checkpoints
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (`checkpoint-N` folders) in `output_dir`, oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.fullmatch(p.name))]
-    return [path for _, path in sorted(found)]
-
-
-def find_resume_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
-    """The folder --resume_from_checkpoint names: None to start fresh, "latest" for the newest complete checkpoint."""
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume_from_checkpoint)
-    if not (path / CHECKPOINT_STATE).is_file():
-        what = "does not exist" if not path.exists() else f"has no {CHECKPOINT_STATE}, so it is not a complete checkpoint"
-        raise ValueError(
-            f"--resume_from_checkpoint={resume_from_checkpoint!r} {what}; pass a checkpoint-N folder written by a "
-            f'previous run, or "latest" for the newest one in --output_dir'
-        )
-    return path
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """Write the full training state to `.checkpoint-N.partial`, then publish it by renaming it to `checkpoint-N`."""
-    root = Path(output_dir)
-    staging, final = root / f".checkpoint-{step}.partial", root / f"checkpoint-{step}"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        if total_limit is not None:
-            for old in list_checkpoints(root)[:-total_limit]:
-                logger.info(f"removing {old} (--checkpoints_total_limit {total_limit})")
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def remove_partial_checkpoints(accelerator: Accelerator, output_dir: str | Path) -> None:
-    """Delete staging folders that an interrupted save left behind."""
-    root = Path(output_dir)
-    if accelerator.is_main_process and root.is_dir():
-        for path in root.iterdir():
-            if _PARTIAL_CHECKPOINT_NAME.fullmatch(path.name):
-                logger.warning(f"removing {path}, an incomplete checkpoint left by an interrupted save")
-                shutil.rmtree(path)
-    accelerator.wait_for_everyone()
 
 
 # -------------------------------------------------------------------------------------------------------------- loop
@@ -433,8 +428,8 @@ class Trainer:
         self.ema = None
         if args.use_ema:
             unwrapped = accelerator.unwrap_model(model)
+            # Saved by `save_checkpoint` as safetensors; accelerate's own custom-object checkpoint would be a pickle.
             self.ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay)
-            accelerator.register_for_checkpointing(self.ema)
         self.samples_per_update = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         self.wall_seconds = 0.0
         self.initial_checksum = parameter_checksum(accelerator.unwrap_model(model))
@@ -451,8 +446,19 @@ class Trainer:
         else:
             logger.info(f"resuming from {path}")
             self.accelerator.load_state(str(path))
+            try:
+                check_finite(self.accelerator.unwrap_model(self.model), f"refusing to resume from {path}")
+            except TrainingDiverged as error:
+                raise ValueError(f"{error}; resume from an earlier checkpoint-N folder") from None
+            if self.ema is not None:
+                load_ema(self.ema, path)
             self.global_step = json.loads((path / CHECKPOINT_STATE).read_text())["global_step"]
             kept = [row for row in self._read_log() if row["step"] <= self.global_step]
+            problem = random_states_restorable(path, self.accelerator.process_index)
+            if problem is not None:
+                message = f"the random states were not restored, so the run will not repeat bit for bit: {problem}"
+                logger.warning(message, main_process_only=False)
+                kept.append({"step": self.global_step, "warning": message})
         if self.accelerator.is_main_process:
             with open(self.output_dir / TRAIN_LOG, "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in kept)
@@ -491,7 +497,16 @@ class Trainer:
         for epoch in range(self.global_step // updates_per_epoch, args.num_train_epochs):
             skip = self.global_step - epoch * updates_per_epoch if epoch == self.global_step // updates_per_epoch else 0
             for batch in self._batches(epoch, skip):
-                for name, value in train_step(batch).items():
+                try:
+                    outputs = train_step(batch)
+                except TrainingDiverged as error:
+                    last_good = list_checkpoints(self.output_dir)
+                    raise TrainingDiverged(
+                        f"training diverged at step {self.global_step + 1}: {error}. Nothing was saved from this step; "
+                        f"the last good checkpoint is {last_good[-1] if last_good else 'none'}. Lower --learning_rate, "
+                        "raise --lr_warmup_steps or set --max_grad_norm, then resume."
+                    ) from None
+                for name, value in outputs.items():
                     window.setdefault(name, []).append(value.detach().float())
                 if not accelerator.sync_gradients:
                     continue
@@ -508,7 +523,9 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", samples_per_s=f"{samples_per_s:.1f}")
                 if self.global_step % args.checkpointing_steps == 0 or self.global_step == args.max_train_steps:
-                    save_checkpoint(accelerator, self.output_dir, self.global_step, args.checkpoints_total_limit)
+                    save_checkpoint(
+                        accelerator, self.output_dir, self.global_step, args.checkpoints_total_limit, self.model, self.ema
+                    )
                 on_update(self.global_step)
                 if self.global_step >= args.max_train_steps:
                     break
@@ -556,7 +573,7 @@ class Trainer:
 
     def compute_summary(self) -> dict[str, Any]:
         """What the run cost, for model cards: steps, samples, wall time, throughput, processes and CPU."""
-        log = self._read_log()
+        log = [row for row in self._read_log() if "samples_per_s" in row]
         return {
             "optimizer_steps": self.global_step,
             "samples_per_step": self.samples_per_update,

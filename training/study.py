@@ -143,6 +143,7 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int) -> None:
         subprocess.run(evaluate_command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     evaluation = json.loads((out / "study_eval.json").read_text())
     log_rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    log_rows = [row for row in log_rows if "loss" in row]  # a resume may add a warning row
     samples_per_s = log_rows[-1]["samples_per_s"]  # of the run's last session: a resumed run restarts the clock
     train_seconds = args.steps * BATCH_SIZE / samples_per_s
     record(results_path, key, {
