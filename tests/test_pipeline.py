@@ -456,3 +456,26 @@ def test_random_inputs_give_images_or_value_errors(
     else:
         with pytest.raises(ValueError):
             run()
+
+
+def test_an_image_too_large_for_memory_is_refused_before_allocating(pipe, monkeypatch):
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: pytest.fail("the U-Net ran"))
+    with pytest.raises(ValueError, match=r"100000x100000 pixels need about .* GiB to decode.*enable_vae_tiling"):
+        pipe("a cat", height=100000, width=100000, num_inference_steps=1)
+
+
+def test_24_pixel_images_run_on_a_three_level_unet_as_in_diffusers():
+    """The shipped model at 24 px: 6x6 latents through a U-Net that halves twice (6 → 3 → 2)."""
+    from hf_scratch import default_model_path
+
+    from diffusers import UNet2DConditionModel
+
+    ours = quiet(ScratchStableDiffusionPipeline.from_pretrained(default_model_path()))
+    diffusers_unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet", torch_dtype=torch.float32)
+    components = {**ours.components, "unet": diffusers_unet}
+    reference = reference_pipeline(StableDiffusionPipeline, {k: v for k, v in components.items() if k != "scheduler"},
+                                   ours.scheduler)  # fmt: skip
+    kwargs = dict(prompt="red heart, twemoji style", height=24, width=24, num_inference_steps=3, output_type="np")
+    image = ours(**kwargs, generator=seeded()).images
+    assert image.shape == (1, 24, 24, 3)
+    assert np.abs(image - reference(**kwargs, generator=seeded()).images).max() <= TOLERANCE

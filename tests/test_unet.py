@@ -173,13 +173,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("height, width", [(9, 8), (8, 6)])
-def test_rejects_latent_size_not_divisible_by_downsampling(tiny_pair, height, width):
-    _, ours = tiny_pair
-    sample = torch.randn(1, 4, height, width)
-    text = torch.randn(1, 7, ours.config.cross_attention_dim)
-    with pytest.raises(ValueError, match=rf"spatial size \({height}, {width}\).*multiples of 4"):
-        ours(sample, 1, text)
+@pytest.mark.parametrize("height, width", [(9, 8), (8, 6), (6, 6), (5, 3), (1, 1)])
+def test_latent_sizes_not_divisible_by_the_downsampling_match_diffusers(tiny_pair, height, width):
+    """diffusers' U-Net runs any size, upsampling to each skip's size on the way up; ours gives its outputs."""
+    reference, ours = tiny_pair
+    sample = torch.randn(2, 4, height, width)
+    text = torch.randn(2, 7, ours.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = reference(sample, 1, text).sample
+        assert expected.shape == sample.shape
+        torch.testing.assert_close(ours(sample, 1, text).sample, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_shipped_unet_runs_24_pixel_images_as_diffusers_does():
+    """6x6 latents (24 px) through the shipped model's three levels: 6 → 3 → 2 on the way down."""
+    from diffusers import UNet2DConditionModel
+
+    from hf_scratch import default_model_path
+
+    folder = default_model_path()
+    ours = ScratchUNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
+    reference = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
+    sample = torch.randn(1, 4, 6, 6)
+    text = torch.randn(1, 32, ours.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(sample, 10, text).sample, reference(sample, 10, text).sample)
 
 
 def test_rejects_wrong_cross_attention_dim(tiny_pair):

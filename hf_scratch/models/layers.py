@@ -192,14 +192,18 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Double the spatial size by nearest-neighbour interpolation, then a 3x3 convolution."""
+    """Double the spatial size by nearest-neighbour interpolation (or reach `output_size`, the size of the skip it
+    meets when the input was odd-sized on the way down), then a 3x3 convolution."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+    def forward(self, hidden_states: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if output_size is None:
+            hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        else:
+            hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")  # (B, C, *output_size)
         return self.conv(hidden_states)
 
 

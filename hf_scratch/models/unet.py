@@ -314,6 +314,7 @@ class UpBlock2D(CheckpointedBlock):
         skips: list[torch.Tensor],
         temb: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
@@ -321,7 +322,7 @@ class UpBlock2D(CheckpointedBlock):
             if self.attentions:
                 hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states)
         if self.upsamplers is not None:
-            hidden_states = self.upsamplers[0](hidden_states)  # (B, C, 2H, 2W)
+            hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C, 2H, 2W) or the next skip's size
         return hidden_states
 
 
@@ -493,6 +494,11 @@ class ScratchUNet2DConditionModel(StrictFromPretrainedMixin, ModelMixin, ConfigM
             block_out_channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2
         )
 
+    @property
+    def downsampling_factor(self) -> int:
+        """2^(levels − 1): how much the contracting path shrinks the latents."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -524,8 +530,13 @@ class ScratchUNet2DConditionModel(StrictFromPretrainedMixin, ModelMixin, ConfigM
             sample, block_skips = down_block(sample, temb, encoder_hidden_states)
             skips.extend(block_skips)
         sample = self.mid_block(sample, temb, encoder_hidden_states)
+        # A size that is not a multiple of 2^(levels − 1) shrinks by rounding up on the way down; the way up then
+        # upsamples to each skip's size instead of doubling, as diffusers' U-Net does.
+        odd_size = any(size % self.downsampling_factor for size in skips[0].shape[-2:])
         for up_block in self.up_blocks:
-            sample = up_block(sample, skips, temb, encoder_hidden_states)
+            remaining = len(skips) - len(up_block.resnets)  # the skips left for the blocks above this one
+            upsample_size = skips[remaining - 1].shape[-2:] if odd_size and remaining > 0 else None
+            sample = up_block(sample, skips, temb, encoder_hidden_states, upsample_size)
         sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, out_channels, H, W)
 
         if not return_dict:
@@ -537,12 +548,8 @@ class ScratchUNet2DConditionModel(StrictFromPretrainedMixin, ModelMixin, ConfigM
             raise ValueError(
                 f"sample has shape {tuple(sample.shape)}; expected (batch, {self.config.in_channels}, height, width)"
             )
-        factor = 2 ** (len(self.config.block_out_channels) - 1)
-        if sample.shape[-2] % factor or sample.shape[-1] % factor:
-            raise ValueError(
-                f"sample has spatial size {tuple(sample.shape[-2:])}; height and width must be multiples of {factor} "
-                f"(the U-Net downsamples {len(self.config.block_out_channels) - 1} times)"
-            )
+        if min(sample.shape[-2:]) < 1:
+            raise ValueError(f"sample has spatial size {tuple(sample.shape[-2:])}; height and width must be positive")
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != self.config.cross_attention_dim:
             raise ValueError(
                 f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; expected "

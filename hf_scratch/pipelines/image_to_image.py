@@ -121,6 +121,7 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
             num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
         )  # fmt: skip
         height, width = self.check_image(image, strength, num_inference_steps)
+        self.check_memory(batch_size * num_images_per_prompt, height, width)
         image = self.image_processor.preprocess(image, height=height, width=width)
         if image.shape[0] not in (1, batch_size) or image.shape[1] != self.vae.config.in_channels:
             raise ValueError(

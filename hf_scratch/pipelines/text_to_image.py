@@ -238,6 +238,34 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                     f"factor {self.vae_scale_factor}), got {value!r}."
                 )
 
+    def check_memory(self, num_images: int, height: int, width: int) -> None:
+        """Refuse, before allocating anything, a request whose decode cannot fit in the memory that is free.
+
+        The estimate is the VAE decoder's full-resolution stage, the largest live set: about four tensors of
+        `block_out_channels[0]` channels per image at `height` x `width` (tiled decoding, `enable_vae_tiling`, keeps
+        only a tile of it).
+        """
+        if getattr(self.vae, "use_tiling", False):
+            return
+        element_size = torch.empty((), dtype=self.vae.dtype).element_size()
+        needed = 4 * num_images * height * width * self.vae.config.block_out_channels[0] * element_size
+        device = self._execution_device
+        if device.type == "cuda":
+            available = torch.cuda.mem_get_info(device)[0]
+        else:
+            try:
+                meminfo = Path("/proc/meminfo").read_text()
+                available = int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable")).split()[1])
+                available *= 1024
+            except (OSError, StopIteration, ValueError):
+                return  # no way to tell on this system
+        if needed > available:
+            raise ValueError(
+                f"{num_images} image(s) of {height}x{width} pixels need about {needed / 2**30:.1f} GiB to decode, but "
+                f"only {available / 2**30:.1f} GiB of {device.type} memory is free; use a smaller `height`/`width`, "
+                "fewer images, or `pipe.enable_vae_tiling()`."
+            )
+
     # ------------------------------------------------------------------ building blocks
 
     def _encode_text(self, texts: list[str], device: torch.device, clip_skip: int | None) -> torch.Tensor:
@@ -445,6 +473,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         )  # fmt: skip
         self.check_size(height, width)
         num_images = batch_size * num_images_per_prompt
+        self.check_memory(num_images, height, width)
         latent_shape = self.latent_shape(num_images, height, width)
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(
