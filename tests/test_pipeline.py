@@ -22,6 +22,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
+    PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
@@ -479,3 +480,23 @@ def test_24_pixel_images_run_on_a_three_level_unet_as_in_diffusers():
     image = ours(**kwargs, generator=seeded()).images
     assert image.shape == (1, 24, 24, 3)
     assert np.abs(image - reference(**kwargs, generator=seeded()).images).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "scheduler, steps, message",
+    [(ScratchDPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 300, r"starts at t=898 of 1000.*timestep_spacing=\"trailing\""),
+     (DPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 600, r"starts at t=600 of 1000"),
+     (DDIMScheduler(**SD_SCHEDULE), 10000, r"exceeds the 1000 timesteps"),
+     (PNDMScheduler(**SD_SCHEDULE), 2, r"PNDMScheduler's Runge–Kutta warm-up needs `num_inference_steps` >= 4")],
+)  # fmt: skip
+def test_schedules_that_cannot_work_are_refused(scheduler, steps, message, scratch_components, monkeypatch):
+    pipe = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler))
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: pytest.fail("the U-Net ran"))
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", num_inference_steps=steps)
+
+
+def test_leading_spacing_at_usual_step_counts_and_trailing_at_many_steps_are_accepted(scratch_components):
+    for steps, spacing in ((50, "leading"), (200, "leading"), (300, "trailing")):
+        scheduler = ScratchDPMSolverMultistepScheduler(**{**SD_SCHEDULE, "timestep_spacing": spacing})
+        ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler).check_schedule(steps)

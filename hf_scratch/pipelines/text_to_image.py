@@ -209,6 +209,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
+        self.check_schedule(num_inference_steps)
         num_images = batch_size * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
@@ -237,6 +238,33 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                     f"{name} must be a positive multiple of {self.size_multiple} (8 and the VAE's downsampling "
                     f"factor {self.vae_scale_factor}), got {value!r}."
                 )
+
+    def check_schedule(self, num_inference_steps: int) -> None:
+        """Refuse step counts the scheduler cannot sample well: more steps than training timesteps, "leading" spacing
+        whose first timestep leaves more than one step's worth of the noisiest timesteps unvisited (DDPM-family
+        schedulers then start from too little noise and wash out), and PNDM's Runge–Kutta warm-up below 4 steps."""
+        config = self.scheduler.config
+        num_train_timesteps = config.get("num_train_timesteps")
+        if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
+            raise ValueError(
+                f"`num_inference_steps` ({num_inference_steps}) exceeds the {num_train_timesteps} timesteps the model was "
+                f"trained on; pass at most {num_train_timesteps}."
+            )
+        if config.get("timestep_spacing") == "leading" and num_train_timesteps:
+            step = num_train_timesteps // num_inference_steps
+            first = (num_inference_steps - 1) * step + config.get("steps_offset", 0)
+            if num_train_timesteps - 1 - first > step:
+                raise ValueError(
+                    f"`num_inference_steps={num_inference_steps}` with {type(self.scheduler).__name__}'s \"leading\" "
+                    f"spacing starts at t={first} of {num_train_timesteps}, so sampling would begin from too little "
+                    f"noise; use fewer steps, or trailing spacing: pipe.scheduler = "
+                    f"{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\")."
+                )
+        if type(self.scheduler).__name__ == "PNDMScheduler" and not config.get("skip_prk_steps") and num_inference_steps < 4:
+            raise ValueError(
+                f"PNDMScheduler's Runge–Kutta warm-up needs `num_inference_steps` >= 4, got {num_inference_steps}; "
+                "pass more steps, or a scheduler built with skip_prk_steps=True."
+            )
 
     def check_memory(self, num_images: int, height: int, width: int) -> None:
         """Refuse, before allocating anything, a request whose decode cannot fit in the memory that is free.
