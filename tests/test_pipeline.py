@@ -8,6 +8,7 @@ Scheduler configs use Stable Diffusion's values (`steps_offset=1`, `clip_sample=
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -374,6 +375,25 @@ BAD_TEXT_TO_IMAGE_INPUTS = {
     "images per prompt": (dict(num_images_per_prompt=0), "`num_images_per_prompt` must be an integer >= 1"),
     "clip skip": (dict(clip_skip=5), r"`clip_skip` must be an integer in \[0, 1\]"),
     "nan latents": (dict(latents=torch.full((1, 4, 16, 16), float("nan"))), "`latents` contains NaN"),
+    "guidance NaN": (dict(guidance_scale=float("nan")), "`guidance_scale` must be a finite number, got nan"),
+    "guidance inf": (dict(guidance_scale=float("inf")), "`guidance_scale` must be a finite number, got inf"),
+    "guidance text": (dict(guidance_scale="7.5"), "`guidance_scale` must be a number, got '7.5' of type str"),
+    "guidance None": (dict(guidance_scale=None), "`guidance_scale` must be a number, got None"),
+    "negative eta": (dict(eta=-0.5), "`eta` must be a finite number >= 0.0"),
+    "generator type": (dict(generator=3), "`generator` must be a torch.Generator or a list of them, got int"),
+    "generator list of ints": (dict(generator=[1]), "`generator` must be a torch.Generator"),
+    "numpy latents": (dict(latents=np.zeros((1, 4, 16, 16), np.float32)), "`latents` must be a torch.Tensor, got ndarray"),
+    "list prompt_embeds": (dict(prompt=None, prompt_embeds=[[[0.0] * 32]]), "`prompt_embeds` must be a torch.Tensor"),
+    "prompt_embeds features": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 31)), "has 31 features per token"),
+    "integer latents": (dict(latents=torch.zeros(1, 4, 16, 16, dtype=torch.long)), "floating-point tensor"),
+    "negative prompt of numbers": (dict(negative_prompt=[3]), "`negative_prompt` must be a string or a list of strings"),
+    "True as a count": (dict(num_images_per_prompt=True), "`num_images_per_prompt` must be an integer, got True"),
+    "True as steps": (dict(num_inference_steps=True), "`num_inference_steps` must be an integer, got True"),
+    "True as height": (dict(height=True), "`height` must be an integer number of pixels, got True"),
+    "float height": (dict(height=32.0), "`height` must be an integer number of pixels, got 32.0"),
+    "return_dict text": (dict(return_dict="yes"), "`return_dict` must be True or False"),
+    "callback not callable": (dict(callback_on_step_end="print"), "`callback_on_step_end` must be callable"),
+    "clip skip True": (dict(clip_skip=True), r"`clip_skip` must be an integer in \[0, 1\]"),
 }
 
 
@@ -382,8 +402,19 @@ def test_text_to_image_rejects_bad_inputs_before_any_model_runs(case, pipe, monk
     overrides, message = BAD_TEXT_TO_IMAGE_INPUTS[case]
     for model in ("unet", "vae", "text_encoder"):
         monkeypatch.setattr(getattr(pipe, model), "forward", lambda *args, **kwargs: pytest.fail("a model ran"))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         pipe(**{"prompt": "a cat", "num_inference_steps": 1, **overrides})
+
+
+def test_numpy_integers_are_accepted_as_counts_and_sizes(pipe):
+    images = pipe("a cat", num_inference_steps=np.int64(2), height=np.int32(16), width=np.int64(24),
+                  num_images_per_prompt=np.int16(2), output_type="np").images  # fmt: skip
+    assert images.shape == (2, 16, 24, 3)
+
+
+def test_a_callback_that_returns_something_else_than_a_dict_is_named(pipe):
+    with pytest.raises(TypeError, match="`callback_on_step_end` must return a dict .* got list at step 0"):
+        pipe("a cat", num_inference_steps=2, callback_on_step_end=lambda *args: [])
 
 
 BAD_IMAGE_TO_IMAGE_INPUTS = {
@@ -484,8 +515,7 @@ def test_24_pixel_images_run_on_a_three_level_unet_as_in_diffusers():
 
 @pytest.mark.parametrize(
     "scheduler, steps, message",
-    [(ScratchDPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 300, r"starts at t=898 of 1000.*timestep_spacing=\"trailing\""),
-     (DPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 600, r"starts at t=600 of 1000"),
+    [(DPMSolverMultistepScheduler(**SD_SCHEDULE), 1001, r"exceeds the 1000 timesteps"),
      (DDIMScheduler(**SD_SCHEDULE), 10000, r"exceeds the 1000 timesteps"),
      (PNDMScheduler(**SD_SCHEDULE), 2, r"PNDMScheduler's Runge–Kutta warm-up needs `num_inference_steps` >= 4")],
 )  # fmt: skip
@@ -496,7 +526,89 @@ def test_schedules_that_cannot_work_are_refused(scheduler, steps, message, scrat
         pipe("a cat", num_inference_steps=steps)
 
 
-def test_leading_spacing_at_usual_step_counts_and_trailing_at_many_steps_are_accepted(scratch_components):
-    for steps, spacing in ((50, "leading"), (200, "leading"), (300, "trailing")):
-        scheduler = ScratchDPMSolverMultistepScheduler(**{**SD_SCHEDULE, "timestep_spacing": spacing})
-        ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler).check_schedule(steps)
+# ------------------------------------------------------------------------------------- images as people pass them
+def _img2img(pipe, image, **kwargs):
+    return pipe("a cat", image=image, strength=0.5, num_inference_steps=2, output_type="np", generator=seeded(),
+                **kwargs).images  # fmt: skip
+
+
+def test_uint8_arrays_are_read_in_0_to_255(img2img_pipe):
+    pixels = (init_image()[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
+    assert np.abs(_img2img(img2img_pipe, pixels) - _img2img(img2img_pipe, pixels.astype(np.float32) / 255)).max() \
+        <= TOLERANCE
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1)  # uint8 (3, H, W)
+    assert np.abs(_img2img(img2img_pipe, tensor) - _img2img(img2img_pipe, pixels.astype(np.float32) / 255)).max() \
+        <= TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "YCbCr", "HSV", "CMYK"])
+def test_pil_modes_are_converted_to_rgb(img2img_pipe, mode):
+    rgb = PIL.Image.fromarray((init_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    if mode in ("RGBA", "LA"):
+        picture = rgb.convert(mode)
+        alpha = PIL.Image.linear_gradient("L").resize(rgb.size)
+        picture.putalpha(alpha)
+        white = PIL.Image.new("RGBA", rgb.size, (255, 255, 255, 255))
+        expected_input = PIL.Image.alpha_composite(white, picture.convert("RGBA")).convert("RGB")  # laid on white
+    else:
+        picture = rgb.convert(mode)
+        expected_input = picture.convert("RGB")
+    assert np.abs(_img2img(img2img_pipe, picture) - _img2img(img2img_pipe, expected_input)).max() <= TOLERANCE
+
+
+def test_grey_arrays_and_mixed_lists_are_accepted(img2img_pipe):
+    grey = init_image()[0].mean(dim=0).numpy()  # (H, W) floats in [0, 1]
+    images = _img2img(img2img_pipe, grey)
+    expected = _img2img(img2img_pipe, np.repeat(grey[..., None], 3, axis=-1))
+    assert np.abs(images - expected).max() <= TOLERANCE
+    picture = PIL.Image.fromarray((init_image()[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    mixed = img2img_pipe(["a", "b"], image=[picture, np.repeat(grey[..., None], 3, axis=-1)], num_inference_steps=2,
+                         strength=0.5, output_type="np").images  # fmt: skip
+    assert mixed.shape == (2, 32, 32, 3)
+
+
+def test_nan_images_are_refused_by_name(img2img_pipe):
+    with pytest.raises(ValueError, match="`image` contains NaN"):
+        _img2img(img2img_pipe, np.full((32, 32, 3), np.nan, np.float32))
+
+
+# Values of any type, for the arguments that are drawn: a few valid ones among many that are not.
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),
+    st.lists(st.integers(0, 3), max_size=2), st.sampled_from([np.int64(2), np.float32(1.5), np.zeros(3), object()]),
+    st.sampled_from([torch.zeros(2), torch.zeros(1, 4, 16, 16), torch.zeros(1, 77, 32), torch.Generator()]),
+)  # fmt: skip
+PIPELINE_ARGUMENTS = {
+    "prompt": st.sampled_from(["a cat", ["a", "b"]]) | ANY_VALUE,
+    "height": st.sampled_from([16, 32]) | ANY_VALUE,
+    "width": st.sampled_from([16, 32]) | ANY_VALUE,
+    "num_inference_steps": st.sampled_from([1, 2]) | ANY_VALUE,
+    "guidance_scale": st.sampled_from([1.0, 3.0]) | ANY_VALUE,
+    "negative_prompt": st.sampled_from([None, "blurry"]) | ANY_VALUE,
+    "num_images_per_prompt": st.sampled_from([1, 2]) | ANY_VALUE,
+    "eta": st.sampled_from([0.0, 0.5]) | ANY_VALUE,
+    "generator": st.sampled_from([None]) | ANY_VALUE,
+    "latents": st.sampled_from([None]) | ANY_VALUE,
+    "prompt_embeds": st.sampled_from([None]) | ANY_VALUE,
+    "negative_prompt_embeds": st.sampled_from([None]) | ANY_VALUE,
+    "output_type": st.sampled_from(["np", "latent"]) | ANY_VALUE,
+    "return_dict": st.sampled_from([True]) | ANY_VALUE,
+    "callback_on_step_end": st.sampled_from([None]) | ANY_VALUE,
+    "callback_on_step_end_tensor_inputs": st.sampled_from([["latents"]]) | ANY_VALUE,
+    "clip_skip": st.sampled_from([None, 1]) | ANY_VALUE,
+}
+
+
+@settings(max_examples=int(os.environ.get("HF_SCRATCH_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_arguments_of_any_type_give_images_or_errors_that_name_them(pipe, data):
+    """Up to three arguments drawn from values of any type: the call gives images, or a ValueError / TypeError whose
+    message names one of the drawn arguments; never an error from deep inside a library."""
+    names = data.draw(st.lists(st.sampled_from(sorted(PIPELINE_ARGUMENTS)), min_size=1, max_size=3, unique=True))
+    kwargs = {"prompt": "a cat", "num_inference_steps": 1, "output_type": "latent"}
+    kwargs.update({name: data.draw(PIPELINE_ARGUMENTS[name], label=name) for name in names})
+    try:
+        pipe(**kwargs)
+    except (ValueError, TypeError) as error:
+        assert any(f"`{name}`" in str(error) for name in names), f"{error!r} names none of {names}"

@@ -11,7 +11,81 @@ import torch
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils.torch_utils import randn_tensor
 
-from hf_scratch.pipelines.text_to_image import ScratchPipelineOutput, ScratchStableDiffusionPipeline, StepCallback
+from hf_scratch.pipelines.text_to_image import (
+    ScratchPipelineOutput,
+    ScratchStableDiffusionPipeline,
+    StepCallback,
+    check_real,
+)
+
+
+def _rgb_pil(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL mode as RGB; transparent pixels (RGBA, LA, PA, palette transparency) are laid on white."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _rgb_array(image: np.ndarray | torch.Tensor, channel_axis: int) -> np.ndarray | torch.Tensor:
+    """Floats in [0, 1] (or the caller's [-1, 1]) with 3 channels: uint8 is read as 0–255, grey is repeated, and an
+    alpha channel is laid on white."""
+    is_tensor = isinstance(image, torch.Tensor)
+    if image.dtype in (np.uint8, torch.uint8):
+        image = image.float() / 255 if is_tensor else image.astype(np.float32) / 255
+    elif image.dtype in (np.bool_, torch.bool) or not (image.is_floating_point() if is_tensor else np.issubdtype(image.dtype, np.floating)):
+        raise TypeError(f"`image` arrays must hold floats in [0, 1] or uint8 in 0–255, got dtype {image.dtype}.")
+    finite = torch.isfinite(image).all() if is_tensor else np.isfinite(image).all()
+    if not finite:
+        raise ValueError("`image` contains NaN or infinite values.")
+    channels = image.shape[channel_axis]
+    if channels == 4:
+        index = [slice(None)] * image.ndim
+        index[channel_axis] = slice(0, 3)
+        colour = image[tuple(index)]
+        index[channel_axis] = slice(3, 4)
+        alpha = image[tuple(index)]
+        image = colour * alpha + (1 - alpha)  # over white
+    elif channels == 1:
+        repeats = [1] * image.ndim
+        repeats[channel_axis] = 3
+        image = image.repeat(*repeats) if is_tensor else np.tile(image, repeats)
+    return image
+
+
+def as_rgb_images(image: PipelineImageInput) -> PipelineImageInput:
+    """The image(s) as people pass them, made into what the VAE reads: RGB PIL images, or float arrays (H, W, 3) /
+    tensors (3, H, W) with a leading batch axis optional. Grey numpy (H, W) arrays become (H, W, 3). A list mixing PIL
+    images and arrays becomes a list of PIL images."""
+    if isinstance(image, list):
+        converted = [as_rgb_images(item) for item in image]
+        if any(isinstance(item, PIL.Image.Image) for item in converted) and not all(
+            isinstance(item, PIL.Image.Image) for item in converted
+        ):
+            converted = [item if isinstance(item, PIL.Image.Image) else _to_pil(item) for item in converted]
+        return converted
+    if isinstance(image, PIL.Image.Image):
+        return _rgb_pil(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[..., None]
+        return _rgb_array(image, channel_axis=-1) if image.ndim in (3, 4) else image
+    if isinstance(image, torch.Tensor):  # (C, H, W) or (N, C, H, W); a 2-D tensor is refused by `check_image`
+        return _rgb_array(image, channel_axis=-3) if image.ndim in (3, 4) else image
+    return image
+
+
+def _to_pil(image: np.ndarray | torch.Tensor) -> PIL.Image.Image:
+    """One float image, (H, W, 3) array in [0, 1] or (3, H, W) tensor in [-1, 1] or [0, 1], as an RGB PIL image."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu()
+        image = ((image + 1) / 2 if image.min() < 0 else image).permute(*range(image.ndim - 3), -2, -1, -3).numpy()
+    if image.ndim == 4:
+        if image.shape[0] != 1:
+            raise ValueError("`image` lists that mix PIL images and arrays need one image per array.")
+        image = image[0]
+    return PIL.Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
 
 
 class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
@@ -32,7 +106,7 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
                 f"`image` arrays must be (H, W, C) or (N, H, W, C) and tensors (C, H, W) or (N, C, H, W), got shape "
                 f"{tuple(first.shape)}."
             )
-        if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        if check_real("strength", strength) <= 0 or strength > 1:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}.")
         if int(num_inference_steps * strength) < 1:
             raise ValueError(
@@ -119,7 +193,10 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         batch_size = self.check_inputs(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
             num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
+            guidance_scale, eta, callback_on_step_end, return_dict,
         )  # fmt: skip
+        num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
+        image = as_rgb_images(image)
         height, width = self.check_image(image, strength, num_inference_steps)
         self.check_memory(batch_size * num_images_per_prompt, height, width)
         image = self.image_processor.preprocess(image, height=height, width=width)

@@ -43,6 +43,39 @@ REMOTE_CODE_MODULE = "pipeline"
 StepCallback = Callable[[DiffusionPipeline, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    """`value` as an int: Python and numpy integers are accepted, booleans and everything else refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer, got {value!r} of type {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_real(name: str, value: Any, minimum: float | None = None, maximum: float | None = None) -> float:
+    """`value` as a finite float (ints and numpy numbers accepted, booleans refused) in [minimum, maximum]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a number, got {value!r} of type {type(value).__name__}.")
+    too_small = minimum is not None and value < minimum
+    too_large = maximum is not None and value > maximum
+    if not math.isfinite(value) or too_small or too_large:
+        allowed = "a finite number" + (f" >= {minimum}" if minimum is not None else "")
+        allowed += f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+    return float(value)
+
+
+def check_tensor(name: str, value: Any, ndim: int) -> None:
+    """A finite floating-point torch tensor of `ndim` dimensions (numpy arrays and lists are refused by name)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}; convert it with torch.as_tensor.")
+    if value.ndim != ndim or not value.is_floating_point():
+        raise ValueError(f"`{name}` must be a {ndim}-dimensional floating-point tensor, got {value.dtype} of shape "
+                         f"{tuple(value.shape)}.")  # fmt: skip
+    if not torch.isfinite(value).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+
+
 @dataclass
 class ScratchPipelineOutput(BaseOutput):
     """Generated images: a list of PIL images, an `(N, H, W, 3)` array in [0, 1], an `(N, 3, H, W)` tensor in [0, 1],
@@ -169,8 +202,40 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
         clip_skip: int | None,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        callback_on_step_end: StepCallback | None = None,
+        return_dict: bool = True,
     ) -> int:
-        """Raise `ValueError` for inputs shared by both pipelines; return the number of prompts."""
+        """Raise `TypeError` or `ValueError`, naming the argument, for inputs shared by both pipelines; return the
+        number of prompts."""
+        check_real("guidance_scale", guidance_scale)
+        check_real("eta", eta, minimum=0.0, maximum=1.0)  # DDIM's η: 0 deterministic, 1 DDPM's variance (Eq. 16)
+        if not isinstance(return_dict, bool):
+            raise TypeError(f"`return_dict` must be True or False, got {return_dict!r}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}.")
+        if not isinstance(callback_on_step_end_tensor_inputs, (list, tuple)) or not all(
+            isinstance(name, str) for name in callback_on_step_end_tensor_inputs
+        ):
+            raise TypeError(
+                f"`callback_on_step_end_tensor_inputs` must be a list of names, got {callback_on_step_end_tensor_inputs!r}."
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            if not (isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator)):
+                raise TypeError(
+                    f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}."
+                )
+        if not isinstance(output_type, str):
+            raise TypeError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None:
+                check_tensor(name, embeds, ndim=3)
+                if embeds.shape[-1] != self.unet.config.cross_attention_dim:
+                    raise ValueError(
+                        f"`{name}` has {embeds.shape[-1]} features per token, but the U-Net's cross_attention_dim is "
+                        f"{self.unet.config.cross_attention_dim}."
+                    )
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError(
                 "Pass exactly one of `prompt` and `prompt_embeds`, got "
@@ -182,11 +247,9 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
-            if prompt_embeds.ndim != 3:
-                raise ValueError(
-                    f"`prompt_embeds` must have shape (batch, tokens, dim), got {tuple(prompt_embeds.shape)}."
-                )
             batch_size = prompt_embeds.shape[0]
+            if batch_size == 0:
+                raise ValueError("`prompt_embeds` holds no prompt (its batch dimension is 0).")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`, got both.")
         if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
@@ -194,8 +257,11 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch_size} prompts; pass one "
                 "string, or a list with one entry per prompt."
             )
-        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
-            raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}.")
+        if negative_prompt is not None and not (
+            isinstance(negative_prompt, str)
+            or (isinstance(negative_prompt, list) and all(isinstance(text, str) for text in negative_prompt))
+        ):
+            raise TypeError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}.")
         if negative_prompt_embeds is not None:
             expected = (batch_size, *prompt_embeds.shape[1:]) if prompt_embeds is not None else None
             if negative_prompt_embeds.shape[0] != batch_size or (
@@ -205,10 +271,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                     f"`negative_prompt_embeds` has shape {tuple(negative_prompt_embeds.shape)}, which does not match "
                     f"{batch_size} prompts" + (f" with `prompt_embeds` of shape {expected}." if expected else ".")
                 )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
+        num_inference_steps = check_integer("num_inference_steps", num_inference_steps, minimum=1)
+        num_images_per_prompt = check_integer("num_images_per_prompt", num_images_per_prompt, minimum=1)
         self.check_schedule(num_inference_steps)
         num_images = batch_size * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != num_images:
@@ -226,23 +290,24 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             )
         if clip_skip is not None:
             num_layers = self.text_encoder.config.num_hidden_layers
-            if not (isinstance(clip_skip, int) and 0 <= clip_skip < num_layers):
+            if isinstance(clip_skip, bool) or not (isinstance(clip_skip, (int, np.integer)) and 0 <= clip_skip < num_layers):
                 raise ValueError(f"`clip_skip` must be an integer in [0, {num_layers - 1}], got {clip_skip!r}.")
         return batch_size
 
     def check_size(self, height: int, width: int, names: tuple[str, str] = ("`height`", "`width`")) -> None:
         """Raise `ValueError` unless `height` and `width` are positive multiples of `self.size_multiple`."""
         for name, value in zip(names, (height, width)):
-            if not isinstance(value, int) or value <= 0 or value % self.size_multiple != 0:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer number of pixels, got {value!r} of type {type(value).__name__}.")
+            if value <= 0 or value % self.size_multiple != 0:
                 raise ValueError(
                     f"{name} must be a positive multiple of {self.size_multiple} (8 and the VAE's downsampling "
                     f"factor {self.vae_scale_factor}), got {value!r}."
                 )
 
     def check_schedule(self, num_inference_steps: int) -> None:
-        """Refuse step counts the scheduler cannot sample well: more steps than training timesteps, "leading" spacing
-        whose first timestep leaves more than one step's worth of the noisiest timesteps unvisited (DDPM-family
-        schedulers then start from too little noise and wash out), and PNDM's Runge–Kutta warm-up below 4 steps."""
+        """Refuse step counts the scheduler cannot run: more steps than training timesteps, and PNDM's Runge–Kutta
+        warm-up below 4 steps (diffusers' PNDM then fails with a numpy broadcast error)."""
         config = self.scheduler.config
         num_train_timesteps = config.get("num_train_timesteps")
         if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
@@ -250,16 +315,6 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 f"`num_inference_steps` ({num_inference_steps}) exceeds the {num_train_timesteps} timesteps the model was "
                 f"trained on; pass at most {num_train_timesteps}."
             )
-        if config.get("timestep_spacing") == "leading" and num_train_timesteps:
-            step = num_train_timesteps // num_inference_steps
-            first = (num_inference_steps - 1) * step + config.get("steps_offset", 0)
-            if num_train_timesteps - 1 - first > step:
-                raise ValueError(
-                    f"`num_inference_steps={num_inference_steps}` with {type(self.scheduler).__name__}'s \"leading\" "
-                    f"spacing starts at t={first} of {num_train_timesteps}, so sampling would begin from too little "
-                    f"noise; use fewer steps, or trailing spacing: pipe.scheduler = "
-                    f"{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\")."
-                )
         if type(self.scheduler).__name__ == "PNDMScheduler" and not config.get("skip_prk_steps") and num_inference_steps < 4:
             raise ValueError(
                 f"PNDMScheduler's Runge–Kutta warm-up needs `num_inference_steps` >= 4, got {num_inference_steps}; "
@@ -426,7 +481,14 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                             step_output, noise_pred, timestep, sample
                         )
                     callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs) or {}
+                    callback_outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs)
+                    if callback_outputs is None:
+                        callback_outputs = {}
+                    if not isinstance(callback_outputs, dict):
+                        raise TypeError(
+                            "`callback_on_step_end` must return a dict of tensors (or None), got "
+                            f"{type(callback_outputs).__name__} at step {step_index}."
+                        )
                     latents = callback_outputs.get("latents", latents)
                     prompt_embeds = callback_outputs.get("prompt_embeds", prompt_embeds)
 
@@ -498,18 +560,21 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         batch_size = self.check_inputs(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
             num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
+            guidance_scale, eta, callback_on_step_end, return_dict,
         )  # fmt: skip
         self.check_size(height, width)
+        height, width = int(height), int(width)
+        num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
         num_images = batch_size * num_images_per_prompt
         self.check_memory(num_images, height, width)
         latent_shape = self.latent_shape(num_images, height, width)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(
-                f"`latents` has shape {tuple(latents.shape)}, expected {latent_shape} for {batch_size} prompts x "
-                f"{num_images_per_prompt} images at {height}x{width}."
-            )
-        if latents is not None and not torch.isfinite(latents).all():
-            raise ValueError("`latents` contains NaN or infinite values; pass finite starting noise.")
+        if latents is not None:
+            check_tensor("latents", latents, ndim=4)
+            if tuple(latents.shape) != latent_shape:
+                raise ValueError(
+                    f"`latents` has shape {tuple(latents.shape)}, expected {latent_shape} for {batch_size} prompts x "
+                    f"{num_images_per_prompt} images at {height}x{width}."
+                )
 
         device = self._execution_device
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
