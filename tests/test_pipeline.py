@@ -612,3 +612,31 @@ def test_arguments_of_any_type_give_images_or_errors_that_name_them(pipe, data):
         pipe(**kwargs)
     except (ValueError, TypeError) as error:
         assert any(f"`{name}`" in str(error) for name in names), f"{error!r} names none of {names}"
+
+
+def test_a_decoder_that_produces_nan_raises(scratch_components):
+    components = dict(scratch_components, vae=tiny_components("scratch")["vae"])
+    with torch.no_grad():
+        components["vae"].decoder.conv_out.bias.fill_(float("nan"))
+    pipe = quiet(ScratchStableDiffusionPipeline(**components, scheduler=make_scheduler(ScratchDDIMScheduler)))
+    with pytest.raises(ValueError, match="The VAE decoder produced NaN or infinite values"):
+        pipe("a cat", num_inference_steps=1)
+
+
+def test_a_folder_without_its_tokenizer_fails_at_load_naming_it(pipe, tmp_path):
+    import shutil
+
+    pipe.save_pretrained(tmp_path)
+    shutil.rmtree(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match=r"lists the components \['tokenizer'\] .* no such subfolder"):
+        ScratchStableDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_saved_weights_respect_the_umask(pipe, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        pipe.save_pretrained(tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {str(path): path.stat().st_mode & 0o777 for path in tmp_path.rglob("*.safetensors")}
+    assert len(modes) == 3 and set(modes.values()) == {0o640}

@@ -23,6 +23,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from .layers import RespectUmaskOnSaveMixin
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """The sigmoid approximation of GELU used by OpenAI's CLIP: x · σ(1.702 x)."""
@@ -300,7 +302,7 @@ def _unreadable_safetensors(folder: Path) -> list[str]:
     return unreadable
 
 
-class ScratchCLIPPreTrainedModel(PreTrainedModel):
+class ScratchCLIPPreTrainedModel(RespectUmaskOnSaveMixin, PreTrainedModel):
     """CLIP's weight initialisation, gradient checkpointing, and loading errors that name the broken file."""
 
     supports_gradient_checkpointing = True

@@ -11,6 +11,7 @@ Appendix B) and the Transformer (Vaswani et al. 2017, arXiv:1706.03762). Module 
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +58,32 @@ class StrictFromPretrainedMixin:
                 f"config.json ({listing}). Check that config.json belongs to these weights."
             )
         return (model, loading_info) if output_loading_info else model
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it (from /proc when it can; else by setting and restoring it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class RespectUmaskOnSaveMixin:
+    """`save_pretrained` whose files get the permissions the umask allows. safetensors' `save_file`, which both
+    diffusers and transformers call, creates its files with mode 0600 whatever the umask, so another user (or a web
+    server serving the folder) could not read a model saved with umask 022."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        mode = 0o666 & ~process_umask()
+        for path in Path(save_directory).rglob("*.safetensors"):
+            os.chmod(path, mode)
+        return result
 
 
 class CheckpointedBlock(nn.Module):

@@ -22,6 +22,7 @@ from .layers import (
     CheckpointedBlock,
     Downsample2D,
     ResnetBlock2D,
+    RespectUmaskOnSaveMixin,
     StrictFromPretrainedMixin,
     TimestepEmbedding,
     Timesteps,
@@ -352,7 +353,7 @@ def _per_block(name: str, value: Any, num_blocks: int) -> list:
     return list(value)
 
 
-class ScratchUNet2DConditionModel(StrictFromPretrainedMixin, ModelMixin, ConfigMixin):
+class ScratchUNet2DConditionModel(RespectUmaskOnSaveMixin, StrictFromPretrainedMixin, ModelMixin, ConfigMixin):
     """ε_θ(z_t, t, c): conv_in, contracting path, bottleneck, expanding path with skips, conv_out (LDM Appendix E).
 
     Config keys and their defaults are those of `diffusers.UNet2DConditionModel`. As there, `attention_head_dim` is

@@ -21,6 +21,7 @@ from .layers import (
     CheckpointedBlock,
     Downsample2D,
     ResnetBlock2D,
+    RespectUmaskOnSaveMixin,
     SpatialSelfAttention,
     StrictFromPretrainedMixin,
     Upsample2D,
@@ -214,7 +215,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, out_channels, h·f, w·f)
 
 
-class ScratchAutoencoderKL(StrictFromPretrainedMixin, ModelMixin, ConfigMixin):
+class ScratchAutoencoderKL(RespectUmaskOnSaveMixin, StrictFromPretrainedMixin, ModelMixin, ConfigMixin):
     """The SD autoencoder: x -> q(z|x) -> z -> D(z), with f = 2^(len(block_out_channels)-1) spatial compression.
 
     Diffusion runs on `z * scaling_factor` (LDM Sec. 4.3.2 and Appendix D.1: the factor gives the latents unit

@@ -151,6 +151,21 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         `torch_dtype`) says otherwise: the shipped model stores fp16 weights, which a CPU runs slowly or not at all."""
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs["dtype"] = torch.float32
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / "model_index.json").is_file():
+            # diffusers quietly builds some components (a 2-token CLIPTokenizer, say) from a missing subfolder.
+            index = json.loads((folder / "model_index.json").read_text())
+            missing = [
+                name for name, value in index.items()
+                if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+                and name not in kwargs and not (folder / name).is_dir()
+            ]  # fmt: skip
+            if missing:
+                raise ValueError(
+                    f"{str(folder)!r} lists the components {missing} in model_index.json but has no such subfolder "
+                    f"({', '.join(str(folder / name) for name in missing)}); copy the whole pipeline folder, or pass "
+                    "the components as arguments."
+                )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -508,6 +523,11 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         if output_type == "latent":
             return latents
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        if not torch.isfinite(image).all():
+            raise ValueError(
+                "The VAE decoder produced NaN or infinite values from finite latents; check the VAE weights and the "
+                "dtype (float16 VAEs overflow: try float32)."
+            )
         return self.image_processor.postprocess(image, output_type=output_type)
 
     # ------------------------------------------------------------------ generation
