@@ -5,20 +5,55 @@ Heavy imports (torch, diffusers) happen inside the sub-commands, so `hf-scratch 
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler
 
-def _resolve_model(model: Optional[str]) -> str:
-    if model is not None:
-        if not Path(model).is_dir():
-            raise ValueError(f"--model {model!r} is not a folder. Pass a diffusers-layout pipeline folder.")
-        return model
-    from hf_scratch.pretrained import default_model_path
+SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
-    return default_model_path()
+def _resolve_model(model: Optional[str]) -> str:
+    if model is None:
+        from hf_scratch.pretrained import default_model_path
+
+        return default_model_path()
+    folder = Path(model)
+    if not folder.is_dir():
+        raise ValueError(f"--model {model!r} is not a folder. Pass a diffusers-layout pipeline folder.")
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"--model {model!r} holds no model_index.json. Pass a diffusers-layout pipeline folder.")
+    from safetensors import safe_open
+
+    for file in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)  # reads the header entry; a short file fails here
+        except PermissionError:
+            raise ValueError(f"{str(file)!r} cannot be read (permission denied).") from None
+        except Exception as error:  # safetensors' own error types: a truncated or damaged file
+            raise ValueError(f"{str(file)!r} is not a complete safetensors file ({error}).") from None
+    return model
+
+
+def _check_output(path: Path) -> None:
+    """Before any model runs: an image extension PIL can write, and a folder that exists (or can be made) and is
+    writable."""
+    import PIL.Image
+
+    if path.suffix.lower() not in PIL.Image.registered_extensions():
+        raise ValueError(f"--output {str(path)!r} has no image extension; end it with .png, .jpg or .webp.")
+    for parent in [path.parent, *path.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--output {str(path)!r} lies under {str(parent)!r}, which is a file, not a folder.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output {str(path)!r}: cannot create its folder ({error.strerror}).") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"--output {str(path)!r}: the folder {str(path.parent)!r} is not writable.")
 
 
 def _read_prompts(args: argparse.Namespace) -> List[str]:
@@ -45,6 +80,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {args.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
     prompts = _read_prompts(args)
+    if not 0 <= args.seed <= SEED_MAX - len(prompts):
+        raise ValueError(f"--seed {args.seed} is out of range; use 0 to {SEED_MAX - len(prompts)}.")
+    output = Path(args.output)
+    _check_output(output)
     pipe = ScratchStableDiffusionPipeline.from_pretrained(_resolve_model(args.model))
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
@@ -56,8 +95,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without cpu=True two CPU processes both act as rank 0.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     indexed = list(enumerate(prompts))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     many = len(prompts) > 1 or args.num_images > 1
     with state.split_between_processes(indexed) as mine:
         for index, prompt in mine:
@@ -195,8 +232,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             batch_size=args.batch_size, max_vae_images=args.max_vae_images, model=args.model, judge=args.clip,
             data=args.data, out_dir=args.out,
         )  # fmt: skip
-    except ValueError as error:
-        print(f"emoji-bench: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:  # datasets' "no data files" errors are OSErrors
+        print(f"emoji-bench: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2
     print(to_markdown(results))
     return 0
@@ -254,8 +291,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"hf-scratch {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:  # user errors: one line, exit status 2, no traceback
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"hf-scratch {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -56,16 +56,56 @@ def to_pil(pipe: ScratchStableDiffusionPipeline, latents: torch.Tensor) -> Image
     return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
 
 
+def whole_number(label: str, value, low: int, high: int) -> int:
+    """`value` (a number, or text of one, from the UI or the API) as an int in [low, high], else a friendly gr.Error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
+        raise gr.Error(f"{label} must be a whole number between {low} and {high}; got {value!r}.")
+    return int(number)
+
+
+def real_number(label: str, value, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not low <= number <= high:  # NaN fails both comparisons
+        raise gr.Error(f"{label} must be a number between {low} and {high}; got {value!r}.")
+    return number
+
+
+class _FriendlyNumbers:
+    """A numeric component whose API input that is not a number (text, say) gets a friendly gr.Error, as the UI's
+    out-of-range values do, rather than Gradio's hidden exception."""
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (TypeError, ValueError):
+            bounds = getattr(self, "minimum", None), getattr(self, "maximum", None)
+            allowed = f"a number between {bounds[0]} and {bounds[1]}" if None not in bounds else "a number"
+            raise gr.Error(f"{self.label} must be {allowed}; got {payload!r}.") from None
+
+
+class Slider(_FriendlyNumbers, gr.Slider):
+    pass
+
+
+class Number(_FriendlyNumbers, gr.Number):
+    pass
+
+
 def check_request(prompt: str, steps: int, size: int, frames: int, model: str) -> str:
     """Validate a request against the limits; returns the model folder or raises a friendly gr.Error."""
-    if not prompt or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt.strip():
         raise gr.Error("Please type a prompt.")
-    if not 1 <= int(steps) <= MAX_STEPS:
-        raise gr.Error(f"Steps must be between 1 and {MAX_STEPS}; got {steps}.")
-    if int(size) % 8 or not 8 <= int(size) <= MAX_SIZE:
+    whole_number("Steps", steps, 1, MAX_STEPS)
+    if whole_number("Size", size, 8, MAX_SIZE) % 8:
         raise gr.Error(f"Size must be a multiple of 8 between 8 and {MAX_SIZE}; got {size}.")
-    if not 1 <= int(frames) <= MAX_FRAMES:
-        raise gr.Error(f"Trajectory frames must be between 1 and {MAX_FRAMES}; got {frames}.")
+    whole_number("Trajectory frames", frames, 1, MAX_FRAMES)
     models = allowed_models()
     if model not in models:
         raise gr.Error(f"Model {model!r} is not on this Space's allow-list ({', '.join(models) or 'empty'}).")
@@ -89,7 +129,9 @@ def generate(
     folder = check_request(prompt, steps, size, frames, model)
     if scheduler not in SCHEDULERS:
         raise gr.Error(f"Unknown scheduler {scheduler!r}.")
-    steps, size, frames = int(steps), int(size), min(int(frames), int(steps))
+    steps, size, frames = int(float(steps)), int(float(size)), min(int(float(frames)), int(float(steps)))
+    guidance = real_number("Guidance scale", guidance, 0.0, 30.0)
+    seed = whole_number("Seed", seed, 0, 2**63 - 1)
     pipe = load_pipeline(folder)
     try:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -155,7 +197,8 @@ def forward_process(image, timestep: int, seed: int = 0) -> Tuple[Image.Image, s
     except (OSError, ValueError, TypeError) as error:
         raise gr.Error(f"That upload is not an image I can read ({type(error).__name__}).") from error
     scheduler = forward_schedule()
-    timestep = int(min(max(int(timestep), 0), scheduler.config.num_train_timesteps - 1))
+    timestep = whole_number("Timestep", timestep, 0, scheduler.config.num_train_timesteps - 1)
+    seed = whole_number("Seed", seed, 0, 2**63 - 1)
     x0 = torch.from_numpy(pixels).permute(2, 0, 1)[None]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed)))
     xt = scheduler.add_noise(x0, noise, torch.tensor([timestep]))
@@ -202,12 +245,12 @@ def build_demo() -> gr.Blocks:
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                     model = gr.Dropdown(models, value=models[0] if models else None, label="Model", elem_id="model")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm++", label="Scheduler", elem_id="scheduler")
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance scale", elem_id="guidance")
-                    size = gr.Slider(8, MAX_SIZE, value=32, step=8, label="Size (px)", elem_id="size")
-                    frames = gr.Slider(1, MAX_FRAMES, value=5, step=1, label="Trajectory frames", elem_id="frames")
+                    steps = Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
+                    guidance = Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance scale", elem_id="guidance")
+                    size = Slider(8, MAX_SIZE, value=32, step=8, label="Size (px)", elem_id="size")
+                    frames = Slider(1, MAX_FRAMES, value=5, step=1, label="Trajectory frames", elem_id="frames")
                     with gr.Row():
-                        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                        seed = Number(value=0, precision=0, label="Seed", elem_id="seed")
                         randomise = gr.Button("🎲 Randomise seed", elem_id="randomise")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
@@ -226,7 +269,7 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 source = gr.Image(value=example_image(), type="pil", label="x_0 (example or upload)", elem_id="x0")
                 noisy = gr.Image(label="x_t", type="pil", elem_id="xt")
-            timestep = gr.Slider(0, 999, value=250, step=1, label="timestep t", elem_id="timestep")
+            timestep = Slider(0, 999, value=250, step=1, label="timestep t", elem_id="timestep")
             caption = gr.Markdown(elem_id="alpha")
             gr.LinePlot(schedule_plot_data(), x="t", y="value", color="curve", title="ᾱ_t and log10 SNR over t")
             for trigger in (timestep.change, source.change):

@@ -108,3 +108,50 @@ def test_generate_with_winograd_matches_the_default(tmp_path):
         assert main(["generate", "red heart, twemoji style", "--steps", "4", "--output", str(path), *extra]) == 0
     direct, fast = (np.asarray(Image.open(path), dtype=np.int16) for path in paths)
     assert direct.shape == fast.shape and np.abs(direct - fast).max() <= 2  # within rounding to 8 bits
+
+
+def _copy_model(model_dir: Path, destination: Path) -> Path:
+    import shutil
+
+    shutil.copytree(model_dir, destination)
+    return destination
+
+
+def test_user_errors_are_one_line_with_exit_status_2_before_generating(model_dir, tmp_path, capsys):
+    truncated = _copy_model(model_dir, tmp_path / "truncated")
+    weights = truncated / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    no_index = _copy_model(model_dir, tmp_path / "no_index")
+    (no_index / "model_index.json").unlink()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    cases = [
+        (["--model", str(truncated)], f"{str(weights)!r} is not a complete safetensors file"),
+        (["--model", str(no_index)], "holds no model_index.json"),
+        (["--model", str(model_dir), "--output", str(a_file / "x.png")], "which is a file, not a folder"),
+        (["--model", str(model_dir), "--output", str(tmp_path / "image")], "has no image extension"),
+        (["--model", str(model_dir), "--seed", "-1"], "--seed -1 is out of range"),
+        (["--model", str(model_dir), "--seed", str(2**64)], "is out of range"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["--model", str(model_dir), "--output", str(read_only / "x.png")], "is not writable"))
+    for extra, message in cases:
+        argv = ["generate", "x", "--steps", "1", "--output", str(tmp_path / "out.png"), *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out.png").exists()  # nothing was generated
+
+
+def test_eval_on_an_empty_data_folder_is_one_line(model_dir, tmp_path, capsys):
+    from hf_scratch.pretrained import default_model_path
+
+    judge = Path(default_model_path()).parent / "emoji32-judge"
+    (tmp_path / "empty").mkdir()
+    argv = ["eval", "--model", str(model_dir), "--clip", str(judge), "--data", str(tmp_path / "empty"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("emoji-bench: error:") and "doesn't contain any data files" in err[-1]

