@@ -516,6 +516,9 @@ def test_24_pixel_images_run_on_a_three_level_unet_as_in_diffusers():
 @pytest.mark.parametrize(
     "scheduler, steps, message",
     [(DPMSolverMultistepScheduler(**SD_SCHEDULE), 1001, r"exceeds the 1000 timesteps"),
+     (ScratchDPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 200, r"starts at t=801 of 1000"),
+     (DPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 500, r"starts at t=501 .*\"trailing\""),
+     (DDIMScheduler(**SD_SCHEDULE), 150, r"DDIMScheduler at 150 steps starts at t=895"),
      (DDIMScheduler(**SD_SCHEDULE), 10000, r"exceeds the 1000 timesteps"),
      (PNDMScheduler(**SD_SCHEDULE), 2, r"PNDMScheduler's Runge–Kutta warm-up needs `num_inference_steps` >= 4")],
 )  # fmt: skip
@@ -640,3 +643,14 @@ def test_saved_weights_respect_the_umask(pipe, tmp_path):
         os.umask(previous)
     modes = {str(path): path.stat().st_mode & 0o777 for path in tmp_path.rglob("*.safetensors")}
     assert len(modes) == 3 and set(modes.values()) == {0o640}
+
+
+@pytest.mark.parametrize(
+    "scheduler, steps",
+    [(ScratchDPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 20),
+     (ScratchDPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 100),
+     (DDIMScheduler(**SD_SCHEDULE), 6), (DDIMScheduler(**SD_SCHEDULE), 50),
+     (ScratchDPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="trailing"), 500)],
+)  # fmt: skip
+def test_usual_schedules_are_accepted(scheduler, steps, scratch_components):
+    ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler).check_schedule(steps)

@@ -321,8 +321,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 )
 
     def check_schedule(self, num_inference_steps: int) -> None:
-        """Refuse step counts the scheduler cannot run: more steps than training timesteps, and PNDM's Runge–Kutta
-        warm-up below 4 steps (diffusers' PNDM then fails with a numpy broadcast error)."""
+        """Refuse step counts the scheduler cannot run: more steps than training timesteps; "leading" spacing whose
+        first timestep leaves more of the noisiest timesteps unvisited than two steps and a tenth of the chain (as
+        DPM-Solver's leading spacing does from 200 steps on: it starts at t = 801); and PNDM's Runge–Kutta warm-up below
+        4 steps (diffusers' PNDM then fails with a numpy broadcast error)."""
         config = self.scheduler.config
         num_train_timesteps = config.get("num_train_timesteps")
         if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
@@ -335,6 +337,19 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 f"PNDMScheduler's Runge–Kutta warm-up needs `num_inference_steps` >= 4, got {num_inference_steps}; "
                 "pass more steps, or a scheduler built with skip_prk_steps=True."
             )
+        if config.get("timestep_spacing") == "leading" and hasattr(self.scheduler, "alphas_cumprod"):
+            self.scheduler.set_timesteps(num_inference_steps)  # cheap; __call__ sets them again
+            timesteps = [int(t) for t in self.scheduler.timesteps]
+            spacing = timesteps[0] - timesteps[1] if len(timesteps) > 1 else num_train_timesteps
+            unvisited = num_train_timesteps - 1 - timesteps[0]
+            if unvisited > max(2 * spacing, num_train_timesteps // 10):
+                raise ValueError(
+                    f"With \"leading\" spacing, {type(self.scheduler).__name__} at {num_inference_steps} steps starts at "
+                    f"t={timesteps[0]} of {num_train_timesteps}: sampling would begin from pure noise where the model "
+                    f"expects signal (√ᾱ = {float(self.scheduler.alphas_cumprod[timesteps[0]]) ** 0.5:.2f}) and wash "
+                    "out. Use fewer steps, or trailing spacing: pipe.scheduler = "
+                    f"{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\")."
+                )
 
     def check_memory(self, num_images: int, height: int, width: int) -> None:
         """Refuse, before allocating anything, a request whose decode cannot fit in the memory that is free.
