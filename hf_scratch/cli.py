@@ -233,7 +233,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             data=args.data, out_dir=args.out,
         )  # fmt: skip
     except (ValueError, TypeError, OSError) as error:  # datasets' "no data files" errors are OSErrors
-        print(f"emoji-bench: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"emoji-bench: error: {message}", file=sys.stderr)
         return 2
     print(to_markdown(results))
     return 0

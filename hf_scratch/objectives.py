@@ -3,10 +3,12 @@ it regresses onto, how each sample is weighted, and which scheduler samples the 
 
 | objective | forward process | network input, timestep | target | weight | sampler |
 |---|---|---|---|---|---|
-| `epsilon` | x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, t ~ U{0, T−1} | x_t, t | ε (Ho et al. 2020, arXiv:2006.11239, Eq. 14) | 1, or min-SNR-γ | DDPM family |
-| `v_prediction` | the same | x_t, t | v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022, arXiv:2202.00512, Sec. 4) | 1, or min-SNR-γ | DDPM family |
-| `edm` | x = x_0 + σ ε, ln σ ~ N(P_mean, P_std²) | c_in(σ) x, c_noise(σ) | (x_0 − c_skip x) / c_out | λ(σ) c_out² = 1 | EDM DPM-Solver++ |
+| `epsilon` | x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, t ~ U{0, T−1} | x_t, t | ε (Ho et al. 2020, Eq. 14) | 1, min-SNR | DDPM |
+| `v_prediction` | the same | x_t, t | v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022) | 1 or min-SNR-γ | DDPM |
+| `edm` | x = x_0 + σ ε, ln σ ~ N(P_mean, P_std²) | c_in(σ) x, c_noise(σ) | (x_0 − c_skip x) / c_out | 1 | EDM DPM++ |
 | `flow_matching` | x_t = (1 − t) x_0 + t ε, t from a density | x_t, 1000 t | ε − x_0 | 1 | flow Euler |
+
+Ho et al. 2020 is arXiv:2006.11239; Salimans & Ho 2022 (Sec. 4) arXiv:2202.00512.
 
 EDM is Karras et al. 2022 (arXiv:2206.00364), Table 1: the denoiser D(x; σ) = c_skip x + c_out F(c_in x; c_noise)
 with c_skip = σ_d² / (σ² + σ_d²), c_out = σ σ_d / √(σ² + σ_d²), c_in = 1 / √(σ² + σ_d²), c_noise = ¼ ln σ, trained with
@@ -225,8 +227,13 @@ def immiscible_noise(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor
     return noise[torch.from_numpy(assigned).to(noise.device)]
 
 
-def huber_c(noise_to_signal: torch.Tensor, schedule: str, huber_c0: float, num_train_timesteps: int = 1000,
-            timesteps: torch.Tensor | None = None) -> torch.Tensor:
+def huber_c(
+    noise_to_signal: torch.Tensor,
+    schedule: str,
+    huber_c0: float,
+    num_train_timesteps: int = 1000,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The per-sample c of the pseudo-Huber loss under diffusers' `--huber_schedule`: "snr" (1 − c_0)/(1 + σ/α)² + c_0,
     "exponential" c_0^(t / T) (needs the discrete `timesteps`), or "constant" c_0."""
     if schedule == "snr":

@@ -77,25 +77,22 @@ def real_number(label: str, value, low: float, high: float) -> float:
     return number
 
 
-class _FriendlyNumbers:
-    """A numeric component whose API input that is not a number (text, say) gets a friendly gr.Error, as the UI's
-    out-of-range values do, rather than Gradio's hidden exception."""
+def friendly_numbers(component):
+    """`component` (a slider or number box) with a preprocess that answers API input that is not a number (text, say)
+    with a friendly gr.Error, as the UI's out-of-range values are answered, rather than Gradio's hidden exception.
+    (The instance is patched: a subclass of a Gradio component would make Gradio write a .pyi stub beside this file.)"""
+    preprocess = component.preprocess
 
-    def preprocess(self, payload):
+    def checked(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except (TypeError, ValueError):
-            bounds = getattr(self, "minimum", None), getattr(self, "maximum", None)
+            bounds = getattr(component, "minimum", None), getattr(component, "maximum", None)
             allowed = f"a number between {bounds[0]} and {bounds[1]}" if None not in bounds else "a number"
-            raise gr.Error(f"{self.label} must be {allowed}; got {payload!r}.") from None
+            raise gr.Error(f"{component.label} must be {allowed}; got {payload!r}.") from None
 
-
-class Slider(_FriendlyNumbers, gr.Slider):
-    pass
-
-
-class Number(_FriendlyNumbers, gr.Number):
-    pass
+    component.preprocess = checked
+    return component
 
 
 def check_request(prompt: str, steps: int, size: int, frames: int, model: str) -> str:
@@ -245,12 +242,20 @@ def build_demo() -> gr.Blocks:
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                     model = gr.Dropdown(models, value=models[0] if models else None, label="Model", elem_id="model")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm++", label="Scheduler", elem_id="scheduler")
-                    steps = Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
-                    guidance = Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance scale", elem_id="guidance")
-                    size = Slider(8, MAX_SIZE, value=32, step=8, label="Size (px)", elem_id="size")
-                    frames = Slider(1, MAX_FRAMES, value=5, step=1, label="Trajectory frames", elem_id="frames")
+                    steps = friendly_numbers(
+                        gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
+                    )
+                    guidance = friendly_numbers(
+                        gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance scale", elem_id="guidance")
+                    )
+                    size = friendly_numbers(
+                        gr.Slider(8, MAX_SIZE, value=32, step=8, label="Size (px)", elem_id="size")
+                    )
+                    frames = friendly_numbers(
+                        gr.Slider(1, MAX_FRAMES, value=5, step=1, label="Trajectory frames", elem_id="frames")
+                    )
                     with gr.Row():
-                        seed = Number(value=0, precision=0, label="Seed", elem_id="seed")
+                        seed = friendly_numbers(gr.Number(value=0, precision=0, label="Seed", elem_id="seed"))
                         randomise = gr.Button("🎲 Randomise seed", elem_id="randomise")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
@@ -269,7 +274,7 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 source = gr.Image(value=example_image(), type="pil", label="x_0 (example or upload)", elem_id="x0")
                 noisy = gr.Image(label="x_t", type="pil", elem_id="xt")
-            timestep = Slider(0, 999, value=250, step=1, label="timestep t", elem_id="timestep")
+            timestep = friendly_numbers(gr.Slider(0, 999, value=250, step=1, label="timestep t", elem_id="timestep"))
             caption = gr.Markdown(elem_id="alpha")
             gr.LinePlot(schedule_plot_data(), x="t", y="value", color="curve", title="ᾱ_t and log10 SNR over t")
             for trigger in (timestep.change, source.change):

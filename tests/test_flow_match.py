@@ -63,7 +63,9 @@ def test_step_parity_with_diffusers(shift, steps):
     ],
 )
 def test_dynamic_shifting_and_shift_terminal_match_diffusers(config, set_kwargs):
-    errors = run_both(ScratchFlowMatchEulerScheduler(**config), FlowMatchEulerDiscreteScheduler(**config), 12, set_kwargs)
+    errors = run_both(
+        ScratchFlowMatchEulerScheduler(**config), FlowMatchEulerDiscreteScheduler(**config), 12, set_kwargs
+    )
     assert max(errors) <= RELATIVE_TOLERANCE
 
 
@@ -151,7 +153,9 @@ def test_text_to_image_with_a_flow_scheduler_matches_diffusers(components, guida
     """Our pipeline (with diffusers' flow scheduler, and with ours) gives the images of diffusers' own
     StableDiffusionPipeline, which runs a flow model through our scheduler's init_noise_sigma and scale_model_input."""
     kwargs = dict(prompt="a red apple", num_inference_steps=4, guidance_scale=guidance_scale, output_type="np")
-    reference = quiet(StableDiffusionPipeline(**components, scheduler=ScratchFlowMatchEulerScheduler(shift=2.0), **NO_SAFETY))
+    reference = quiet(
+        StableDiffusionPipeline(**components, scheduler=ScratchFlowMatchEulerScheduler(shift=2.0), **NO_SAFETY)
+    )
     expected = reference(**kwargs, generator=seeded()).images
     for scheduler in (ScratchFlowMatchEulerScheduler(shift=2.0), FlowMatchEulerDiscreteScheduler(shift=2.0)):
         ours = quiet(ScratchStableDiffusionPipeline(**components, scheduler=scheduler))
@@ -161,7 +165,9 @@ def test_text_to_image_with_a_flow_scheduler_matches_diffusers(components, guida
 def test_image_to_image_with_a_flow_scheduler_matches_diffusers(components):
     image = torch.rand(1, 3, 32, 32, generator=seeded(1))
     kwargs = dict(prompt="a cat", image=image, strength=0.6, num_inference_steps=5, output_type="np")
-    reference = quiet(StableDiffusionImg2ImgPipeline(**components, scheduler=ScratchFlowMatchEulerScheduler(), **NO_SAFETY))
+    reference = quiet(
+        StableDiffusionImg2ImgPipeline(**components, scheduler=ScratchFlowMatchEulerScheduler(), **NO_SAFETY)
+    )
     expected = reference(**kwargs, generator=seeded()).images
     for scheduler in (ScratchFlowMatchEulerScheduler(), FlowMatchEulerDiscreteScheduler()):
         ours = quiet(ScratchStableDiffusionImg2ImgPipeline(**components, scheduler=scheduler))
@@ -179,7 +185,10 @@ def test_callback_pred_original_sample_with_diffusers_flow_scheduler(components)
 
         return callback
 
-    for name, scheduler in (("ours", ScratchFlowMatchEulerScheduler()), ("diffusers", FlowMatchEulerDiscreteScheduler())):
+    for name, scheduler in (
+        ("ours", ScratchFlowMatchEulerScheduler()),
+        ("diffusers", FlowMatchEulerDiscreteScheduler()),
+    ):
         pipe = quiet(ScratchStableDiffusionPipeline(**components, scheduler=scheduler))
         pipe("a cat", num_inference_steps=3, generator=seeded(), callback_on_step_end=keep(name),
              callback_on_step_end_tensor_inputs=["pred_original_sample"])  # fmt: skip

@@ -34,7 +34,9 @@ def test_edm_coefficients_at_known_sigmas():
     small, large = (objectives.edm_preconditioning(torch.tensor([s], dtype=torch.float64), sigma_data)
                     for s in (1e-6, 1e6))  # fmt: skip
     assert small["c_skip"].item() == pytest.approx(1.0) and small["c_out"].item() == pytest.approx(1e-6, rel=1e-3)
-    assert large["c_skip"].item() == pytest.approx(0.0, abs=1e-12) and large["c_out"].item() == pytest.approx(sigma_data)
+    assert large["c_skip"].item() == pytest.approx(0.0, abs=1e-12) and large["c_out"].item() == pytest.approx(
+        sigma_data
+    )
     sigmas = torch.logspace(-3, 2, 50, dtype=torch.float64)
     coefficients = objectives.edm_preconditioning(sigmas, sigma_data)
     torch.testing.assert_close(coefficients["loss_weight"] * coefficients["c_out"] ** 2, torch.ones_like(sigmas))
@@ -47,9 +49,13 @@ def test_edm_coefficients_equal_diffusers_edm_scheduler():
     sample, model_output = torch.randn(5, 4, 2, 2), torch.randn(5, 4, 2, 2)
     per_sample = sigma.reshape(-1, 1, 1, 1)
     torch.testing.assert_close(scheduler.precondition_noise(sigma), coefficients["c_noise"])
-    torch.testing.assert_close(scheduler.precondition_inputs(sample, per_sample), coefficients["c_in"].reshape(-1, 1, 1, 1) * sample)
+    torch.testing.assert_close(
+        scheduler.precondition_inputs(sample, per_sample), coefficients["c_in"].reshape(-1, 1, 1, 1) * sample
+    )
     denoised = scheduler.precondition_outputs(sample, model_output, per_sample)
-    expected = coefficients["c_skip"].reshape(-1, 1, 1, 1) * sample + coefficients["c_out"].reshape(-1, 1, 1, 1) * model_output
+    expected = (
+        coefficients["c_skip"].reshape(-1, 1, 1, 1) * sample + coefficients["c_out"].reshape(-1, 1, 1, 1) * model_output
+    )
     torch.testing.assert_close(denoised, expected)
 
 
@@ -180,6 +186,7 @@ def test_immiscible_noise_values_stay_standard_normal():
 # --------------------------------------------------------------------------------------------- pseudo-Huber loss
 def test_pseudo_huber_loss_values():
     """2c(√(d² + c²) − c): 0 at d = 0, 8 at d = 3 with c = 4 (√25 = 5), ≈ d² for |d| ≪ c, ≈ 2c|d| for |d| ≫ c."""
+
     def loss(d: float, c: float) -> float:
         return objectives.per_sample_loss(
             torch.full((1, 1, 1, 1), d), torch.zeros(1, 1, 1, 1), "huber", torch.tensor([c])
@@ -195,7 +202,8 @@ def test_huber_snr_schedule_moves_from_l2_to_l1():
     """c = (1 − c₀)/(1 + σ/α)² + c₀: 1 without noise, c₀ in the limit of pure noise (diffusers' research example)."""
     c = objectives.huber_c(torch.tensor([0.0, 1.0, 1e6]), "snr", 0.1)
     torch.testing.assert_close(c, torch.tensor([1.0, 0.9 / 4 + 0.1, 0.1]))
-    assert objectives.huber_c(torch.zeros(1), "exponential", 0.1, timesteps=torch.tensor([1000])).item() == \
-        pytest.approx(0.1)
+    assert objectives.huber_c(
+        torch.zeros(1), "exponential", 0.1, timesteps=torch.tensor([1000])
+    ).item() == pytest.approx(0.1)
     with pytest.raises(ValueError, match="exponential"):
         objectives.huber_c(torch.zeros(1), "exponential", 0.1)

@@ -184,7 +184,7 @@ def test_image_to_image_matches_diffusers(scheduler, diffusers_components, scrat
 
 @pytest.mark.parametrize("scheduler_class", [EDMDPMSolverMultistepScheduler, EDMEulerScheduler])
 def test_edm_schedulers_match_diffusers(scheduler_class, diffusers_components, scratch_components):
-    """A model trained with the EDM objective samples through diffusers' EDM schedulers: σ-scaled start, c_in, c_noise."""
+    """An EDM-trained model samples through diffusers' EDM schedulers: σ-scaled start, c_in, c_noise."""
     ours = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler_class(sigma_data=1.0)))
     reference = reference_pipeline(StableDiffusionPipeline, diffusers_components, scheduler_class(sigma_data=1.0))
     kwargs = dict(prompt="a red apple", num_inference_steps=4, guidance_scale=4.0, output_type="np")
@@ -382,11 +382,11 @@ BAD_TEXT_TO_IMAGE_INPUTS = {
     "negative eta": (dict(eta=-0.5), "`eta` must be a finite number >= 0.0"),
     "generator type": (dict(generator=3), "`generator` must be a torch.Generator or a list of them, got int"),
     "generator list of ints": (dict(generator=[1]), "`generator` must be a torch.Generator"),
-    "numpy latents": (dict(latents=np.zeros((1, 4, 16, 16), np.float32)), "`latents` must be a torch.Tensor, got ndarray"),
+    "numpy latents": (dict(latents=np.zeros((1, 4, 16, 16), np.float32)), "`latents` must be a torch.Tensor, got nd"),
     "list prompt_embeds": (dict(prompt=None, prompt_embeds=[[[0.0] * 32]]), "`prompt_embeds` must be a torch.Tensor"),
     "prompt_embeds features": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 31)), "has 31 features per token"),
     "integer latents": (dict(latents=torch.zeros(1, 4, 16, 16, dtype=torch.long)), "floating-point tensor"),
-    "negative prompt of numbers": (dict(negative_prompt=[3]), "`negative_prompt` must be a string or a list of strings"),
+    "negative prompt of numbers": (dict(negative_prompt=[3]), "`negative_prompt` must be a string or a list of str"),
     "True as a count": (dict(num_images_per_prompt=True), "`num_images_per_prompt` must be an integer, got True"),
     "True as steps": (dict(num_inference_steps=True), "`num_inference_steps` must be an integer, got True"),
     "True as height": (dict(height=True), "`height` must be an integer number of pixels, got True"),
@@ -503,7 +503,7 @@ def test_24_pixel_images_run_on_a_three_level_unet_as_in_diffusers():
     from diffusers import UNet2DConditionModel
 
     ours = quiet(ScratchStableDiffusionPipeline.from_pretrained(default_model_path()))
-    diffusers_unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet", torch_dtype=torch.float32)
+    diffusers_unet = UNet2DConditionModel.from_pretrained(default_model_path(), subfolder="unet", dtype=torch.float32)
     components = {**ours.components, "unet": diffusers_unet}
     reference = reference_pipeline(StableDiffusionPipeline, {k: v for k, v in components.items() if k != "scheduler"},
                                    ours.scheduler)  # fmt: skip

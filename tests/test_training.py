@@ -391,7 +391,7 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused(tmp_path, data_dir, compo
     import train_unet
 
     used = copy_run(unet_run, tmp_path / "used")
-    with pytest.raises(ValueError, match="already holds a run .*--resume_from_checkpoint latest.*--overwrite_output_dir"):
+    with pytest.raises(ValueError, match="holds a run .*--resume_from_checkpoint latest.*--overwrite_output_dir"):
         train_unet.parse_args(unet_args(data_dir, components, used))
     train_unet.parse_args([*unet_args(data_dir, components, used), "--resume_from_checkpoint", "latest"])  # allowed
 

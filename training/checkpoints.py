@@ -62,8 +62,9 @@ def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwr
     """Refuse to start a fresh run on top of another one (before anything heavy is loaded)."""
     found = run_artifacts(output_dir)
     if found and resume_from_checkpoint is None and not overwrite_output_dir:
+        listing = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
         raise ValueError(
-            f"--output_dir={output_dir!r} already holds a run ({', '.join(found[:4])}{', …' if len(found) > 4 else ''}); "
+            f"--output_dir={output_dir!r} already holds a run ({listing}); "
             "pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another "
             "--output_dir"
         )
@@ -166,8 +167,10 @@ def checkpoint_problem(path: Path) -> str | None:
         if file.stat().st_size != size:
             return f"{file} has {file.stat().st_size} bytes, {size} were written (truncated or replaced)"
     for file in sorted(path.glob("custom_checkpoint_*.pkl")):
-        return (f"{file} is a pickle (an EMA saved by an older hf-scratch through accelerate), which is never loaded "
-                "because unpickling can run code")
+        return (
+            f"{file} is a pickle (an EMA saved by an older hf-scratch through accelerate), which is never loaded "
+            "because unpickling can run code"
+        )
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(file, "pt"):
@@ -219,7 +222,9 @@ def save_ema(ema: Any, folder: Path) -> None:
 
 def load_ema(ema: Any, folder: Path) -> None:
     if not (folder / EMA_WEIGHTS).is_file():
-        raise ValueError(f"{folder} has no {EMA_WEIGHTS}, but the run uses --use_ema; resume from a checkpoint with one")
+        raise ValueError(
+            f"{folder} has no {EMA_WEIGHTS}, but the run uses --use_ema; resume from a checkpoint with one"
+        )
     shadow = load_file(folder / EMA_WEIGHTS)
     state = json.loads((folder / EMA_STATE).read_text())
     state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]

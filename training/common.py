@@ -523,9 +523,8 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", samples_per_s=f"{samples_per_s:.1f}")
                 if self.global_step % args.checkpointing_steps == 0 or self.global_step == args.max_train_steps:
-                    save_checkpoint(
-                        accelerator, self.output_dir, self.global_step, args.checkpoints_total_limit, self.model, self.ema
-                    )
+                    limit = args.checkpoints_total_limit
+                    save_checkpoint(accelerator, self.output_dir, self.global_step, limit, self.model, self.ema)
                 on_update(self.global_step)
                 if self.global_step >= args.max_train_steps:
                     break

@@ -32,14 +32,24 @@ BATCH_SIZE = 64
 COMMON_FLAGS = [
     "--resolution", "32", "--report_to", "none", "--cache_latents",
     "--block_out_channels", "64", "128", "128", "--layers_per_block", "1", "--cross_attention_levels", "0", "1", "2",
-    "--train_batch_size", str(BATCH_SIZE), "--learning_rate", "5e-4", "--lr_scheduler", "cosine", "--lr_warmup_steps", "60",
+    "--train_batch_size", str(BATCH_SIZE), "--learning_rate", "5e-4", "--lr_scheduler", "cosine",
+    "--lr_warmup_steps", "60",
     "--caption_dropout_prob", "0.1", "--use_ema", "--ema_decay", "0.999",
     "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1", "--checkpointing_steps", "100",
     "--validation_steps", "100000",
 ]  # fmt: skip
 # Latents scaled to std ≈ 1 (the shipped VAE's scaling_factor): σ_data = 1, EDM2's P_mean −0.4 (for std 0.5) + ln 2.
 EDM_FLAGS = ["--objective", "edm", "--sigma_data", "1.0", "--edm_p_mean", "0.29", "--edm_p_std", "1.0"]
-FLOW_FLAGS = ["--objective", "flow_matching", "--weighting_scheme", "logit_normal", "--logit_mean", "0", "--logit_std", "1"]
+FLOW_FLAGS = [
+    "--objective",
+    "flow_matching",
+    "--weighting_scheme",
+    "logit_normal",
+    "--logit_mean",
+    "0",
+    "--logit_std",
+    "1",
+]
 ARMS = {
     "A0": ("ε, uniform t", ["--objective", "epsilon"]),
     "A1": ("ε + min-SNR-5 (the shipped recipe)", ["--objective", "epsilon", "--snr_gamma", "5"]),

@@ -45,7 +45,9 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
     """The one-sentence verdict and the per-arm comparison lines."""
     if BASELINE not in by_arm:
         return "no verdict: the baseline has not run", []
-    primary = {arm: [_split_mean(run, _last(run), STEP_COUNTS[0], "top5") for run in runs] for arm, runs in by_arm.items()}
+    primary = {
+        arm: [_split_mean(run, _last(run), STEP_COUNTS[0], "top5") for run in runs] for arm, runs in by_arm.items()
+    }
     base_mean, base_spread = _mean_spread(primary[BASELINE])
     lines, winners = [], []
     for arm, values in primary.items():
@@ -56,8 +58,15 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
         beats = len(values) > 1 and len(primary[BASELINE]) > 1 and mean - base_mean > margin
         lines.append(
             f"- {arm} vs {BASELINE}: {mean:.3f} − {base_mean:.3f} = {mean - base_mean:+.3f}, seed spread {margin:.3f}: "
-            + ("**beats the baseline**" if beats else "within the spread (tie)" if abs(mean - base_mean) <= margin
-               else "worse than the baseline" if mean < base_mean else "ahead, but with one seed only")
+            + (
+                "**beats the baseline**"
+                if beats
+                else "within the spread (tie)"
+                if abs(mean - base_mean) <= margin
+                else "worse than the baseline"
+                if mean < base_mean
+                else "ahead, but with one seed only"
+            )
         )
         if beats:
             winners.append((mean, arm))
@@ -121,7 +130,8 @@ def markdown(results: dict) -> str:
     cost = ["| arm | training s per run | samples/s | evaluation s per run | final loss |", "|---|---|---|---|---|"]
     for arm, arm_runs in by_arm.items():
         cost.append(
-            f"| {arm} | {_cell([r['train_seconds'] for r in arm_runs], 0)} | {_cell([r['samples_per_s'] for r in arm_runs], 1)}"
+            f"| {arm} | {_cell([r['train_seconds'] for r in arm_runs], 0)}"
+            f" | {_cell([r['samples_per_s'] for r in arm_runs], 1)}"
             f" | {_cell([r['eval_seconds'] for r in arm_runs], 0)} | {_cell([r['final_loss'] for r in arm_runs])} |"
         )
     prompts_end = first["checkpoints"][last]["train"]["20"]["prompts"]
@@ -130,7 +140,7 @@ def markdown(results: dict) -> str:
     return f"""# Objectives study
 
 Which training objective gives the best small latent-diffusion model at equal compute? Every run trains the shipped
-model's U-Net configuration (7.2M parameters, 8×8×4 latents) for {first['steps']} steps of batch 64 from the same
+model's U-Net configuration (7.2M parameters, 8×8×4 latents) for {first["steps"]} steps of batch 64 from the same
 initialisation and data order (fixed by the seed), on the shipped model's frozen VAE and text encoder with cached
 latents, with the same learning rate, schedule and EMA; only the objective differs. Two runs trained at a time, one
 thread each (`python training/study.py run`; this file comes from `python training/study.py report`).

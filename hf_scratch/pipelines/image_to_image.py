@@ -34,7 +34,7 @@ def _rgb_array(image: np.ndarray | torch.Tensor, channel_axis: int) -> np.ndarra
     is_tensor = isinstance(image, torch.Tensor)
     if image.dtype in (np.uint8, torch.uint8):
         image = image.float() / 255 if is_tensor else image.astype(np.float32) / 255
-    elif image.dtype in (np.bool_, torch.bool) or not (image.is_floating_point() if is_tensor else np.issubdtype(image.dtype, np.floating)):
+    elif not (image.is_floating_point() if is_tensor else np.issubdtype(image.dtype, np.floating)):
         raise TypeError(f"`image` arrays must hold floats in [0, 1] or uint8 in 0–255, got dtype {image.dtype}.")
     finite = torch.isfinite(image).all() if is_tensor else np.isfinite(image).all()
     if not finite:

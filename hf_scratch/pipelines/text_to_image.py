@@ -68,7 +68,9 @@ def check_real(name: str, value: Any, minimum: float | None = None, maximum: flo
 def check_tensor(name: str, value: Any, ndim: int) -> None:
     """A finite floating-point torch tensor of `ndim` dimensions (numpy arrays and lists are refused by name)."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}; convert it with torch.as_tensor.")
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor, got {type(value).__name__}; convert it with torch.as_tensor."
+        )
     if value.ndim != ndim or not value.is_floating_point():
         raise ValueError(f"`{name}` must be a {ndim}-dimensional floating-point tensor, got {value.dtype} of shape "
                          f"{tuple(value.shape)}.")  # fmt: skip
@@ -234,7 +236,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             isinstance(name, str) for name in callback_on_step_end_tensor_inputs
         ):
             raise TypeError(
-                f"`callback_on_step_end_tensor_inputs` must be a list of names, got {callback_on_step_end_tensor_inputs!r}."
+                "`callback_on_step_end_tensor_inputs` must be a list of names, got "
+                f"{callback_on_step_end_tensor_inputs!r}."
             )
         if generator is not None and not isinstance(generator, torch.Generator):
             if not (isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator)):
@@ -305,7 +308,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             )
         if clip_skip is not None:
             num_layers = self.text_encoder.config.num_hidden_layers
-            if isinstance(clip_skip, bool) or not (isinstance(clip_skip, (int, np.integer)) and 0 <= clip_skip < num_layers):
+            integer = isinstance(clip_skip, (int, np.integer)) and not isinstance(clip_skip, bool)
+            if not (integer and 0 <= clip_skip < num_layers):
                 raise ValueError(f"`clip_skip` must be an integer in [0, {num_layers - 1}], got {clip_skip!r}.")
         return batch_size
 
@@ -313,7 +317,9 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         """Raise `ValueError` unless `height` and `width` are positive multiples of `self.size_multiple`."""
         for name, value in zip(names, (height, width)):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an integer number of pixels, got {value!r} of type {type(value).__name__}.")
+                raise TypeError(
+                    f"{name} must be an integer number of pixels, got {value!r} of type {type(value).__name__}."
+                )
             if value <= 0 or value % self.size_multiple != 0:
                 raise ValueError(
                     f"{name} must be a positive multiple of {self.size_multiple} (8 and the VAE's downsampling "
@@ -329,10 +335,11 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         num_train_timesteps = config.get("num_train_timesteps")
         if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
             raise ValueError(
-                f"`num_inference_steps` ({num_inference_steps}) exceeds the {num_train_timesteps} timesteps the model was "
-                f"trained on; pass at most {num_train_timesteps}."
+                f"`num_inference_steps` ({num_inference_steps}) exceeds the {num_train_timesteps} timesteps the model "
+                f"was trained on; pass at most {num_train_timesteps}."
             )
-        if type(self.scheduler).__name__ == "PNDMScheduler" and not config.get("skip_prk_steps") and num_inference_steps < 4:
+        runge_kutta_warm_up = type(self.scheduler).__name__ == "PNDMScheduler" and not config.get("skip_prk_steps")
+        if runge_kutta_warm_up and num_inference_steps < 4:
             raise ValueError(
                 f"PNDMScheduler's Runge–Kutta warm-up needs `num_inference_steps` >= 4, got {num_inference_steps}; "
                 "pass more steps, or a scheduler built with skip_prk_steps=True."
@@ -343,12 +350,13 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             spacing = timesteps[0] - timesteps[1] if len(timesteps) > 1 else num_train_timesteps
             unvisited = num_train_timesteps - 1 - timesteps[0]
             if unvisited > max(2 * spacing, num_train_timesteps // 10):
+                name = type(self.scheduler).__name__
+                signal = float(self.scheduler.alphas_cumprod[timesteps[0]]) ** 0.5
                 raise ValueError(
-                    f"With \"leading\" spacing, {type(self.scheduler).__name__} at {num_inference_steps} steps starts at "
-                    f"t={timesteps[0]} of {num_train_timesteps}: sampling would begin from pure noise where the model "
-                    f"expects signal (√ᾱ = {float(self.scheduler.alphas_cumprod[timesteps[0]]) ** 0.5:.2f}) and wash "
-                    "out. Use fewer steps, or trailing spacing: pipe.scheduler = "
-                    f"{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\")."
+                    f"With \"leading\" spacing, {name} at {num_inference_steps} steps starts at t={timesteps[0]} of "
+                    f"{num_train_timesteps}: sampling would begin from pure noise where the model expects signal "
+                    f"(√ᾱ = {signal:.2f}) and wash out. Use fewer steps, or trailing spacing: pipe.scheduler = "
+                    f"{name}.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\")."
                 )
 
     def check_memory(self, num_images: int, height: int, width: int) -> None:
@@ -367,9 +375,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             available = torch.cuda.mem_get_info(device)[0]
         else:
             try:
-                meminfo = Path("/proc/meminfo").read_text()
-                available = int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable")).split()[1])
-                available *= 1024
+                meminfo = Path("/proc/meminfo").read_text().splitlines()
+                available = 1024 * int(next(line for line in meminfo if line.startswith("MemAvailable")).split()[1])
             except (OSError, StopIteration, ValueError):
                 return  # no way to tell on this system
         if needed > available:

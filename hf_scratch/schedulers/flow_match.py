@@ -90,7 +90,9 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
         if shift <= 0:
             raise ValueError(f"`shift` must be positive, got {shift!r}.")
         # The training grid σ = 1, 1 − 1/T, …, 1/T (shifted), as diffusers lays it out.
-        sigmas = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        sigmas = torch.from_numpy(
+            np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        )
         sigmas = sigmas / num_train_timesteps
         if not use_dynamic_shifting:
             sigmas = shift_sigmas(sigmas, shift)
@@ -162,7 +164,9 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
             sigmas = grid / T
         else:
             sigmas = np.array(sigmas).astype(np.float32)
-        sigmas = self.time_shift(mu, sigmas) if self.config.use_dynamic_shifting else shift_sigmas(sigmas, self.config.shift)
+        sigmas = (
+            self.time_shift(mu, sigmas) if self.config.use_dynamic_shifting else shift_sigmas(sigmas, self.config.shift)
+        )
         if self.config.shift_terminal:
             # stretch 1 − σ so that the last σ is `shift_terminal`
             one_minus_sigmas = 1 - sigmas
