@@ -365,9 +365,8 @@ def optimizer_step(
 ) -> None:
     """Backward, and on the last micro-batch of an accumulation window clip, step and reset the gradients.
 
-    A non-finite loss or gradient norm raises `TrainingDiverged` before the optimizer touches the weights."""
-    if not torch.isfinite(loss.detach()).all():
-        raise TrainingDiverged(f"the loss is {loss.detach().float().mean().item()}")
+    A non-finite gradient norm (a non-finite loss gives one) raises `TrainingDiverged` before the optimizer touches
+    the weights. The check is on the all-reduced gradients, so every process stops at the same step."""
     accelerator.backward(loss)
     if accelerator.sync_gradients:
         parameters = [p for p in model.parameters() if p.grad is not None]
@@ -377,7 +376,9 @@ def optimizer_step(
             grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in parameters]))
         if not torch.isfinite(torch.as_tensor(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(f"the gradient norm is {float(grad_norm)}")
+            raise TrainingDiverged(
+                f"the gradient norm is {float(grad_norm)} (this micro-batch's loss is {loss.detach().float().item()})"
+            )
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
