@@ -37,6 +37,8 @@ import hf_scratch.schedulers.flow_match  # noqa: F401  isort: skip
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Classifier-free guidance weights in use stay below about 30; from here on ε̂_uncond + w (ε̂_cond − ε̂_uncond) overflows.
+MAX_GUIDANCE_SCALE = 1000.0
 # `save_pretrained` writes `<REMOTE_CODE_MODULE>.py` so that `DiffusionPipeline.from_pretrained` can find our class.
 REMOTE_CODE_MODULE = "pipeline"
 
@@ -226,7 +228,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
     ) -> int:
         """Raise `TypeError` or `ValueError`, naming the argument, for inputs shared by both pipelines; return the
         number of prompts."""
-        check_real("guidance_scale", guidance_scale)
+        check_real("guidance_scale", guidance_scale, maximum=MAX_GUIDANCE_SCALE)
         check_real("eta", eta, minimum=0.0, maximum=1.0)  # DDIM's η: 0 deterministic, 1 DDPM's variance (Eq. 16)
         if not isinstance(return_dict, bool):
             raise TypeError(f"`return_dict` must be True or False, got {return_dict!r}.")
