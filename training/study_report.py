@@ -55,18 +55,18 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
             continue
         mean, spread = _mean_spread(values)
         margin = max(spread, base_spread)
-        beats = len(values) > 1 and len(primary[BASELINE]) > 1 and mean - base_mean > margin
+        difference = mean - base_mean
+        if len(values) < 2 or len(primary[BASELINE]) < 2:
+            status = "not judged yet: one of the two arms has a single seed"
+        elif difference > margin:
+            status = "**beats the baseline**"
+        elif difference < -margin:
+            status = "worse than the baseline"
+        else:
+            status = "within the spread (tie)"
+        beats = status == "**beats the baseline**"
         lines.append(
-            f"- {arm} vs {BASELINE}: {mean:.3f} − {base_mean:.3f} = {mean - base_mean:+.3f}, seed spread {margin:.3f}: "
-            + (
-                "**beats the baseline**"
-                if beats
-                else "within the spread (tie)"
-                if abs(mean - base_mean) <= margin
-                else "worse than the baseline"
-                if mean < base_mean
-                else "ahead, but with one seed only"
-            )
+            f"- {arm} vs {BASELINE}: {mean:.3f} − {base_mean:.3f} = {difference:+.3f}, seed spread {margin:.3f}: {status}"
         )
         if beats:
             winners.append((mean, arm))
@@ -74,7 +74,8 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
     if len(ranked) >= 2:
         (first, a), (second, b) = ranked[:2]
         spread = max(_mean_spread(primary[a])[1], _mean_spread(primary[b])[1])
-        if first - second < 2 * spread and max(len(primary[a]), len(primary[b])) < 3:
+        seeds = (len(primary[a]), len(primary[b]))
+        if min(seeds) >= 2 and max(seeds) < 3 and first - second < 2 * spread:
             lines.append(
                 f"- the top two, {a} and {b}, are closer ({first - second:.3f}) than twice their seed spread "
                 f"({2 * spread:.3f}): a third seed is due (`python training/study.py run --seeds 2 --arms {a} {b}`)"
