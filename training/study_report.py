@@ -66,7 +66,8 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
             status = "within the spread (tie)"
         beats = status == "**beats the baseline**"
         lines.append(
-            f"- {arm} vs {BASELINE}: {mean:.3f} − {base_mean:.3f} = {difference:+.3f}, seed spread {margin:.3f}: {status}"
+            f"- {arm} vs {BASELINE}: {mean:.3f} − {base_mean:.3f} = {difference:+.3f}, "
+            f"seed spread {margin:.3f}: {status}"
         )
         if beats:
             winners.append((mean, arm))
