@@ -83,8 +83,16 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
             )
     if not winners:
         return f"tie: no arm beats the baseline {BASELINE} by more than the seed spread", lines
-    best = max(winners)[1]
-    return f"{best} ({ARMS[best][0]}) wins: it beats the baseline {BASELINE} by more than the seed spread", lines
+    winners.sort(reverse=True)
+    best_mean, best = winners[0]
+    sentence = f"{best} ({ARMS[best][0]}) wins: it beats the baseline {BASELINE} by more than the seed spread"
+    close = [
+        arm for mean, arm in winners[1:]
+        if best_mean - mean <= max(_mean_spread(primary[best])[1], _mean_spread(primary[arm])[1])
+    ]  # fmt: skip
+    if close:
+        sentence += f"; {', '.join(close)} also {'does' if len(close) == 1 else 'do'}, within the seed spread of {best}"
+    return sentence, lines
 
 
 def markdown(results: dict) -> str:
