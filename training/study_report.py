@@ -216,7 +216,10 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set(xlabel="training step", ylabel="judge top-5 (mean of 3 splits)", title="higher is better")
     axes[1].set(xlabel="training step", ylabel="Fréchet distance, CLIP (mean of 3 splits)", title="lower is better")
     axes[0].legend(fontsize=7)
-    figure.suptitle("Objectives at equal compute (band: min–max over seeds; 20 sampler steps)")
+    figure.suptitle(
+        "Objectives at equal compute (20 sampler steps; band: min–max over seeds; "
+        "the last point on 128 prompts per split, the others on 64)"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
