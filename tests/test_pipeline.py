@@ -654,3 +654,19 @@ def test_saved_weights_respect_the_umask(pipe, tmp_path):
 )  # fmt: skip
 def test_usual_schedules_are_accepted(scheduler, steps, scratch_components):
     ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler).check_schedule(steps)
+
+
+def test_callback_pred_original_sample_of_edm_schedulers_agree(scratch_components):
+    """EDM's Euler reports x̂_0; for its DPM-Solver++ (which does not) the pipeline derives D = c_skip x + c_out F: at
+    the first step, where both start from the same σ and latents, the two agree."""
+    first = {}
+
+    for name, scheduler_class in (("euler", EDMEulerScheduler), ("dpm", EDMDPMSolverMultistepScheduler)):
+        def keep(pipe, step, timestep, tensors, name=name):
+            first.setdefault(name, tensors["pred_original_sample"])
+            return {}
+
+        pipe = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler_class(sigma_data=1.0)))
+        pipe("a cat", num_inference_steps=4, generator=seeded(), callback_on_step_end=keep,
+             callback_on_step_end_tensor_inputs=["pred_original_sample"], output_type="latent")  # fmt: skip
+    torch.testing.assert_close(first["dpm"], first["euler"], rtol=1e-4, atol=1e-5)

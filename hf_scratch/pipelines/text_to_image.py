@@ -471,12 +471,15 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
     def _pred_original_sample(
         self, step_output: BaseOutput, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
     ) -> torch.Tensor:
-        """The x_0 predicted at this step: the scheduler's own, else from the model output via alphas_cumprod (or,
-        for a flow scheduler without them, x̂_0 = x_σ − σ v̂)."""
+        """The x_0 predicted at this step: the scheduler's own, else from the model output via alphas_cumprod; for
+        σ-parameterised schedulers without them, EDM's D = c_skip x + c_out F (`precondition_outputs`) or the flow's
+        x̂_0 = x_σ − σ v̂."""
         if getattr(step_output, "pred_original_sample", None) is not None:
             return step_output.pred_original_sample
         if not hasattr(self.scheduler, "alphas_cumprod"):
             sigma = self.scheduler.sigmas[self.scheduler.step_index - 1].to(sample)  # step() has moved on by one
+            if hasattr(self.scheduler, "precondition_outputs"):
+                return self.scheduler.precondition_outputs(sample, model_output, sigma)
             return sample - sigma * model_output
         alpha_prod_t = self.scheduler.alphas_cumprod[int(timestep)].to(sample)
         beta_prod_t = 1 - alpha_prod_t
