@@ -199,7 +199,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20, help="steps of the pipeline's own scheduler")
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--samplers", nargs="*", default=list(DEFAULT_SAMPLERS), help="NAME-STEPS, e.g. ddim-50")
+    parser.add_argument(
+        "--samplers", nargs="*", default=None,
+        help="NAME-STEPS, e.g. ddim-50 (default, by the model's scheduler family: "
+        + "; ".join(f"{family}: {' '.join(specs)}" for family, specs in DEFAULT_SAMPLERS.items()) + ")",
+    )  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_vae_images", type=int, default=None, help="default: the whole validation split")

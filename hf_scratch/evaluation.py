@@ -48,7 +48,12 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "heldout_style")
 # Splits whose emoji the model was trained on (in another style, for heldout_style): generations can match the pixels.
 PIXEL_SPLITS = ("train", "heldout_style")
-DEFAULT_SAMPLERS = ("ddpm-1000", "ddim-50", "dpm++-20", "dpm++-10")
+# The sampler table of each scheduler family (see `hf_scratch.schedulers.FAMILIES`): a model is sampled by its own.
+DEFAULT_SAMPLERS = {
+    "ddpm": ("ddpm-1000", "ddim-50", "dpm++-20", "dpm++-10"),
+    "edm": ("edm-euler-50", "edm-dpm++-20", "edm-dpm++-10"),
+    "flow": ("flow-euler-50", "flow-euler-20", "flow-euler-10"),
+}
 TOP_K = (1, 5)
 # SSIM as in Wang et al. 2004, Sec. III-C: an 11x11 Gaussian window of σ 1.5 and C_i = (K_i L)² with L = 1.
 SSIM_WINDOW = 11
@@ -358,7 +363,7 @@ def run_emoji_bench(
     seed: int = 0,
     steps: int = 20,
     guidance: float = 4.0,
-    samplers: Sequence[str] = DEFAULT_SAMPLERS,
+    samplers: Sequence[str] | None = None,
     resolution: int | None = None,
     batch_size: int = 16,
     max_vae_images: int | None = None,
@@ -378,7 +383,7 @@ def run_emoji_bench(
         num_prompts: captions sampled from each split for the generation table.
         num_prompts_samplers: captions sampled from `train` for each of `samplers` (the first of the same order).
         seed, steps, guidance: prompt i uses a generator seeded `seed + i`, `steps` steps and guidance weight w.
-        samplers: "NAME-STEPS" specs, e.g. "ddim-50".
+        samplers: "NAME-STEPS" specs, e.g. "ddim-50"; default `DEFAULT_SAMPLERS` of the scheduler's family.
         resolution: image side; default the pipeline's. Real images are resized (bicubic) to it.
         batch_size: images per pipeline call and per encoder batch.
         max_vae_images: reconstruct at most this many validation images (a hash sample); default all.
@@ -392,6 +397,10 @@ def run_emoji_bench(
     missing = [split for split in SPLITS if split not in dataset_dict]
     if missing:
         raise ValueError(f"dataset_dict lacks the splits {missing}; emoji-bench needs {SPLITS}")
+    if samplers is None:
+        from hf_scratch.schedulers import scheduler_family
+
+        samplers = DEFAULT_SAMPLERS[scheduler_family(pipeline.scheduler.config)]
     sampler_specs = {spec: parse_sampler(spec) for spec in samplers}
     resolution = _default_resolution(pipeline) if resolution is None else resolution
     pipeline.check_size(resolution, resolution, names=("resolution", "resolution"))

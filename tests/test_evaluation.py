@@ -203,3 +203,20 @@ def test_main_writes_json_markdown_and_grid_with_finite_numbers(bench_inputs, on
 def test_main_reports_a_bad_sampler_as_a_usage_error(bench_inputs, capsys):
     assert main([*_folder_args(bench_inputs, bench_inputs["root"] / "bad"), "--samplers", "euler-10"]) == 2
     assert "samplers='euler-10'" in capsys.readouterr().err
+
+
+def test_a_flow_model_is_benchmarked_with_its_own_samplers(bench_inputs, one_thread):
+    import datasets
+
+    from hf_scratch.evaluation import DEFAULT_SAMPLERS, load_judge, run_emoji_bench
+    from hf_scratch.schedulers.flow_match import ScratchFlowMatchEulerScheduler
+
+    pipe = ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=ScratchFlowMatchEulerScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    judge, tokenizer = load_judge(bench_inputs["judge"])
+    results = run_emoji_bench(
+        pipe, judge, tokenizer, datasets.load_dataset(str(bench_inputs["data"])), num_prompts=2,
+        num_prompts_samplers=2, steps=2, resolution=16,
+    )  # fmt: skip
+    assert tuple(results["samplers"]) == DEFAULT_SAMPLERS["flow"]
+    assert all(math.isfinite(scores["top5"]) for scores in results["samplers"].values())
