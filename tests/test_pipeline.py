@@ -670,3 +670,55 @@ def test_callback_pred_original_sample_of_edm_schedulers_agree(scratch_component
         pipe("a cat", num_inference_steps=4, generator=seeded(), callback_on_step_end=keep,
              callback_on_step_end_tensor_inputs=["pred_original_sample"], output_type="latent")  # fmt: skip
     torch.testing.assert_close(first["dpm"], first["euler"], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- guidance_rescale and custom schedules (diffusers')
+@pytest.mark.parametrize(
+    "kwargs, scheduler_class",
+    [(dict(guidance_rescale=0.7), DDIMScheduler),
+     (dict(timesteps=[999, 700, 400, 100]), DDPMScheduler),
+     (dict(timesteps=[950, 500, 50], guidance_rescale=0.3), DDPMScheduler)],
+)  # fmt: skip
+def test_guidance_rescale_and_custom_timesteps_match_diffusers(kwargs, scheduler_class, diffusers_components,
+                                                               scratch_components):  # fmt: skip
+    ours = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=make_scheduler(scheduler_class)))
+    reference = reference_pipeline(StableDiffusionPipeline, diffusers_components, make_scheduler(scheduler_class))
+    call = dict(prompt="a red apple", num_inference_steps=3, guidance_scale=6.0, output_type="np", **kwargs)
+    image = ours(**call, generator=seeded()).images
+    assert np.abs(image - reference(**call, generator=seeded()).images).max() <= TOLERANCE
+    if "guidance_rescale" in kwargs:  # the option does something
+        plain = {key: value for key, value in call.items() if key != "guidance_rescale"}
+        assert np.abs(image - ours(**plain, generator=seeded()).images).max() > TOLERANCE
+
+
+def test_custom_sigmas_of_a_flow_scheduler_match_diffusers(diffusers_components, scratch_components):
+    from hf_scratch.schedulers.flow_match import ScratchFlowMatchEulerScheduler
+
+    call = dict(prompt="a cat", sigmas=[1.0, 0.7, 0.4, 0.1], guidance_scale=3.0, output_type="np")
+    ours = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=ScratchFlowMatchEulerScheduler()))
+    reference = reference_pipeline(StableDiffusionPipeline, diffusers_components, ScratchFlowMatchEulerScheduler())
+    image = ours(**call, generator=seeded()).images
+    assert np.abs(image - reference(**call, generator=seeded()).images).max() <= TOLERANCE
+
+
+def test_image_to_image_with_custom_timesteps_matches_diffusers(diffusers_components, scratch_components):
+    scheduler = make_scheduler(DDPMScheduler)
+    ours = quiet(ScratchStableDiffusionImg2ImgPipeline(**scratch_components, scheduler=scheduler))
+    reference = reference_pipeline(StableDiffusionImg2ImgPipeline, diffusers_components, make_scheduler(DDPMScheduler))
+    call = dict(prompt="a cat", image=init_image(), strength=0.5, timesteps=[900, 600, 300, 100], output_type="np")
+    image = ours(**call, generator=seeded()).images
+    assert np.abs(image - reference(**call, generator=seeded()).images).max() <= TOLERANCE
+    # diffusers' img2img has no guidance_rescale; ours takes it, as its text-to-image does
+    assert np.abs(ours(**call, guidance_rescale=0.5, generator=seeded()).images - image).max() > TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [(dict(timesteps=[999, 500]), ValueError, "`timesteps` is not supported by ScratchDDIMScheduler"),
+     (dict(timesteps=[999], sigmas=[1.0]), ValueError, "at most one of `timesteps` and `sigmas`"),
+     (dict(timesteps="999"), TypeError, "`timesteps` must be a non-empty list of numbers"),
+     (dict(guidance_rescale=1.5), ValueError, "`guidance_rescale` must be a finite number >= 0.0 and <= 1.0")],
+)  # fmt: skip
+def test_bad_schedules_and_rescale_are_named(pipe, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        pipe("a cat", num_inference_steps=2, **kwargs)

@@ -179,6 +179,9 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         clip_skip: int | None = None,
+        guidance_rescale: float = 0.0,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ) -> ScratchPipelineOutput | tuple:
         """Transform `image` guided by text.
 
@@ -188,7 +191,8 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
                 rounded down to a multiple of 8 (and of the VAE's downsampling factor).
             strength: how far into the noise schedule to start, in (0, 1]; 1 ignores the image's content, and
                 `int(num_inference_steps * strength)` steps are run.
-            The other arguments are those of `ScratchStableDiffusionPipeline.__call__`.
+            The other arguments (`guidance_rescale`, `timesteps`, `sigmas` among them) are those of
+            `ScratchStableDiffusionPipeline.__call__`.
         """
         batch_size = self.check_inputs(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
@@ -196,6 +200,7 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
             guidance_scale, eta, callback_on_step_end, return_dict,
         )  # fmt: skip
         num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
+        check_real("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
         image = as_rgb_images(image)
         height, width = self.check_image(image, strength, num_inference_steps)
         self.check_memory(batch_size * num_images_per_prompt, height, width)
@@ -215,12 +220,12 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         if negative_prompt_embeds is not None:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        _, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
         timesteps = self.get_timesteps(num_inference_steps, strength)
         latents = self.prepare_image_latents(image, timesteps[:1], num_images, prompt_embeds.dtype, device, generator)
         latents = self.denoise(
-            latents, timesteps, prompt_embeds, guidance_scale,
-            self.prepare_extra_step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
+            latents, timesteps, prompt_embeds, guidance_scale, self.prepare_extra_step_kwargs(generator, eta),
+            callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale,
         )  # fmt: skip
         images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()

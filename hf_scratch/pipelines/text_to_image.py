@@ -37,6 +37,17 @@ import hf_scratch.schedulers.flow_match  # noqa: F401  isort: skip
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Rescaled classifier-free guidance (Lin et al. 2024, arXiv:2305.08891, Sec. 3.4, Eq. 15–16): the guided
+    prediction x_cfg is scaled to the standard deviation of the text-conditioned one,
+    x_rescaled = x_cfg · σ_pos / σ_cfg, then mixed back, φ x_rescaled + (1 − φ) x_cfg, with φ = `guidance_rescale`
+    (each σ over a sample's elements)."""
+    dims = list(range(1, noise_cfg.ndim))
+    std_text = noise_pred_text.std(dim=dims, keepdim=True)
+    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
+    return guidance_rescale * (noise_cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * noise_cfg
+
+
 # Classifier-free guidance weights in use stay below about 30; from here on ε̂_uncond + w (ε̂_cond − ε̂_uncond) overflows.
 MAX_GUIDANCE_SCALE = 1000.0
 # `save_pretrained` writes `<REMOTE_CODE_MODULE>.py` so that `DiffusionPipeline.from_pretrained` can find our class.
@@ -361,6 +372,33 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                     f"{name}.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\")."
                 )
 
+    def retrieve_timesteps(
+        self, num_inference_steps: int, device: torch.device, timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, int]:  # fmt: skip
+        """Set the scheduler's timesteps, `num_inference_steps` of them or the custom `timesteps` / `sigmas` (for
+        schedulers whose `set_timesteps` takes them, as diffusers' `retrieve_timesteps`); return them and their
+        count."""
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass at most one of `timesteps` and `sigmas`, got both.")
+        for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if values is None:
+                continue
+            numbers = isinstance(values, (list, tuple, np.ndarray, torch.Tensor)) and len(values) > 0
+            if not numbers or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                                      for v in (values.tolist() if hasattr(values, "tolist") else values)):
+                raise TypeError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")  # fmt: skip
+            if name not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"`{name}` is not supported by {type(self.scheduler).__name__}, whose `set_timesteps` takes no "
+                    f"custom {name}; use a scheduler that does (diffusers' DDPMScheduler or EulerDiscreteScheduler, "
+                    "or a flow-matching scheduler)."
+                )
+            self.scheduler.set_timesteps(device=device, **{name: list(values)})
+            return self.scheduler.timesteps, len(self.scheduler.timesteps)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps, num_inference_steps
+
     def check_memory(self, num_images: int, height: int, width: int) -> None:
         """Refuse, before allocating anything, a request whose decode cannot fit in the memory that is free.
 
@@ -499,8 +537,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         extra_step_kwargs: dict[str, Any],
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        guidance_rescale: float = 0.0,
     ) -> torch.Tensor:
-        """Run x_t -> ε̂ -> x_{t-1} over `timesteps`. With guidance, `prompt_embeds` is `[uncond; cond]`."""
+        """Run x_t -> ε̂ -> x_{t-1} over `timesteps`. With guidance, `prompt_embeds` is `[uncond; cond]`, and
+        `guidance_rescale` > 0 rescales the guided prediction (`rescale_noise_cfg`)."""
         do_classifier_free_guidance = guidance_scale > 1
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step_index, timestep in enumerate(timesteps):
@@ -512,6 +552,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 if do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
 
                 step_output = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs, return_dict=True)
                 sample, latents = latents, step_output.prev_sample
@@ -579,6 +621,9 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         clip_skip: int | None = None,
+        guidance_rescale: float = 0.0,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ) -> ScratchPipelineOutput | tuple:
         """Generate images from text.
 
@@ -600,6 +645,9 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 "prompt_embeds", "noise_pred", "pred_original_sample"); it may return a dict that replaces "latents"
                 or "prompt_embeds".
             clip_skip: use the text encoder's hidden state this many layers before the last.
+            guidance_rescale: φ of rescaled guidance (Lin et al. 2024, Sec. 3.4), in [0, 1]; 0 leaves it off.
+            timesteps, sigmas: a custom schedule, for schedulers whose `set_timesteps` takes one (it then sets the
+                number of steps).
         """
         default_height, default_width = self._default_size()
         height = default_height if height is None else height
@@ -610,6 +658,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             guidance_scale, eta, callback_on_step_end, return_dict,
         )  # fmt: skip
         self.check_size(height, width)
+        check_real("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
         height, width = int(height), int(width)
         num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
         num_images = batch_size * num_images_per_prompt
@@ -631,11 +680,11 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         if negative_prompt_embeds is not None:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
         latents = self.denoise(
-            latents, self.scheduler.timesteps, prompt_embeds, guidance_scale,
-            self.prepare_extra_step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
+            latents, timesteps, prompt_embeds, guidance_scale, self.prepare_extra_step_kwargs(generator, eta),
+            callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale,
         )  # fmt: skip
         images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
