@@ -599,6 +599,9 @@ PIPELINE_ARGUMENTS = {
     "callback_on_step_end": st.sampled_from([None]) | ANY_VALUE,
     "callback_on_step_end_tensor_inputs": st.sampled_from([["latents"]]) | ANY_VALUE,
     "clip_skip": st.sampled_from([None, 1]) | ANY_VALUE,
+    "guidance_rescale": st.sampled_from([0.0, 0.7]) | ANY_VALUE,
+    "timesteps": st.sampled_from([None]) | ANY_VALUE,
+    "sigmas": st.sampled_from([None]) | ANY_VALUE,
 }
 
 
