@@ -29,7 +29,7 @@ system-deps:
 	else echo "not root: skipping apt packages (chromium, fonts-noto-color-emoji, dataset-fashion-mnist, g++, ninja-build); tests that need them will skip or fail"; fi
 
 run: install
-	$(VENV)/bin/hf-scratch generate "$(PROMPT)" --output $(OUT)
+	$(VENV)/bin/hf-scratch generate "$(PROMPT)" --output $(OUT) --upscale 8
 
 test: install system-deps
 	$(PY) -m pytest -q -ra tests

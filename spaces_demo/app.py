@@ -5,6 +5,7 @@ folders listed in the environment variable HF_SCRATCH_DEMO_MODELS (separated by 
 takes a path typed by the user.
 """
 
+import json
 import os
 import random
 from functools import lru_cache
@@ -231,9 +232,27 @@ def about_text() -> str:
     )
 
 
+# Tiny images are shown enlarged with their pixels kept square (nearest neighbour), not blurred by the browser.
+PIXELATED = "<style>#image img, #trajectory img, #xt img { image-rendering: pixelated; }</style>"
+
+
+def trained_size(folder: str) -> int | None:
+    """The image size a pipeline folder's U-Net was trained for: sample_size × the VAE's downsampling factor."""
+    try:
+        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    sample_size = unet.get("sample_size")
+    sample_size = sample_size[0] if isinstance(sample_size, list) else sample_size
+    return sample_size * 2 ** (len(vae["block_out_channels"]) - 1) if sample_size else None
+
+
 def build_demo() -> gr.Blocks:
     models = list(allowed_models())
+    native = trained_size(allowed_models()[models[0]]) if models else None
     with gr.Blocks(title="hf-scratch") as demo:
+        gr.HTML(PIXELATED)
         gr.Markdown("# hf-scratch: Stable Diffusion from scratch")
         with gr.Tab("Generate"):
             with gr.Row():
@@ -249,7 +268,9 @@ def build_demo() -> gr.Blocks:
                         gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance scale", elem_id="guidance")
                     )
                     size = friendly_numbers(
-                        gr.Slider(8, MAX_SIZE, value=32, step=8, label="Size (px)", elem_id="size")
+                        gr.Slider(8, MAX_SIZE, value=native or 32, step=8, label="Size (px)", elem_id="size",
+                                  info=f"{models[0]} was trained at {native} px; other sizes come out worse"
+                                  if native else None)  # fmt: skip
                     )
                     frames = friendly_numbers(
                         gr.Slider(1, MAX_FRAMES, value=5, step=1, label="Trajectory frames", elem_id="frames")
@@ -259,7 +280,7 @@ def build_demo() -> gr.Blocks:
                         randomise = gr.Button("🎲 Randomise seed", elem_id="randomise")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
-                    image = gr.Image(label="Image", type="pil", height=256, elem_id="image")
+                    image = gr.Image(label="Image", type="pil", height=256, elem_id="image")  # shown pixelated
                     strip = gr.Gallery(label="Predicted x0 along the trajectory", columns=MAX_FRAMES, elem_id="trajectory")
                     info = gr.Markdown(elem_id="info")
             randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=seed, api_visibility="private")

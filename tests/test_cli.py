@@ -155,3 +155,12 @@ def test_eval_on_an_empty_data_folder_is_one_line(model_dir, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("emoji-bench: error:") and "doesn't contain any data files" in err[-1]
+
+
+def test_upscale_writes_a_nearest_neighbour_copy_beside_the_native_image(model_dir, tmp_path):
+    out = tmp_path / "img.png"
+    argv = ["generate", "x", "--model", str(model_dir), "--steps", "1", "--output", str(out), "--upscale", "4"]
+    assert main(argv) == 0
+    native, large = Image.open(out), Image.open(tmp_path / "img-x4.png")
+    assert large.size == (native.width * 4, native.height * 4)
+    assert np.array_equal(np.asarray(large)[::4, ::4], np.asarray(native))  # every 4x4 block is one native pixel

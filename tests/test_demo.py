@@ -141,6 +141,10 @@ def test_real_browser_generates_and_moves_the_forward_slider(app, tmp_path):
             timeout=120_000,
         )
         page.wait_for_function("() => document.querySelectorAll('#trajectory img').length > 0", timeout=60_000)
+        # the 32 px image is shown enlarged with square pixels, not blurred
+        shown = page.evaluate("() => { const img = document.querySelector('#image img'); "
+                              "return [getComputedStyle(img).imageRendering, img.getBoundingClientRect().height]; }")
+        assert shown[0] == "pixelated" and shown[1] >= 128, shown
         shot = tmp_path / "demo.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
