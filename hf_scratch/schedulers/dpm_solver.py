@@ -23,6 +23,7 @@ from .schedule import (
     BetaSchedule,
     NoiseScheduleMixin,
     PredictionType,
+    StepIndexMixin,
     TimestepSpacing,
     check_choice,
     check_num_inference_steps,
@@ -78,7 +79,7 @@ def solver_timesteps(
     return np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64) - 1
 
 
-class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
+class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
     """DPM-Solver++ multistep, order 1 (= DDIM) or 2 (2M), for the diffusion ODE of a model trained as a DDPM.
 
     The solver works in σ = √((1 − ᾱ_t) / ᾱ_t) and the half log-SNR λ = log(α_t / σ_t), with α_t = √ᾱ_t and
@@ -178,18 +179,6 @@ class ScratchDPMSolverMultistepScheduler(NoiseScheduleMixin, SchedulerMixin, Con
         self._step_index = None
         self._begin_index = None
 
-    @property
-    def step_index(self) -> int | None:
-        """The index of the next step in `timesteps`, once stepping has begun."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """The first step index, when the loop starts mid-schedule (image-to-image); set by `set_begin_index`."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Chooses the timesteps and their σ_i, and appends the σ the last step lands on."""

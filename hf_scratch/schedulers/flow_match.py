@@ -25,7 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .schedule import check_choice, check_num_inference_steps
+from .schedule import StepIndexMixin, check_choice, check_num_inference_steps
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 
@@ -43,7 +43,7 @@ def shift_sigmas(sigmas: np.ndarray | torch.Tensor, shift: float) -> np.ndarray 
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
+class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     """Euler steps x_{σ'} = x_σ + (σ' − σ) v̂ along the flow from σ = 1 to σ = 0.
 
     Args:
@@ -105,19 +105,6 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
 
     # ------------------------------------------------------------------ bookkeeping shared with diffusers' API
-
-    @property
-    def step_index(self) -> int | None:
-        """Index into `sigmas` of the next `step`; set by the first `step` (or by `set_begin_index`)."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at `timesteps[begin_index]` (img2img skips the first steps)."""
-        self._begin_index = begin_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """The model sees x_σ itself."""

@@ -199,6 +199,26 @@ def threshold_sample(sample: torch.Tensor, dynamic_thresholding_ratio: float, sa
     return (torch.clamp(flat, -s, s) / s).reshape(batch_size, channels, *remaining_dims).to(dtype)
 
 
+class StepIndexMixin:
+    """The step counter of schedulers whose `step` looks up its σ by position (diffusers' `step_index` API)."""
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        """The index of the next step in `timesteps`, once stepping has begun."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first step index, when the loop starts mid-schedule (image-to-image); set by `set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+
 class NoiseScheduleMixin:
     """The forward process and the bookkeeping every scheduler here shares; the class provides `alphas_cumprod`.
 
