@@ -182,8 +182,8 @@ the 1/3 and 2/3 points {prompts_mid}. Figures are the mean over seeds, then (max
 ## Cost
 
 Training seconds are the optimizer steps' wall time (steps × batch / samples/s, the assignment of immiscible noise
-included; caching the latents, the same for every arm, is not); the runs shared the machine two at a time, so compare
-seconds only within this table.
+included; caching the latents, the same for every arm, is not). The runs shared the machine two at a time, and for
+part of the study with development and test work as well: these seconds show the order of the cost, not a benchmark.
 
 {chr(10).join(cost)}
 
