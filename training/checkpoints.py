@@ -12,8 +12,9 @@
   a missing or unreadable `training_state.json`), warns once naming the file, and falls back to the previous good
   checkpoint.
 - **No pickle executes.** accelerate reads model weights from safetensors and every other file with
-  `torch.load(weights_only=True)`; the EMA, which accelerate would store as a pickle (`custom_checkpoint_0.pkl`, read
-  with `weights_only=False`), is kept out of `save_state` and stored as `ema.safetensors` plus `ema.json` here.
+  `torch.load(weights_only=True)`; the EMA, which accelerate would store as a custom-object pickle
+  (`custom_checkpoint_0.pkl`, which it unpickles in full on load), is kept out of `save_state` and stored as
+  `ema.safetensors` plus `ema.json` here.
 """
 
 import json
