@@ -209,15 +209,29 @@ def reconstruct(vae: torch.nn.Module, images: torch.Tensor, batch_size: int) -> 
 
 
 @torch.no_grad()
-def evaluate_vae(vae: torch.nn.Module, images: torch.Tensor, batch_size: int) -> dict:
-    """PSNR and SSIM of x -> D(mode of q(z|x)) for images (N, 3, H, W) in [0, 1], and the std of the scaled latents."""
+def evaluate_vae(
+    vae: torch.nn.Module, images: torch.Tensor, batch_size: int, styles: Sequence[str] | None = None
+) -> dict:
+    """PSNR and SSIM of x -> D(mode of q(z|x)) for images (N, 3, H, W) in [0, 1], and the std of the scaled latents;
+    with `styles` (one name per image) also the mean PSNR and SSIM of each style."""
     reconstructions, latents = reconstruct(vae, images, batch_size)
-    return {
+    psnrs, ssims = psnr(reconstructions, images), ssim(reconstructions, images)
+    result = {
         "images": len(images),
-        "psnr": psnr(reconstructions, images).mean().item(),
-        "ssim": ssim(reconstructions, images).mean().item(),
+        "psnr": psnrs.mean().item(),
+        "ssim": ssims.mean().item(),
         "scaled_latent_std": latents.std().item(),
     }
+    if styles is not None:
+        result["per_style"] = {}
+        for style in sorted(set(styles)):
+            chosen = torch.tensor([name == style for name in styles])
+            result["per_style"][style] = {
+                "images": int(chosen.sum()),
+                "psnr": psnrs[chosen].mean().item(),
+                "ssim": ssims[chosen].mean().item(),
+            }
+    return result
 
 
 def evaluate_judge(
@@ -419,7 +433,8 @@ def run_emoji_bench(
     validation_images = torch.stack([image_to_tensor(image, resolution) for image in validation["image"]])
     vae_indices = range(len(validation)) if max_vae_images is None else hash_sample(validation_texts, max_vae_images)
     logger.info("VAE: reconstructing %d validation images", len(vae_indices))
-    vae = evaluate_vae(pipeline.vae, validation_images[list(vae_indices)], batch_size)
+    styles = [validation["style"][i] for i in vae_indices] if "style" in validation.column_names else None
+    vae = evaluate_vae(pipeline.vae, validation_images[list(vae_indices)], batch_size, styles)
     logger.info("judge: retrieval over %d validation images", len(validation_texts))
     clip = evaluate_judge(judge_clip, judge_tokenizer, validation_texts, validation_images, batch_size)
 
@@ -527,7 +542,8 @@ def to_markdown(results: dict) -> str:
         for split, by_source in results.get("ceiling", {}).items()
         for source, scores in by_source.items()
     ]
-    vae_row = (vae["images"], vae["psnr"], vae["ssim"], vae["scaled_latent_std"])
+    vae_rows = [("all", vae["images"], vae["psnr"], vae["ssim"], vae["scaled_latent_std"])]
+    vae_rows += [(style, v["images"], v["psnr"], v["ssim"], None) for style, v in vae.get("per_style", {}).items()]
     steps, guidance, seed = settings["steps"], settings["guidance"], settings["seed"]
     return f"""\
 # emoji-bench
@@ -536,7 +552,7 @@ model `{results["model"]}`, judge `{results["judge"]}`, data `{results["data"]}`
 
 ## VAE reconstruction (validation, {settings["resolution"]} px)
 
-{_table(("images", "PSNR (dB)", "SSIM", "std of scaled latents"), [vae_row])}
+{_table(("style", "images", "PSNR (dB)", "SSIM", "std of scaled latents"), vae_rows)}
 
 ## Judge CLIP retrieval (validation, {clip["images"]} images)
 
@@ -558,6 +574,39 @@ latent space allows).
 
 {_table(("sampler", "prompts", *_SCORE_HEADER), samplers)}
 """
+
+
+def comparison_markdown(runs: dict[str, dict]) -> str:
+    """One Markdown table of several `run_emoji_bench` results (label -> results) with the same judge, prompts,
+    steps and guidance: top-5 and Fréchet distance per split and the VAE's PSNR, then the ceilings of the last run
+    (true images, and their reconstructions by the last run's VAE)."""
+    if not runs:
+        raise ValueError("runs is empty; pass at least one emoji-bench result")
+    keys = ("num_prompts", "seed", "steps", "guidance", "resolution")
+    first = next(iter(runs.values()))
+    for label, results in runs.items():
+        if results["judge"] != first["judge"] and Path(results["judge"]).name != Path(first["judge"]).name:
+            raise ValueError(f"{label} was judged by {results['judge']!r}, not {first['judge']!r}: not comparable")
+        differing = [key for key in keys if results["settings"][key] != first["settings"][key]]
+        if differing:
+            raise ValueError(f"{label} differs from the first run in {differing}: not comparable")
+    header = ["model", *(f"top-5 {split}" for split in SPLITS), *(f"Fréchet {split}" for split in SPLITS)]
+    header += ["VAE PSNR (dB)", "VAE SSIM"]
+    rows = [
+        (label, *(r["generation"][split]["top5"] for split in SPLITS),
+         *(r["generation"][split]["frechet_clip"] for split in SPLITS), r["vae"]["psnr"], r["vae"]["ssim"])
+        for label, r in runs.items()
+    ]  # fmt: skip
+    last_label, last = list(runs.items())[-1]
+    for source, name in (("true", "ceiling: true images"), ("vae", f"ceiling: {last_label}'s VAE images")):
+        scores = [last["ceiling"][split][source] for split in SPLITS]
+        rows.append((name, *(s["top5"] for s in scores), *(s["frechet_clip"] for s in scores), None, None))
+    settings = first["settings"]
+    return (
+        f"{settings['num_prompts']} prompts per split, {settings['steps']} steps of each model's own sampler, guidance "
+        f"{settings['guidance']}, seed {settings['seed']}; judge `{Path(first['judge']).name}`; VAE on the validation"
+        " split.\n\n" + _table(header, rows)
+    )
 
 
 def write_outputs(results: dict, grid: PIL.Image.Image, out_dir: str | Path) -> None:

@@ -4,11 +4,14 @@
         --out hf_scratch/pretrained/emoji32 --recipe "bash training/recipes/emoji32.sh"
 
 The judge CLIP (the full two-tower model emoji-bench scores with, trained on `train` alone) is packed beside the
-pipeline as `<out>-judge`, so the shipped model's quality test runs on a fresh machine. The model card takes its metrics
-from the emoji-bench run's own Markdown, and the training compute from the recipe's timings.tsv.
+pipeline as `<out>-judge`, so the shipped model's quality test runs on a fresh machine; a --judge that already is
+`<out>-judge` stays as it is. The model card takes its metrics from the emoji-bench run's own Markdown, and the
+training compute from the recipe's timings.tsv. Each `--compare LABEL=EVAL_DIR` (emoji-bench folders of other models,
+same judge and prompts) adds a row to a comparison table, whose last row is this model.
 """
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -63,13 +66,13 @@ Weights are stored in fp16 ({size_mb:.1f} MB in all) and load as fp32 on the CPU
 {timings}
 
 ## emoji-bench
-
+{comparison}
 {metrics}
 
 ## Limitations
 
-A {unet_params:.1f}M-parameter U-Net trained for about an hour on a CPU: shapes and colours follow the caption far more
-often than fine detail does, and prompts unlike the emoji captions give unrelated emoji-like blobs.
+A {unet_params:.1f}M-parameter U-Net trained for {unet_minutes:.0f} minutes on one CPU core: shapes and colours follow
+the caption far more often than fine detail does, and prompts unlike the emoji captions give unrelated emoji-like blobs.
 """
 
 
@@ -81,13 +84,36 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def read_timings(path: Path) -> str:
+def read_timings(path: Path) -> list[tuple[str, int, str]]:
+    """(stage, seconds, machine) rows of the recipe's timings.tsv; none when it is missing."""
     if not path.is_file():
-        return "| (no timings.tsv) | | |"
+        return []
     rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-    total = sum(int(seconds) for _, seconds, _ in rows)
-    lines = [f"| {stage} | {int(seconds) / 60:.1f} min | {machine} |" for stage, seconds, machine in rows]
+    return [(stage, int(seconds), machine) for stage, seconds, machine in rows]
+
+
+def timings_table(rows: list[tuple[str, int, str]]) -> str:
+    if not rows:
+        return "| (no timings.tsv) | | |"
+    total = sum(seconds for _, seconds, _ in rows)
+    lines = [f"| {stage} | {seconds / 60:.1f} min | {machine} |" for stage, seconds, machine in rows]
     return "\n".join(lines + [f"| **total** | **{total / 60:.1f} min** | |"])
+
+
+def comparison(compare: list[str], eval_dir: Path) -> str:
+    """The comparison table of the --compare runs and this one (emoji_bench.json of each), or nothing."""
+    from hf_scratch.evaluation import comparison_markdown
+
+    if not compare:
+        return ""
+    runs = {}
+    for spec in compare:
+        label, _, folder = spec.partition("=")
+        if not label or not Path(folder, "emoji_bench.json").is_file():
+            raise ValueError(f"--compare {spec!r} is not LABEL=EVAL_DIR with an emoji_bench.json in EVAL_DIR")
+        runs[label] = json.loads(Path(folder, "emoji_bench.json").read_text())
+    runs["this model"] = json.loads((eval_dir / "emoji_bench.json").read_text())
+    return "\n" + comparison_markdown(runs) + "\n"
 
 
 def pack(args: argparse.Namespace) -> None:
@@ -99,32 +125,38 @@ def pack(args: argparse.Namespace) -> None:
     if not metrics_path.is_file():
         raise ValueError(f"--eval {args.eval!r} holds no emoji_bench.md; run training/evaluate.py first")
 
+    compared = comparison(args.compare, Path(args.eval))
     pipe = ScratchStableDiffusionPipeline.from_pretrained(args.pipeline)
-    for staging in (out, judge_out):
+    keep_judge = Path(args.judge).resolve() == judge_out.resolve()
+    for staging in (out,) if keep_judge else (out, judge_out):
         if staging.exists():
             shutil.rmtree(staging)
     pipe.to(torch.float16).save_pretrained(str(out))
-    judge = ScratchCLIPModel.from_pretrained(args.judge, dtype=torch.float32)
-    judge.to(torch.float16).save_pretrained(str(judge_out))
-    shutil.copytree(Path(args.judge) / "tokenizer", judge_out / "tokenizer")
-    (judge_out / "README.md").write_text(
-        "# emoji-bench judge\n\nThe CLIP model (text and vision towers) that emoji-bench scores the shipped model with,"
-        " trained from scratch on the `train` split only. Licence: CC-BY-SA 4.0, as the model it judges.\n"
-    )
+    if not keep_judge:
+        judge = ScratchCLIPModel.from_pretrained(args.judge, dtype=torch.float32)
+        judge.to(torch.float16).save_pretrained(str(judge_out))
+        shutil.copytree(Path(args.judge) / "tokenizer", judge_out / "tokenizer")
+        (judge_out / "README.md").write_text(
+            "# emoji-bench judge\n\nThe CLIP model (text and vision towers) that emoji-bench scores the shipped model"
+            " with, trained from scratch on the `train` split only. Licence: CC-BY-SA 4.0, as the model it judges.\n"
+        )
     components = "\n".join(
         f"| {name} | `{type(module).__name__}` | {parameter_count(module):.2f}M |"
         for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder))
     )
     timings = read_timings(Path(args.eval).parent / "timings.tsv")
+    unet_seconds = sum(seconds for stage, seconds, _ in timings if stage == "unet")
     # The card goes in last, so the size printed in it covers every weight file.
     card = CARD.format(
         resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
         components=components,
         size_mb=folder_bytes(out) / 1e6,
         recipe=args.recipe,
-        timings=timings,
+        timings=timings_table(timings),
+        comparison=compared,
         metrics=metrics_path.read_text(encoding="utf-8").strip(),
         unet_params=parameter_count(pipe.unet),
+        unet_minutes=unet_seconds / 60,
     )
     (out / "README.md").write_text(card, encoding="utf-8")
     size = folder_bytes(out)
@@ -140,6 +172,13 @@ def main() -> None:
     parser.add_argument("--eval", required=True, help="training/evaluate.py's output folder")
     parser.add_argument("--out", required=True, help="where the packed pipeline goes")
     parser.add_argument("--recipe", required=True, help="the command that trained it, for the model card")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL=EVAL_DIR",
+        help="another model's emoji-bench folder for the comparison table (repeatable)",
+    )
     pack(parser.parse_args())
 
 
