@@ -25,6 +25,7 @@ _PUBLIC_NAMES = {
     "ScratchFlowMatchEulerScheduler": "hf_scratch.schedulers.flow_match",
     "ScratchStableDiffusionPipeline": "hf_scratch.pipelines.text_to_image",
     "ScratchStableDiffusionImg2ImgPipeline": "hf_scratch.pipelines.image_to_image",
+    "ScratchStableDiffusionInpaintPipeline": "hf_scratch.pipelines.inpaint",
     "default_model_path": "hf_scratch.pretrained",
 }
 

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from hf_scratch.schedulers import SCHEDULERS, make_scheduler
+from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+
 
 def _resolve_model(model: Optional[str]) -> str:
     if model is None:
@@ -70,15 +71,154 @@ def _read_prompts(args: argparse.Namespace) -> List[str]:
     return prompts
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# The pipeline class and the A1111 "parameters" line of each generating sub-command.
+TASKS = {
+    "generate": "hf_scratch.pipelines.text_to_image:ScratchStableDiffusionPipeline",
+    "img2img": "hf_scratch.pipelines.image_to_image:ScratchStableDiffusionImg2ImgPipeline",
+    "inpaint": "hf_scratch.pipelines.inpaint:ScratchStableDiffusionInpaintPipeline",
+}
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple:
+    """(torch.device, torch.dtype) of --device and --dtype: "auto" is CUDA when there is one, and float16 on CUDA,
+    float32 elsewhere."""
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu.")
+    name = ("float16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+    return device, getattr(torch, name)
+
+
+def _scaled_paths(specs: Sequence[str], flag: str) -> List[tuple]:
+    """--lora PATH[:SCALE] specs as (path, scale) pairs; the scale defaults to 1."""
+    pairs = []
+    for spec in specs:
+        path, scale = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head and not Path(spec).exists():
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                raise ValueError(f"{flag} {spec!r}: the scale after ':' must be a number, e.g. {head}:0.8.") from None
+        if not Path(path).exists():
+            raise ValueError(f"{flag} {spec!r}: {path!r} does not exist.")
+        pairs.append((path, scale))
+    return pairs
+
+
+def _open_image(path: Optional[str], flag: str, mode: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if path is None:
+        raise ValueError(f"{flag} is required: the path of an image file.")
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode) if mode == "L" else image.copy()
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path!r} does not exist.") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{flag} {path!r} is not a readable image ({error}).") from None
+
+
+def format_parameters(settings: dict) -> str:
+    """The generation settings in AUTOMATIC1111's `parameters` text: the prompt, an optional "Negative prompt:" line,
+    then "Key: value" pairs."""
+    lines = [settings["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    fields = {
+        "Steps": settings["steps"],
+        "Sampler": settings["sampler"],
+        "CFG scale": settings["guidance"],
+        "Seed": settings["seed"],
+        "Size": f"{settings['width']}x{settings['height']}",
+        "Model": settings["model"],
+    }
+    if settings.get("batch_size", 1) > 1:
+        fields.update({"Batch size": settings["batch_size"], "Batch pos": settings["batch_pos"]})
+    if settings.get("strength") is not None:
+        fields["Denoising strength"] = settings["strength"]
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict:
+    """The inverse of `format_parameters`: prompt, negative_prompt, steps, sampler, guidance, seed, width, height,
+    model, and batch_size, batch_pos and strength when present."""
+    lines = text.split("\n")
+    if len(lines) < 2:
+        raise ValueError("the parameters text has no settings line; it should end with 'Steps: ..., Seed: ...'.")
+    fields = dict(part.split(": ", 1) for part in lines[-1].split(", ") if ": " in part)
+    negative = [line for line in lines[1:-1] if line.startswith("Negative prompt: ")]
+    prompt_lines = [line for line in lines[:-1] if not line.startswith("Negative prompt: ")]
+    width, height = (int(side) for side in fields["Size"].split("x"))
+    settings = {
+        "prompt": "\n".join(prompt_lines),
+        "negative_prompt": negative[0][17:] if negative else None,
+        "steps": int(fields["Steps"]),
+        "sampler": fields["Sampler"],
+        "guidance": float(fields["CFG scale"]),
+        "seed": int(fields["Seed"]),
+        "width": width,
+        "height": height,
+        "model": fields["Model"],
+        "batch_size": int(fields.get("Batch size", 1)),
+        "batch_pos": int(fields.get("Batch pos", 0)),
+    }
+    if "Denoising strength" in fields:
+        settings["strength"] = float(fields["Denoising strength"])
+    return settings
+
+
+def _apply_parameters_from(args: argparse.Namespace) -> None:
+    """--parameters-from PNG: the prompt and settings written into an image by an earlier run replace the flags'."""
+    from PIL import Image
+
+    path = args.parameters_from
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except (FileNotFoundError, OSError) as error:
+        raise ValueError(f"--parameters-from {path!r} cannot be read ({error}).") from None
+    if text is None:
+        raise ValueError(f"--parameters-from {path!r} holds no 'parameters' text chunk; use a PNG hf-scratch wrote.")
+    settings = parse_parameters(text)
+    args.prompt, args.prompts_file, args.negative_prompt = settings["prompt"], None, settings["negative_prompt"]
+    args.steps, args.scheduler, args.guidance, args.seed = (
+        settings[k] for k in ("steps", "sampler", "guidance", "seed")
+    )
+    args.num_images = settings["batch_size"]
+    if args.model is None and settings["model"] != SHIPPED_MODEL_NAME:
+        args.model = settings["model"]
+    if hasattr(args, "height"):
+        args.height, args.width = settings["height"], settings["width"]
+    if settings.get("strength") is not None:
+        args.strength = settings["strength"]
+
+
+SHIPPED_MODEL_NAME = "hf-scratch/emoji32"
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    """`generate`, `img2img` and `inpaint`: load the pipeline, its adapters and the inputs, then write one image per
+    prompt and image with its settings in the PNG's `parameters` text."""
+    import importlib
+
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
+    from PIL import Image, PngImagePlugin
 
-    from PIL import Image
-
-    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
-
+    if args.parameters_from:
+        _apply_parameters_from(args)
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {args.scheduler!r}. Choose one of: {', '.join(SCHEDULERS)}.")
     prompts = _read_prompts(args)
@@ -86,36 +226,58 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed {args.seed} is out of range; use 0 to {SEED_MAX - len(prompts)}.")
     if not 1 <= args.upscale <= 64:
         raise ValueError(f"--upscale {args.upscale} is out of range; use a factor from 1 to 64.")
+    device, dtype = _device_and_dtype(args)
+    loras = _scaled_paths(args.lora, "--lora")
+    embeddings = _scaled_paths(args.embedding, "--embedding")
+    inputs = {}
+    if args.command in ("img2img", "inpaint"):
+        inputs = {"image": _open_image(args.image, "--image", "RGB"), "strength": args.strength}
+    if args.command == "inpaint":
+        inputs["mask_image"] = _open_image(args.mask, "--mask", "L")
     output = Path(args.output)
     _check_output(output)
-    pipe = ScratchStableDiffusionPipeline.from_pretrained(_resolve_model(args.model))
+
+    module, name = TASKS[args.command].split(":")
+    pipeline_class = getattr(importlib.import_module(module), name)
+    model = _resolve_model(args.model)
+    pipe = pipeline_class.from_pretrained(model, dtype=dtype).to(device)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    for index, (path, scale) in enumerate(loras):
+        pipe.load_lora_weights(path, adapter_name=f"lora{index}")
+    if loras:
+        pipe.set_adapters([f"lora{index}" for index in range(len(loras))], [scale for _, scale in loras])
+    for path, _ in embeddings:
+        pipe.load_textual_inversion(path)
     if args.winograd:
         from .fast import use_winograd
 
         use_winograd(pipe)
+    if args.command != "img2img":
+        inputs.update(height=args.height, width=args.width)
 
-    # PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without cpu=True two CPU processes both act as rank 0.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    sampler = args.scheduler or scheduler_name(pipe.scheduler) or type(pipe.scheduler).__name__
+    model_name = SHIPPED_MODEL_NAME if args.model is None else str(args.model)
+    # PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without cpu=True two CPU processes are both rank 0.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or device.type == "cpu")
     indexed = list(enumerate(prompts))
     many = len(prompts) > 1 or args.num_images > 1
     with state.split_between_processes(indexed) as mine:
         for index, prompt in mine:
             generator = torch.Generator("cpu").manual_seed(args.seed + index)
-            images = pipe(
-                prompt,
-                negative_prompt=args.negative_prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                height=args.height,
-                width=args.width,
-                num_images_per_prompt=args.num_images,
-                generator=generator,
-            ).images
+            images = pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=generator,
+                          **inputs).images  # fmt: skip
             for k, image in enumerate(images):
                 path = output.with_name(f"{output.stem}-{index:04d}-{k}{output.suffix}") if many else output
-                image.save(path)
+                settings = dict(
+                    prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
+                    guidance=args.guidance, seed=args.seed + index, width=image.width, height=image.height,
+                    model=model_name, batch_size=args.num_images, batch_pos=k, strength=inputs.get("strength"),
+                )  # fmt: skip
+                metadata = PngImagePlugin.PngInfo()
+                metadata.add_text("parameters", format_parameters(settings))
+                image.save(path, pnginfo=metadata if path.suffix.lower() == ".png" else None)
                 rank = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
                 print(f"{rank}{prompt!r} -> {path}")
                 if args.upscale > 1:
@@ -198,13 +360,31 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
     from hf_scratch.evaluation import DEFAULT_SAMPLERS
 
-    parser = argparse.ArgumentParser(prog="hf-scratch eval", description="emoji-bench: VAE, CLIP and generation metrics of a pipeline folder.")
+    parser = argparse.ArgumentParser(
+        prog="hf-scratch eval",
+        description="emoji-bench: VAE, CLIP and generation metrics of a pipeline folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="pipeline folder (ScratchStableDiffusionPipeline)")
     parser.add_argument("--clip", required=True, help="judge CLIP folder (train_clip.py's output, with tokenizer/)")
     parser.add_argument("--data", required=True, help="emoji dataset folder (hf-scratch data emoji)")
     parser.add_argument("--out", required=True, help="folder for emoji_bench.json, emoji_bench.md and grid.png")
-    parser.add_argument("--num_prompts", type=int, default=64, help="captions sampled from each split")
-    parser.add_argument("--num_prompts_samplers", type=int, default=16, help="train prompts for the sampler table")
+    parser.add_argument(
+        "--num-prompts",
+        "--num_prompts",
+        dest="num_prompts",
+        type=int,
+        default=64,
+        help="captions sampled from each split",
+    )
+    parser.add_argument(
+        "--num-prompts-samplers",
+        "--num_prompts_samplers",
+        dest="num_prompts_samplers",
+        type=int,
+        default=16,
+        help="train prompts for the sampler table",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20, help="steps of the pipeline's own scheduler")
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -214,9 +394,18 @@ def build_eval_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{family}: {' '.join(specs)}" for family, specs in DEFAULT_SAMPLERS.items()) + ")",
     )  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None, help="default: the pipeline's")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_vae_images", type=int, default=None, help="default: the whole validation split")
-    parser.add_argument("--cache_dir", default=None, help="datasets' cache folder (default: its own)")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16)
+    parser.add_argument(
+        "--max-vae-images",
+        "--max_vae_images",
+        dest="max_vae_images",
+        type=int,
+        default=None,
+        help="default: the whole validation split",
+    )
+    parser.add_argument(
+        "--cache-dir", "--cache_dir", dest="cache_dir", default=None, help="datasets' cache folder (default: its own)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -225,9 +414,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     """`python training/evaluate.py --model DIR --clip DIR --data DIR --out DIR`; prints the Markdown tables."""
     import logging
 
-    import datasets
-
-    from hf_scratch.evaluation import load_judge, load_pipeline, run_emoji_bench, to_markdown
+    from hf_scratch.evaluation import load_dataset_folder, load_judge, load_pipeline, run_emoji_bench, to_markdown
 
     args = build_eval_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -239,7 +426,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         judge_clip, judge_tokenizer = load_judge(args.clip)
         results = run_emoji_bench(
             pipeline, judge_clip.to(args.device), judge_tokenizer,
-            datasets.load_dataset(args.data, cache_dir=args.cache_dir),
+            load_dataset_folder(args.data, args.cache_dir),
             num_prompts=args.num_prompts, num_prompts_samplers=args.num_prompts_samplers, seed=args.seed,
             steps=args.steps, guidance=args.guidance, samplers=args.samplers, resolution=args.resolution,
             batch_size=args.batch_size, max_vae_images=args.max_vae_images, model=args.model, judge=args.clip,
@@ -253,42 +440,115 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of `generate`, `img2img` and `inpaint`, in one style (hyphens; the underscore spellings of earlier
+    versions are kept as aliases)."""
+    parser.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
+    parser.add_argument(
+        "--prompts-file",
+        "--prompts_file",
+        dest="prompts_file",
+        default=None,
+        help="one prompt per line; split across processes under `accelerate launch`",
+    )
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the model shipped with hf-scratch)")
+    parser.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None)
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    parser.add_argument("--scheduler", default=None, help=f"one of: {', '.join(SCHEDULERS)} (default: the model's own)")
+    if command in ("img2img", "inpaint"):
+        parser.add_argument("--image", required=True, help="the input image file")
+        parser.add_argument(
+            "--strength",
+            type=float,
+            default=0.8 if command == "img2img" else 1.0,
+            help="how far into the noise schedule to start, in (0, 1]",
+        )
+    if command == "inpaint":
+        parser.add_argument("--mask", required=True, help="mask image file: white where the image is repainted")
+    if command != "img2img":
+        parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's trained size)")
+        parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's trained size)")
+    parser.add_argument(
+        "--num-images", "--num_images", dest="num_images", type=int, default=1, help="images per prompt"
+    )
+    parser.add_argument(
+        "--output", default=f"outputs/{command}.png", help="image path; several images get -<prompt>-<image> suffixes"
+    )
+    parser.add_argument(
+        "--upscale",
+        type=int,
+        default=1,
+        metavar="FACTOR",
+        help="also write a copy enlarged FACTOR times by nearest neighbour, <stem>-xFACTOR<suffix>, "
+        "for models whose native images are tiny (1: no copy)",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto: cuda when there is one")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, float32 on the CPU")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA file or folder (diffusers/peft or kohya layout) at SCALE; repeatable",
+    )
+    parser.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a textual-inversion embedding (diffusers .bin/.safetensors or AUTOMATIC1111); repeatable",
+    )
+    parser.add_argument(
+        "--parameters-from",
+        "--parameters_from",
+        dest="parameters_from",
+        default=None,
+        metavar="PNG",
+        help="reuse the prompt and settings an earlier run wrote into this PNG",
+    )
+    parser.add_argument(
+        "--winograd",
+        action="store_true",
+        help="3x3 convolutions through Winograd tiles (hf_scratch.fast.use_winograd): faster on CPUs "
+        "for large models, within 1e-5 of the default; builds a C++ kernel on first use",
+    )
+    parser.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="text-to-image with the shipped model or a pipeline folder")
-    gen.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
-    gen.add_argument("--prompts-file", help="one prompt per line; split across processes under `accelerate launch`")
-    gen.add_argument("--model", help="pipeline folder (default: the model shipped with hf-scratch)")
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--guidance", type=float, default=5.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--scheduler", default=None, help=f"one of: {', '.join(SCHEDULERS)} (default: the model's own)")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    gen.add_argument("--output", default="outputs/image.png")
-    gen.add_argument("--upscale", type=int, default=1, metavar="FACTOR",
-                     help="also write a copy enlarged FACTOR times by nearest neighbour, <stem>-xFACTOR<suffix>, for "
-                     "models whose native images are tiny (default 1: no copy)")  # fmt: skip
-    gen.add_argument("--winograd", action="store_true",
-                     help="3x3 convolutions through Winograd tiles (hf_scratch.fast.use_winograd): faster on CPUs for "
-                          "large models, within 1e-5 of the default; builds a C++ kernel on first use")  # fmt: skip
-    gen.set_defaults(func=cmd_generate)
+    tasks = {
+        "generate": "text-to-image with the shipped model or a pipeline folder",
+        "img2img": "image-to-image (SDEdit): repaint a whole image guided by text",
+        "inpaint": "repaint the white part of a mask in an image, guided by text",
+    }
+    for command, description in tasks.items():
+        add_generation_arguments(
+            sub.add_parser(
+                command,
+                help=description,
+                description=description,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            ),
+            command,
+        )
 
-    conv = sub.add_parser("convert", help="LDM single file <-> diffusers folder")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    conv = sub.add_parser("convert", help="LDM single file <-> diffusers folder", formatter_class=defaults)
     conv.add_argument("source", help="a .safetensors/.ckpt single file, or a pipeline folder")
     conv.add_argument("target", help="a folder (from a single file) or a .safetensors/.ckpt path (from a folder)")
     conv.add_argument("--config", default=None, help="diffusers folder whose component configs describe the file")
     conv.set_defaults(func=cmd_convert)
 
-    info = sub.add_parser("info", help="what a pipeline folder holds")
+    info = sub.add_parser("info", help="what a pipeline folder holds", formatter_class=defaults)
     info.add_argument("model", nargs="?", default=None, help="pipeline folder (default: the shipped model)")
     info.set_defaults(func=cmd_info)
 
-    data = sub.add_parser("data", help="build an offline captioned image dataset")
+    data = sub.add_parser("data", help="build an offline captioned image dataset", formatter_class=defaults)
     data.add_argument("source", choices=["emoji", "fashion-mnist"])
     data.add_argument("--out", required=True)
     data.add_argument("--resolution", type=int, default=64)

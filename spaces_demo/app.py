@@ -18,14 +18,16 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from hf_scratch.schedulers import SCHEDULERS, make_scheduler
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_family, scheduler_name
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
+from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
 
 MAX_STEPS = 50
 MAX_SIZE = 256
 MAX_FRAMES = 10
 SHIPPED = "shipped default"
+OWN_SCHEDULER = "the model's own"
 README_URL = "https://github.com/hf-scratch/hf-scratch#readme"
 
 
@@ -45,16 +47,18 @@ def allowed_models() -> Dict[str, str]:
 
 @lru_cache(maxsize=2)
 def load_pipeline(folder: str) -> ScratchStableDiffusionPipeline:
+    """The pipeline of `folder`, kept between requests; `own_scheduler` keeps the scheduler it was saved with, since
+    each request sets `pipe.scheduler` to the one asked for."""
     pipe = ScratchStableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    pipe.own_scheduler = pipe.scheduler
     return pipe
 
 
 def to_pil(pipe: ScratchStableDiffusionPipeline, latents: torch.Tensor) -> Image.Image:
     """Decode one latent (the predicted x0 of a step) to an image."""
     with torch.no_grad():
-        decoded = pipe.vae.decode(latents[:1] / pipe.vae.config.scaling_factor).sample
-    return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
+        return pipe.decode_latents(latents[:1], output_type="pil")[0]
 
 
 def whole_number(label: str, value, low: int, high: int) -> int:
@@ -125,14 +129,19 @@ def generate(
     """Text to image; the trajectory strip holds the decoded predicted x0 at `frames` evenly spaced steps
     (one per step when there are fewer steps than frames)."""
     folder = check_request(prompt, steps, size, frames, model)
-    if scheduler not in SCHEDULERS:
+    if scheduler != OWN_SCHEDULER and scheduler not in SCHEDULERS:
         raise gr.Error(f"Unknown scheduler {scheduler!r}.")
     steps, size, frames = int(float(steps)), int(float(size)), min(int(float(frames)), int(float(steps)))
     guidance = real_number("Guidance scale", guidance, 0.0, 30.0)
     seed = whole_number("Seed", seed, 0, 2**63 - 1)
     pipe = load_pipeline(folder)
+    own = pipe.own_scheduler
     try:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        if scheduler == OWN_SCHEDULER:
+            pipe.scheduler = type(own).from_config(own.config)
+            scheduler = scheduler_name(own) or type(own).__name__
+        else:
+            pipe.scheduler = make_scheduler(scheduler, own.config)
     except ValueError as error:  # a scheduler of another family (a flow sampler for an ε model, say)
         raise gr.Error(str(error)) from None
     keep = set(np.linspace(0, steps - 1, frames).round().astype(int).tolist())
@@ -162,12 +171,13 @@ def generate(
 
 
 def forward_schedule(config: Optional[dict] = None) -> ScratchDDPMScheduler:
+    """The DDPM forward process of `config`, else of the shipped model when it was trained on one (the DDPM family),
+    else Stable Diffusion's β schedule."""
     folder = allowed_models().get(SHIPPED)
     if config is None and folder is not None:
-        config = ScratchDDPMScheduler.load_config(folder, subfolder="scheduler")
-    return ScratchDDPMScheduler.from_config(config) if config else ScratchDDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
-    )
+        shipped = ScratchDDPMScheduler.load_config(folder, subfolder="scheduler")
+        config = shipped if scheduler_family(shipped) == "ddpm" else None
+    return ScratchDDPMScheduler.from_config(config) if config else ScratchDDPMScheduler(**STABLE_DIFFUSION_BETAS)
 
 
 def example_image() -> Image.Image:
@@ -260,7 +270,8 @@ def build_demo() -> gr.Blocks:
                     prompt = gr.Textbox(label="Prompt", value="red heart, twemoji style", elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                     model = gr.Dropdown(models, value=models[0] if models else None, label="Model", elem_id="model")
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value="dpm++", label="Scheduler", elem_id="scheduler")
+                    scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Scheduler",
+                                            elem_id="scheduler")
                     steps = friendly_numbers(
                         gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
                     )
@@ -291,7 +302,8 @@ def build_demo() -> gr.Blocks:
                 api_name="generate",
             )
         with gr.Tab("Forward process"):
-            gr.Markdown("q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I), with ᾱ_t = ∏ (1 − β_s) from the shipped model's schedule.")
+            gr.Markdown("q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I), with ᾱ_t = ∏ (1 − β_s): DDPM's forward process on "
+                        "Stable Diffusion's β schedule (or the shipped model's, for a DDPM-family model).")
             with gr.Row():
                 source = gr.Image(value=example_image(), type="pil", label="x_0 (example or upload)", elem_id="x0")
                 noisy = gr.Image(label="x_t", type="pil", elem_id="xt")

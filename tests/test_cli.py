@@ -164,3 +164,130 @@ def test_upscale_writes_a_nearest_neighbour_copy_beside_the_native_image(model_d
     native, large = Image.open(out), Image.open(tmp_path / "img-x4.png")
     assert large.size == (native.width * 4, native.height * 4)
     assert np.array_equal(np.asarray(large)[::4, ::4], np.asarray(native))  # every 4x4 block is one native pixel
+
+
+# --------------------------------------------------------------------------- img2img, inpaint, metadata, devices
+
+
+def _picture(path: Path, mode: str = "RGB", box: tuple | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    if mode == "L":
+        pixels = np.zeros((32, 32), np.uint8)
+        pixels[box[1] : box[3], box[0] : box[2]] = 255
+    else:
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels, mode).save(path)
+    return path
+
+
+def test_img2img_and_inpaint_subcommands_match_their_pipelines(model_dir, tmp_path):
+    import torch
+
+    from hf_scratch import ScratchStableDiffusionImg2ImgPipeline, ScratchStableDiffusionInpaintPipeline
+
+    image = _picture(tmp_path / "in.png")
+    mask = _picture(tmp_path / "mask.png", "L", box=(8, 8, 24, 20))
+    runs = {
+        "img2img": (["--strength", "0.5"], ScratchStableDiffusionImg2ImgPipeline, {"strength": 0.5}),
+        "inpaint": (["--mask", str(mask)], ScratchStableDiffusionInpaintPipeline,
+                    {"mask_image": Image.open(mask).convert("L")}),
+    }  # fmt: skip
+    for command, (flags, pipeline_class, inputs) in runs.items():
+        out = tmp_path / f"{command}.png"
+        argv = [command, "a cat", "--model", str(model_dir), "--image", str(image), "--steps", "4", "--seed", "7",
+                "--output", str(out), *flags]  # fmt: skip
+        assert main(argv) == 0
+        pipe = pipeline_class.from_pretrained(model_dir)
+        pipe.set_progress_bar_config(disable=True)
+        expected = pipe("a cat", image=Image.open(image), num_inference_steps=4, guidance_scale=5.0,
+                        generator=torch.Generator().manual_seed(7), **inputs).images[0]  # fmt: skip
+        assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected)), command
+    # inpainting keeps the unmasked pixels close to the input (up to the VAE), img2img at 0.5 changes them more
+    source = np.asarray(Image.open(image), dtype=np.float32)
+    inpainted = np.asarray(Image.open(tmp_path / "inpaint.png").convert("RGB"), dtype=np.float32)
+    assert np.abs(inpainted - source)[:, :8].mean() < np.abs(inpainted - source)[8:20, 8:24].mean()
+
+
+def test_png_parameters_reproduce_the_image(model_dir, tmp_path):
+    from hf_scratch.cli import parse_parameters
+
+    first = tmp_path / "first.png"
+    argv = ["generate", "red heart", "--model", str(model_dir), "--steps", "3", "--seed", "11", "--guidance", "3.5",
+            "--negative-prompt", "blurry", "--scheduler", "ddim", "--height", "40", "--width", "32",
+            "--output", str(first)]  # fmt: skip
+    assert main(argv) == 0
+    text = Image.open(first).info["parameters"]
+    assert text.splitlines()[:2] == ["red heart", "Negative prompt: blurry"]
+    assert parse_parameters(text) == {
+        "prompt": "red heart", "negative_prompt": "blurry", "steps": 3, "sampler": "ddim", "guidance": 3.5,
+        "seed": 11, "width": 32, "height": 40, "model": str(model_dir), "batch_size": 1, "batch_pos": 0,
+    }  # fmt: skip
+    again = tmp_path / "again.png"
+    assert main(["generate", "--parameters-from", str(first), "--output", str(again)]) == 0
+    assert Image.open(again).tobytes() == Image.open(first).tobytes()
+    assert Image.open(again).info["parameters"] == text
+
+
+def test_device_dtype_and_flag_errors_are_one_line(model_dir, tmp_path, capsys):
+    import torch
+
+    cases = [
+        (["--device", "nonsense"], "--device 'nonsense' is not a device"),
+        (["--lora", str(tmp_path / "missing.safetensors")], "does not exist"),
+        (["--embedding", str(tmp_path / "missing.bin")], "does not exist"),
+        (["--parameters-from", str(tmp_path / "missing.png")], "cannot be read"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "has no CUDA device; use --device cpu"))
+    for extra, message in cases:
+        argv = ["generate", "x", "--model", str(model_dir), "--steps", "1", "--output", str(tmp_path / "o.png"), *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    for command, extra, message in [("img2img", ["--image", str(tmp_path / "nope.png")], "--image"),
+                                    ("inpaint", ["--image", str(_picture(tmp_path / "i.png")), "--mask",
+                                                 str(tmp_path / "nope.png")], "--mask")]:  # fmt: skip
+        assert main([command, "x", "--model", str(model_dir), *extra]) == 2
+        assert message in capsys.readouterr().err
+    out = tmp_path / "bf16.png"
+    argv = ["generate", "x", "--model", str(model_dir), "--steps", "1", "--dtype", "bfloat16", "--output", str(out)]
+    assert main(argv) == 0 and Image.open(out).size == (32, 32)
+
+
+def test_help_shows_defaults_and_old_spellings_still_work(model_dir, tmp_path, capsys):
+    for command in ("generate", "img2img", "inpaint"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "(default: 20)" in text and "--device" in text and "--lora PATH[:SCALE]" in text, command
+    out = tmp_path / "old.png"
+    assert main(["generate", "x", "--model", str(model_dir), "--steps", "1", "--num_images", "1",
+                 "--negative_prompt", "dark", "--output", str(out)]) == 0  # fmt: skip
+    assert "Negative prompt: dark" in Image.open(out).info["parameters"]
+
+
+def test_lora_and_embedding_flags_give_the_pipelines_images(model_dir, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from test_lora import make_lora
+
+    from hf_scratch import ScratchStableDiffusionPipeline
+
+    lora = make_lora(tmp_path / "lora", seed=3) / "pytorch_lora_weights.safetensors"
+    embedding = tmp_path / "two-vectors.safetensors"
+    save_file({"<new>": torch.randn(2, 32, generator=torch.Generator().manual_seed(4))}, embedding)
+    out, plain = tmp_path / "adapted.png", tmp_path / "plain.png"
+    common = ["a <new> cat", "--model", str(model_dir), "--steps", "3", "--seed", "2"]
+    adapters = ["--lora", f"{lora}:0.5", "--embedding", str(embedding)]
+    assert main(["generate", *common, *adapters, "--output", str(out)]) == 0
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="lora0")
+    pipe.set_adapters(["lora0"], [0.5])
+    pipe.load_textual_inversion(str(embedding))
+    expected = pipe("a <new> cat", num_inference_steps=3, guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(2)).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+    pipe.unload_lora_weights()
+    assert main(["generate", "a cat", *common[1:], "--output", str(plain)]) == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))

@@ -80,6 +80,18 @@ def test_generate_through_gradio_client(app):
     assert "dpm++" in info
 
 
+def test_the_default_scheduler_is_the_models_own_even_after_another_request(app):
+    """A flow-matching or EDM model has no DDPM-family sampler, so the dropdown starts at the model's own; a request
+    for another scheduler does not change what "the model's own" means for the next one."""
+    own = app["module"].OWN_SCHEDULER
+    first, _, info = _predict(app, scheduler=own)
+    assert "dpm++ ·" in info  # the tiny model was saved with DPM-Solver++
+    _predict(app, scheduler="ddim")
+    again, _, info = _predict(app, scheduler=own)
+    assert "dpm++ ·" in info
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

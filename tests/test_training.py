@@ -173,6 +173,37 @@ def test_train_vae(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_decoder_only_fine_tuning_keeps_the_encoder_and_its_latent_scale(tmp_path, data_dir):
+    """--train_decoder_only: the encoder, quant_conv and scaling_factor come out bit-identical, the decoder moves and
+    its reconstruction loss falls, so a U-Net trained on the first VAE's latents still fits."""
+    from hf_scratch.models.vae import ScratchAutoencoderKL
+
+    small = ["--train_data_dir", str(data_dir), "--resolution", str(RESOLUTION), "--train_batch_size", "8",
+             "--learning_rate", "2e-3", "--validation_steps", "100", "--checkpointing_steps", "100"]  # fmt: skip
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    run("train_vae.py", [*small, "--output_dir", str(first), "--block_out_channels", "16", "32",
+                         "--norm_num_groups", "8", "--max_train_steps", "4"])  # fmt: skip
+    run("train_vae.py", [*small, "--output_dir", str(tuned), "--pretrained_vae", str(first), "--train_decoder_only",
+                         "--max_train_steps", "8"])  # fmt: skip
+    assert_loss_falls(tuned)
+    before, after = ScratchAutoencoderKL.from_pretrained(first), ScratchAutoencoderKL.from_pretrained(tuned)
+    assert after.config.scaling_factor == before.config.scaling_factor
+    old, new = before.state_dict(), after.state_dict()
+    kept = [key for key in old if key.startswith(("encoder.", "quant_conv."))]
+    assert kept and all(torch.equal(old[key], new[key]) for key in kept)
+    assert any(not torch.equal(old[key], new[key]) for key in old if key.startswith("decoder."))
+
+
+def test_decoder_only_needs_a_pretrained_vae(tmp_path, data_dir):
+    import train_vae
+
+    with pytest.raises(ValueError, match="--train_decoder_only needs --pretrained_vae"):
+        train_vae.parse_args([*vae_argv(data_dir, tmp_path / "out"), "--train_decoder_only"])
+    with pytest.raises(ValueError, match="holds no config.json"):
+        train_vae.parse_args([*vae_argv(data_dir, tmp_path / "out"), "--pretrained_vae", str(tmp_path)])
+
+
+@pytest.mark.slow
 def test_train_clip(tmp_path, data_dir):
     output_dir = tmp_path / "clip"
     run("train_clip.py", [

@@ -1,4 +1,4 @@
-"""Winograd convolution (`hf_scratch.winograd`) and the `use_winograd` fast path, against direct convolutions.
+"""Winograd convolution (`hf_scratch.fast.winograd`) and the `use_winograd` fast path, against direct convolutions.
 
 References are PyTorch's own `F.conv2d` in float64 and diffusers' models on the same weights. The C++ tile kernel is
 built on first use (about 30 s, then cached by torch).
@@ -9,18 +9,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import build_reference_unet, free, relative_error, scratch_twin
+from _tiny import tiny_components
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch import nn
 
-from hf_scratch import winograd
-from hf_scratch.fast import use_winograd
+from hf_scratch.fast import use_winograd, winograd
 from hf_scratch.formats.configs import SD15_UNET_CONFIG
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers.ddim import ScratchDDIMScheduler
-
-from _reference import build_reference_unet, free, relative_error, scratch_twin
-from _tiny import tiny_components
 
 # F(4x4, 3x3) rounds each output through a few sums of up to 36 terms with coefficients up to 8: a few 1e-6 in float32.
 LAYER_TOLERANCE = 1e-5

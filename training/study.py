@@ -168,16 +168,15 @@ def train_and_evaluate(args: argparse.Namespace, arm: str, seed: int) -> None:
 
 def evaluate_run(args: argparse.Namespace) -> None:
     """Scores of one run's snapshots and final pipeline, written to <run>/study_eval.json (internal command)."""
-    import datasets
     import torch
 
-    from hf_scratch.evaluation import ceiling_scores, generate_and_score, load_judge, sample_split
+    from hf_scratch.evaluation import ceiling_scores, generate_and_score, load_dataset_folder, load_judge, sample_split
     from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
     from hf_scratch.schedulers import make_scheduler
 
     torch.set_num_threads(1)
     out = Path(args.evaluate)
-    dataset = datasets.load_dataset(args.data)
+    dataset = load_dataset_folder(args.data)
     judge, tokenizer = load_judge(JUDGE)
     settings = {"seed": 0, "guidance": args.guidance, "resolution": 32, "batch_size": 128, "frechet_ridge": 1e-6}
     samples = {

@@ -22,10 +22,18 @@ that `train_vae.py` and `train_clip.py` write. The run ends with a complete `Scr
 `EDMDPMSolverMultistepScheduler` for EDM, `ScratchFlowMatchEulerScheduler` for flow matching), loadable by
 `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`, and a model card. `--snapshot_steps` also saves the
 EMA pipeline at chosen steps under `snapshots/step-N`.
+
+`--lora_rank r` trains a LoRA instead (Hu et al. 2021, arXiv:2106.09685): the pipeline folder's U-Net stays frozen and
+each attention projection W of it (`to_q`, `to_k`, `to_v`, `to_out.0`) learns W' = W + (α/r)·B·A, with α =
+`--lora_alpha` (default r), A Gaussian and B zero at the start (so training starts from the base model). With
+`--train_text_encoder_lora` the text encoder's `q_proj`, `k_proj`, `v_proj`, `out_proj` get adapters too. The run ends
+with `pytorch_lora_weights.safetensors` in --output_dir, in diffusers' layout: our pipelines' and diffusers'
+`StableDiffusionPipeline.load_lora_weights` both load it. The objective is the base model's (from its scheduler).
 """
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +53,21 @@ from common import (
     optimizer_step,
     tracker_config,
 )
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from hf_scratch import objectives
 from hf_scratch.models.clip import ScratchCLIPTextModel
+from hf_scratch.models.layers import process_umask
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.models.vae import ScratchAutoencoderKL
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
+from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,18 +117,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     diffusion.add_argument("--cache_latents", action="store_true",
                            help="encode the dataset once and sample latents from the cached posteriors")
 
+    lora = parser.add_argument_group("LoRA (Hu et al. 2021): adapt the pipeline folder's U-Net instead of training one")
+    lora.add_argument("--lora_rank", type=int, default=None, help="r, the rank of each low-rank update B·A")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="α, which scales B·A by α/r (default: r)")
+    lora.add_argument("--train_text_encoder_lora", action="store_true", help="adapt the text encoder's attention too")
+
     validation = parser.add_argument_group("validation")
     validation.add_argument("--validation_prompts", nargs="+", default=[])
     validation.add_argument("--num_validation_images", type=int, default=4, help="per prompt")
     validation.add_argument("--validation_inference_steps", type=int, default=50)
     validation.add_argument("--guidance_scale", type=float, default=4.0)
     validation.add_argument("--snapshot_steps", type=int, nargs="+", default=[],
-                            help="also save the (EMA) pipeline at these steps, to snapshots/step-N")
+                            help="also save the (EMA) pipeline, or the LoRA, at these steps, to snapshots/step-N")
     args = parser.parse_args(argv)
     check_args(args)
     if args.prediction_type and args.objective and args.prediction_type != args.objective:
         raise ValueError(f"--prediction_type={args.prediction_type} contradicts --objective={args.objective}; pass one")
     args.objective = args.objective or args.prediction_type
+    if args.lora_rank is not None:
+        check_lora_args(args)
+    else:
+        for flag in ("lora_alpha", "train_text_encoder_lora"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} sets up a LoRA run; add --lora_rank R (e.g. 4) or drop --{flag}")
     if args.objective in ("edm", "flow_matching"):
         for flag in ("snr_gamma", "rescale_betas_zero_snr"):
             if getattr(args, flag):
@@ -132,6 +157,85 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise ValueError(f"--caption_dropout_prob={args.caption_dropout_prob} must be in [0, 1)")
     return args
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' `load_lora_weights` looks for
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def base_objective(pipeline_folder: str) -> str | None:
+    """The objective the pipeline folder's U-Net was trained with, read from its scheduler (None without one)."""
+    config_file = Path(pipeline_folder, "scheduler", "scheduler_config.json")
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    if "FlowMatch" in config.get("_class_name", ""):
+        return "flow_matching"
+    if config.get("_class_name", "").startswith("EDM"):
+        return "edm"
+    return config.get("prediction_type", "epsilon")
+
+
+def check_lora_args(args: argparse.Namespace) -> None:
+    """Refuse flags that a LoRA run cannot honour, naming them; adopt the base model's U-Net and objective."""
+    if args.lora_rank < 1:
+        raise ValueError(f"--lora_rank={args.lora_rank} must be at least 1 (4 to 64 are usual)")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise ValueError(f"--lora_alpha={args.lora_alpha} must be positive (it scales B·A by α/r; default r)")
+    if not args.pretrained_model_name_or_path:
+        raise ValueError("--lora_rank adapts a pipeline's U-Net: pass --pretrained_model_name_or_path (its folder)")
+    for flag, reason in (
+        ("unet_config", "it builds a new U-Net, while a LoRA adapts the pipeline folder's"),
+        ("use_ema", "the EMA averages the whole U-Net, not the adapters"),
+        ("rescale_betas_zero_snr", "the base model keeps the noise schedule it was trained with"),
+    ):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag} cannot be combined with --lora_rank: {reason}; drop --{flag}")
+    base = base_objective(args.pretrained_model_name_or_path)
+    if args.objective and base and args.objective != base:
+        raise ValueError(
+            f"--objective {args.objective} differs from the objective of the base model in "
+            f"{args.pretrained_model_name_or_path} ({base}, from its scheduler); a LoRA must keep it: drop --objective"
+        )
+    args.objective = args.objective or base
+    args.unet_from_pretrained = True
+
+
+def add_lora_adapters(args: argparse.Namespace, unet: ScratchUNet2DConditionModel, text_encoder: Any) -> None:
+    """Freeze the U-Net (and text encoder) and give their attention projections trainable LoRA adapters.
+
+    peft initialises A with Gaussian entries and B = 0, so W' = W at step 0. The U-Net takes diffusers' `add_adapter`;
+    the text encoder takes peft's `inject_adapter_in_model`, what transformers' `add_adapter` calls (and which, unlike
+    it, does not require peft >= 0.22)."""
+    alpha = args.lora_alpha if args.lora_alpha is not None else args.lora_rank
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=args.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
+    )
+    if args.train_text_encoder_lora:
+        config = LoraConfig(
+            r=args.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS
+        )
+        inject_adapter_in_model(config, text_encoder, adapter_name="default")
+        text_encoder.train()
+
+
+def save_lora_weights(folder: Path, unet: ScratchUNet2DConditionModel, text_encoder: Any | None) -> Path:
+    """Write the adapters to `folder/pytorch_lora_weights.safetensors` as diffusers' training scripts do (keys
+    `unet.…` and `text_encoder.…`, with each adapter's LoraConfig, α included, as metadata), atomically: to a temporary
+    name first, then renamed, readable as the umask allows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    layers, metadata = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}, {}
+    metadata["unet_lora_adapter_metadata"] = unet.peft_config["default"].to_dict()
+    if text_encoder is not None:
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+        metadata["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    staging = f".{LORA_WEIGHTS}.partial"
+    ScratchStableDiffusionPipeline.save_lora_weights(folder, weight_name=staging, **layers, **metadata)
+    os.chmod(folder / staging, 0o666 & ~process_umask())
+    os.replace(folder / staging, folder / LORA_WEIGHTS)
+    return folder / LORA_WEIGHTS
 
 
 def load_frozen_components(args: argparse.Namespace) -> tuple[ScratchAutoencoderKL, ScratchCLIPTextModel, CLIPTokenizer]:
@@ -172,9 +276,7 @@ def build_scheduler(args: argparse.Namespace) -> ScratchDDPMScheduler:
         config = ScratchDDPMScheduler.load_config(scheduler_folder)
         scheduler = ScratchDDPMScheduler.from_config(config, **overrides)
     else:
-        scheduler = ScratchDDPMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, **overrides
-        )
+        scheduler = ScratchDDPMScheduler(**STABLE_DIFFUSION_BETAS, clip_sample=False, **overrides)
     if scheduler.config.rescale_betas_zero_snr and scheduler.config.prediction_type == "epsilon":
         raise ValueError(
             "--rescale_betas_zero_snr gives ᾱ_T = 0, where ε-prediction carries no information about the image; "
@@ -313,6 +415,50 @@ A small model trained briefly on a small dataset: expect rough images, and only 
     (Path(args.output_dir) / "README.md").write_text(card)
 
 
+def write_lora_model_card(
+    args: argparse.Namespace, trainer: Trainer, dataset_size: int, skipped: int, scheduler: Any
+) -> None:
+    """README.md next to the LoRA file: the base model, the adapters, how to load them, the data and the run."""
+    compute = trainer.compute_summary()
+    alpha = args.lora_alpha if args.lora_alpha is not None else args.lora_rank
+    adapted = "the U-Net's attention projections" + (" and the text encoder's" if args.train_text_encoder_lora else "")
+    prompt = (args.validation_prompts or ["a prompt"])[0]
+    card = f"""---
+library_name: diffusers
+base_model: {args.pretrained_model_name_or_path}
+tags: [text-to-image, lora, hf-scratch]
+---
+
+# LoRA for `{args.pretrained_model_name_or_path}`
+
+Low-rank adapters (Hu et al. 2021, arXiv:2106.09685) of rank r = {args.lora_rank} and α = {alpha} on {adapted}, trained
+by `training/train_unet.py --lora_rank` of hf-scratch: each adapted weight becomes W' = W + (α/r)·B·A.
+
+```python
+from hf_scratch import ScratchStableDiffusionPipeline
+
+pipe = ScratchStableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe.load_lora_weights("{args.output_dir}")
+image = pipe("{prompt}", guidance_scale={args.guidance_scale}, cross_attention_kwargs={{"scale": 1.0}}).images[0]
+```
+
+diffusers' `StableDiffusionPipeline.load_lora_weights` reads the same `{LORA_WEIGHTS}`.
+
+## Data
+- source: `{args.train_data_dir or args.dataset_name}`, split `{args.train_split}`, {dataset_size} images
+  ({skipped} skipped because they do not decode), resolution {args.resolution} px, captions from column
+  `{args.caption_column}`
+
+## Training
+- objective: {describe_objective(args, scheduler)}
+- {compute['optimizer_steps']} optimizer steps of {compute['samples_per_step']} samples, learning rate
+  {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)
+- command: `{compute['command']}`
+- {compute['processes']} process(es) on {compute['device']}, {compute['samples_per_s']} samples/s
+"""
+    (Path(args.output_dir) / "README.md").write_text(card)
+
+
 def main(args: argparse.Namespace) -> None:
     accelerator = create_accelerator(args)
     set_seed(args.seed)
@@ -323,15 +469,31 @@ def main(args: argparse.Namespace) -> None:
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (vae, text_encoder):
         frozen.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    lora = args.lora_rank is not None
+    if lora:
+        unet.to(accelerator.device, dtype=weight_dtype)
+        add_lora_adapters(args, unet, text_encoder)
+        # The adapters train in float32 under mixed precision too; the frozen weights may stay in half precision.
+        cast_training_params([unet, text_encoder], dtype=torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
     images = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
     dataset = cache_latents(images, vae, accelerator, args.train_batch_size) if args.cache_latents else images
     batches = EpochBatches(len(dataset), args.train_batch_size, accelerator, args.seed)
-    optimizer, lr_scheduler = create_optimizer(args, unet.parameters(), batches.updates_per_epoch, accelerator)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    trainer = Trainer(accelerator, args, dataset, batches, unet, lr_scheduler)
+    trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
+    optimizer, lr_scheduler = create_optimizer(args, trainable, batches.updates_per_epoch, accelerator)
+    if args.train_text_encoder_lora:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        # One module holding both, for the trainer's checksums and finiteness checks and for gradient clipping.
+        trained = torch.nn.ModuleDict(
+            {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
+        )
+        accumulated = (unet, text_encoder)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        trained, accumulated = unet, (unet,)
+    trainer = Trainer(accelerator, args, dataset, batches, trained, lr_scheduler)
     trainer.resume()
     accelerator.init_trackers("train_unet", config=tracker_config(args))
 
@@ -342,7 +504,7 @@ def main(args: argparse.Namespace) -> None:
         return text_encoder(input_ids.to(accelerator.device))[0]
 
     def train_step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        with accelerator.accumulate(unet):
+        with accelerator.accumulate(*accumulated):
             with torch.no_grad():
                 if args.cache_latents:
                     std = (0.5 * batch["latent_logvar"]).exp()
@@ -353,7 +515,8 @@ def main(args: argparse.Namespace) -> None:
                 latents = latents.to(accelerator.device, torch.float32) * vae.config.scaling_factor
                 dropped = torch.rand(len(batch["caption"])) < args.caption_dropout_prob
                 captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
-                encoder_hidden_states = encode_prompts(captions)
+                with torch.set_grad_enabled(args.train_text_encoder_lora):
+                    encoder_hidden_states = encode_prompts(captions)
 
                 noise = torch.randn_like(latents)
                 if args.noise_offset:
@@ -370,22 +533,30 @@ def main(args: argparse.Namespace) -> None:
                                              timesteps=discrete)
             loss = objectives.per_sample_loss(prediction, batch_target.target, args.loss_type, huber_c)
             loss = (loss * batch_target.weights).mean()
-            optimizer_step(accelerator, loss, unet, optimizer, lr_scheduler, args.max_grad_norm)
+            optimizer_step(accelerator, loss, trained, optimizer, lr_scheduler, args.max_grad_norm)
         return {"loss": loss}
 
     def pipeline() -> ScratchStableDiffusionPipeline:
         return ScratchStableDiffusionPipeline(
             vae=vae,
-            text_encoder=text_encoder,
+            text_encoder=accelerator.unwrap_model(text_encoder),
             tokenizer=tokenizer,
             unet=accelerator.unwrap_model(unet),
             scheduler=scheduler,
         )
 
+    def save_result(folder: Path) -> None:
+        """The LoRA file of a LoRA run, else the whole (EMA) pipeline."""
+        if lora:
+            adapted_text_encoder = accelerator.unwrap_model(text_encoder) if args.train_text_encoder_lora else None
+            save_lora_weights(folder, accelerator.unwrap_model(unet), adapted_text_encoder)
+        else:
+            with trainer.ema_weights():
+                pipeline().save_pretrained(folder)
+
     def save_snapshot(step: int) -> None:
         if accelerator.is_main_process:
-            with trainer.ema_weights():
-                pipeline().save_pretrained(Path(args.output_dir, "snapshots", f"step-{step}"))
+            save_result(Path(args.output_dir, "snapshots", f"step-{step}"))
         accelerator.wait_for_everyone()
 
     def validate(step: int) -> None:
@@ -425,9 +596,9 @@ def main(args: argparse.Namespace) -> None:
     trainer.write_rank_report()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with trainer.ema_weights():
-            pipeline().save_pretrained(args.output_dir)
-        write_model_card(args, trainer, len(dataset), images.num_skipped, scheduler)
+        save_result(Path(args.output_dir))
+        write_card = write_lora_model_card if lora else write_model_card
+        write_card(args, trainer, len(dataset), images.num_skipped, scheduler)
     accelerator.end_training()
 
 

@@ -13,6 +13,10 @@ adaptive one.
 Validation reports the reconstruction PSNR of the validation split through the posterior mean. At the end the script
 sets `scaling_factor` to 1 / std of the training latents (LDM Sec. 4.3.2), so diffusion sees unit-variance latents,
 and writes the VAE with `save_pretrained` to --output_dir.
+
+`--pretrained_vae DIR --train_decoder_only` fine-tunes the decoder of a trained VAE and keeps its encoder, and so its
+latent space and `scaling_factor`, bit for bit: a U-Net trained on the old latents works with the new decoder (as
+Stable Diffusion's ft-MSE VAE was made). The KL term then has no gradient and is left out.
 """
 
 import argparse
@@ -47,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser(__doc__.splitlines()[0], captions=False)
     model = parser.add_argument_group("model")
     model.add_argument("--model_config", help="a JSON file of ScratchAutoencoderKL config keys; overrides the flags")
+    model.add_argument("--pretrained_vae", help="a VAE folder (this script's --output_dir) to start from")
+    model.add_argument("--train_decoder_only", action="store_true",
+                       help="with --pretrained_vae: train post_quant_conv and the decoder, keep the encoder")
     model.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 128],
                        help="one entry per level; the image shrinks by 2^(levels-1)")
     model.add_argument("--latent_channels", type=int, default=4)
@@ -66,10 +73,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training images whose latents set scaling_factor at the end")
     args = parser.parse_args(argv)
     check_args(args)
+    if args.train_decoder_only and not args.pretrained_vae:
+        raise ValueError("--train_decoder_only needs --pretrained_vae, the VAE whose encoder it keeps")
+    if args.pretrained_vae and args.model_config:
+        raise ValueError("--pretrained_vae and --model_config both give the architecture; pass one")
+    if args.pretrained_vae and not Path(args.pretrained_vae, "config.json").is_file():
+        raise ValueError(f"--pretrained_vae={args.pretrained_vae!r} holds no config.json; pass a VAE folder")
     return args
 
 
 def build_vae(args: argparse.Namespace) -> ScratchAutoencoderKL:
+    if args.pretrained_vae:
+        vae = ScratchAutoencoderKL.from_pretrained(args.pretrained_vae, torch_dtype=torch.float32)
+        if args.train_decoder_only:
+            for frozen in (vae.encoder, vae.quant_conv):
+                if frozen is not None:
+                    frozen.requires_grad_(False)
+        return vae
     if args.model_config:
         return ScratchAutoencoderKL.from_config(json.loads(Path(args.model_config).read_text()))
     levels = len(args.block_out_channels)
@@ -173,7 +193,8 @@ def main(args: argparse.Namespace) -> None:
     if args.validation_split != "none":
         validation = load_image_text_dataset(args, args.validation_split, accelerator)
     batches = EpochBatches(len(train), args.train_batch_size, accelerator, args.seed)
-    optimizer, lr_scheduler = create_optimizer(args, autoencoder.parameters(), batches.updates_per_epoch, accelerator)
+    trainable = [parameter for parameter in autoencoder.parameters() if parameter.requires_grad]
+    optimizer, lr_scheduler = create_optimizer(args, trainable, batches.updates_per_epoch, accelerator)
     autoencoder, optimizer, lr_scheduler = accelerator.prepare(autoencoder, optimizer, lr_scheduler)
     if args.use_discriminator:
         discriminator = PatchDiscriminator(args.disc_channels, args.disc_layers)
@@ -195,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
             reconstruction, kl = autoencoder(pixels)
             rec_loss = reconstruction_loss(reconstruction.float(), pixels.float())
             kl_loss = kl.mean()
-            loss = rec_loss + args.kl_weight * kl_loss
+            loss = rec_loss if args.train_decoder_only else rec_loss + args.kl_weight * kl_loss
             logs = {"reconstruction_loss": rec_loss, "kl": kl_loss}
             if gan:
                 # The generator's view of the critic: its weights stay out of this backward pass.
@@ -233,9 +254,10 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with trainer.ema_weights():
-            vae.register_to_config(
-                scaling_factor=latent_scaling_factor(vae, train, args.num_scaling_samples, args.train_batch_size)
-            )
+            if not args.train_decoder_only:  # a kept encoder keeps its latents' scale
+                vae.register_to_config(
+                    scaling_factor=latent_scaling_factor(vae, train, args.num_scaling_samples, args.train_batch_size)
+                )
             vae.save_pretrained(args.output_dir)
     accelerator.end_training()
 

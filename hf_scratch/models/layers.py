@@ -5,7 +5,8 @@ Diffusion (Rombach et al. 2022, arXiv:2112.10752), which inherits them from DDPM
 Appendix B) and the Transformer (Vaswani et al. 2017, arXiv:1706.03762). Module and parameter names equal those of
 `diffusers.models.resnet.ResnetBlock2D`, `diffusers.models.attention_processor.Attention`,
 `diffusers.models.downsampling.Downsample2D`, `diffusers.models.upsampling.Upsample2D` and
-`diffusers.models.embeddings.TimestepEmbedding`, so diffusers' state dicts load with strict keys.
+`diffusers.models.embeddings.TimestepEmbedding`, so diffusers' state dicts load with strict keys. The attention
+follows diffusers' attention-processor protocol, so diffusers' processors (and peft's LoRA layers) run on it.
 """
 
 import math
@@ -16,6 +17,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_processor import SlicedAttnProcessor, XFormersAttnProcessor
+from diffusers.utils import is_xformers_available
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -146,12 +150,81 @@ class ResnetBlock2D(nn.Module):
         return output if self.output_scale_factor == 1.0 else output / self.output_scale_factor
 
 
-class Attention(nn.Module):
-    """Multi-head (cross-)attention, softmax(QK^T / sqrt(d)) V (Vaswani et al. Eq. 1), through SDPA.
+class ScratchAttnProcessor:
+    """softmax(QKᵀ / √d) V (Vaswani et al. Eq. 1) through `F.scaled_dot_product_attention`: the default processor.
+
+    An attention processor is what diffusers' `Attention` delegates its computation to, called as
+    `processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None)`. Ours reads the same attributes of
+    `attn` as diffusers' processors, so the two are interchangeable: `AttnProcessor`, `SlicedAttnProcessor`,
+    `XFormersAttnProcessor`, `FusedAttnProcessor2_0`, ... run on our `Attention`, and this one on the attention layers
+    of diffusers' SD U-Net and VAE (which have no spatial or query/key norms). It reads the fused `to_qkv` / `to_kv`
+    projections once `fuse_projections` has made them, and with `upcast_attention` it runs the attention product of a
+    half-precision model in float32, as LDM's SD 2 models require.
+
+    A spatial input (B, C, H, W) is group-normed, attended over its H·W pixels and, with `residual_connection`, added
+    back to itself (the VAE's mid-block attention, LDM `AttnBlock`).
+    """
+
+    def __call__(
+        self,
+        attn: "Attention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError(
+                "ScratchAttnProcessor takes no attention_mask (Stable Diffusion attends to every token); set "
+                "diffusers' AttnProcessor2_0 with set_attn_processor to use one."
+            )
+        residual = hidden_states
+        spatial_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if spatial_shape is not None:
+            if attn.group_norm is not None:
+                hidden_states = attn.group_norm(hidden_states)
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        elif attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query, key, value = self.project_qkv(attn, hidden_states, encoder_hidden_states)
+        query = query.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, L, d)
+        key = key.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, S, d)
+        value = value.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, S, d)
+        if attn.upcast_attention and query.dtype in (torch.float16, torch.bfloat16):
+            query, key, value = query.float(), key.float(), value.float()
+        attention = F.scaled_dot_product_attention(query, key, value)  # (B, heads, L, d)
+        attention = attention.transpose(1, 2).flatten(2).to(hidden_states.dtype)  # (B, L, heads*d)
+        hidden_states = attn.to_out[1](attn.to_out[0](attention))
+        if spatial_shape is not None:
+            hidden_states = hidden_states.transpose(1, 2).reshape(spatial_shape)  # (B, C, H, W)
+        if attn.residual_connection:
+            hidden_states = residual + hidden_states
+        # x / 1.0 == x exactly, so the usual factor of 1 skips a pass over the activations.
+        return hidden_states if attn.rescale_output_factor == 1.0 else hidden_states / attn.rescale_output_factor
+
+    @staticmethod
+    def project_qkv(
+        attn: "Attention", hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q = x W_q, K = c W_k, V = c W_v with c the context (x itself for self-attention), through the fused
+        `to_qkv` (self-attention) or `to_kv` (cross-attention) projection when `fuse_projections` has made one."""
+        if encoder_hidden_states is None:
+            if attn.fused_projections and hasattr(attn, "to_qkv"):
+                return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.to_q(hidden_states)
+        if attn.fused_projections and hasattr(attn, "to_kv"):
+            return (query, *attn.to_kv(encoder_hidden_states).chunk(2, dim=-1))
+        return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+
+
+class Attention(AttentionModuleMixin, nn.Module):
+    """Multi-head (cross-)attention, softmax(QK^T / sqrt(d)) V (Vaswani et al. Eq. 1), computed by a processor.
 
     Keys and values come from `encoder_hidden_states` when given (cross-attention), otherwise from the queries' own
-    tokens. `upcast_attention` runs the attention product in float32 when the model runs in half precision, as LDM's
-    SD 2 models require.
+    tokens. The module holds the projections and hands the computation to `self.processor`, `ScratchAttnProcessor`
+    unless `set_processor` (or a model's `set_attn_processor`) installs another. diffusers' `AttentionModuleMixin`
+    supplies `set_processor`, `get_processor`, `fuse_projections` / `unfuse_projections` and the reshaping helpers that
+    diffusers' own processors call; the attributes below are the rest of the interface those processors read.
     """
 
     def __init__(
@@ -163,42 +236,69 @@ class Attention(nn.Module):
         bias: bool = False,
         upcast_attention: bool = False,
         dropout: float = 0.0,
+        residual_connection: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
+        self.inner_dim = inner_dim
+        self.scale = dim_head**-0.5  # 1/√d, which diffusers' non-SDPA processors apply themselves
         self.upcast_attention = upcast_attention
+        self.upcast_softmax = False
+        self.use_bias = bias
+        self.is_cross_attention = cross_attention_dim is not None
+        self.residual_connection = residual_connection
+        self.rescale_output_factor = 1.0
+        self.sliceable_head_dim = heads  # `SlicedAttnProcessor` slices the (batch x heads) axis
+        # Stages of diffusers' processor protocol that Stable Diffusion's attention does not have.
+        self.group_norm = self.spatial_norm = self.norm_cross = self.norm_q = self.norm_k = None
+        self.added_kv_proj_dim = None
         key_value_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(key_value_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(key_value_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(dropout)])
+        self.set_processor(ScratchAttnProcessor())
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = self.to_q(hidden_states).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, d)
-        key = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, d)
-        value = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, d)
-        if self.upcast_attention and query.dtype in (torch.float16, torch.bfloat16):
-            query, key, value = query.float(), key.float(), value.float()
-        attention = F.scaled_dot_product_attention(query, key, value)  # (B, heads, L, d)
-        attention = attention.transpose(1, 2).flatten(2).to(hidden_states.dtype)  # (B, L, heads*d)
-        return self.to_out[1](self.to_out[0](attention))
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states)
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Compute the attention `slice_size` (batch x head) rows at a time with diffusers' `SlicedAttnProcessor`, so
+        that at most slice_size x L x S attention scores exist at once; `None` restores `ScratchAttnProcessor`."""
+        if slice_size is None:
+            self.set_processor(ScratchAttnProcessor())
+            return
+        if isinstance(slice_size, bool) or not isinstance(slice_size, int) or not 1 <= slice_size <= self.heads:
+            raise ValueError(f"slice_size={slice_size!r} must be an integer from 1 to this layer's {self.heads} heads")
+        self.set_processor(SlicedAttnProcessor(slice_size))
+
+    def set_use_memory_efficient_attention_xformers(
+        self, use_memory_efficient_attention_xformers: bool, attention_op: Callable | None = None
+    ) -> None:
+        """Install diffusers' `XFormersAttnProcessor` (or, when turning it off, `ScratchAttnProcessor` again). Without
+        xformers or CUDA this raises rather than leaving the attention as it was."""
+        if not use_memory_efficient_attention_xformers:
+            self.set_processor(ScratchAttnProcessor())
+            return
+        if not is_xformers_available():
+            raise ModuleNotFoundError(
+                "enable_xformers_memory_efficient_attention needs the xformers package (pip install xformers) and a "
+                "CUDA GPU; without them the default ScratchAttnProcessor (PyTorch SDPA) is already memory-efficient.",
+                name="xformers",
+            )
+        if not torch.cuda.is_available():
+            raise ValueError("enable_xformers_memory_efficient_attention needs a CUDA GPU, and torch sees none.")
+        self.set_processor(XFormersAttnProcessor(attention_op=attention_op))
 
 
 class SpatialSelfAttention(Attention):
     """Single-head self-attention over the pixels of a feature map, with a group norm in front and a residual around it
-    (the VAE's mid-block attention, LDM `AttnBlock`)."""
+    (the VAE's mid-block attention, LDM `AttnBlock`); the processor receives the map itself, (B, C, H, W)."""
 
     def __init__(self, channels: int, groups: int, eps: float) -> None:
-        super().__init__(query_dim=channels, heads=1, dim_head=channels, bias=True)
+        super().__init__(query_dim=channels, heads=1, dim_head=channels, bias=True, residual_connection=True)
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = hidden_states.shape
-        tokens = self.group_norm(hidden_states).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        attended = super().forward(tokens).transpose(1, 2).reshape(batch, channels, height, width)
-        return hidden_states + attended
 
 
 class Downsample2D(nn.Module):

@@ -4,7 +4,8 @@ Latent Diffusion (Rombach et al. 2022, arXiv:2112.10752, Sec. 3.3 and Appendix E
 arXiv:2006.11239) whose attention layers are spatial transformers, cross-attending to the text encoder's token
 embeddings. The layout, config keys and parameter names match `diffusers.UNet2DConditionModel` for SD 1.x / 2.x
 (`CrossAttnDownBlock2D`, `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D`, `CrossAttnUpBlock2D`,
-`Transformer2DModel`, `BasicTransformerBlock`), so a folder saved by either class loads into the other.
+`Transformer2DModel`, `BasicTransformerBlock`), so a folder saved by either class loads into the other. The adapter
+and attention-processor API (LoRA through peft, `set_attn_processor`, FreeU, ...) comes from `adapters.py`.
 """
 
 from dataclasses import dataclass
@@ -14,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin  # diffusers looks these names up in this module when loading
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, apply_lora_scale
+from diffusers.utils.torch_utils import apply_freeu
 from torch import nn
 
+from .adapters import UNetAdapterMixin
 from .layers import (
     Attention,
     CheckpointedBlock,
@@ -283,9 +286,12 @@ class UpBlock2D(CheckpointedBlock):
         attention_heads: int | None,
         transformer_layers: int,
         only_cross_attention: bool,
+        resolution_idx: int,
         config: dict[str, Any],
     ) -> None:
         super().__init__()
+        self.resolution_idx = resolution_idx  # 0 for the deepest; FreeU acts on resolutions 0 and 1
+        self.freeu_scales: dict[str, float] | None = None  # set by `enable_freeu`
         temb_channels = config["block_out_channels"][0] * TIME_EMBED_MULT
         resnets = []
         for i in range(num_layers):
@@ -318,7 +324,10 @@ class UpBlock2D(CheckpointedBlock):
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            hidden_states = torch.cat([hidden_states, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            skip = skips.pop()
+            if self.freeu_scales is not None:
+                hidden_states, skip = apply_freeu(self.resolution_idx, hidden_states, skip, **self.freeu_scales)
+            hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
             hidden_states = self.run_layer(resnet, hidden_states, temb)
             if self.attentions:
                 hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states)
@@ -353,13 +362,17 @@ def _per_block(name: str, value: Any, num_blocks: int) -> list:
     return list(value)
 
 
-class ScratchUNet2DConditionModel(RespectUmaskOnSaveMixin, StrictFromPretrainedMixin, ModelMixin, ConfigMixin):
+class ScratchUNet2DConditionModel(
+    RespectUmaskOnSaveMixin, StrictFromPretrainedMixin, ModelMixin, UNetAdapterMixin, ConfigMixin
+):
     """ε_θ(z_t, t, c): conv_in, contracting path, bottleneck, expanding path with skips, conv_out (LDM Appendix E).
 
     Config keys and their defaults are those of `diffusers.UNet2DConditionModel`. As there, `attention_head_dim` is
     the number of attention heads per resolution (a historical misnomer kept for checkpoint compatibility); each head
     has `channels // attention_head_dim` dimensions. The keys in `FIXED_OPTIONS` must keep their SD values, and
     `addition_embed_type_num_heads` is inert without `addition_embed_type`.
+
+    LoRA and other peft adapters, attention processors and FreeU work as on diffusers' U-Net (`UNetAdapterMixin`).
     """
 
     _supports_gradient_checkpointing = True
@@ -486,6 +499,7 @@ class ScratchUNet2DConditionModel(RespectUmaskOnSaveMixin, StrictFromPretrainedM
                     attention_heads=attention_heads[level] if block_type == "CrossAttnUpBlock2D" else None,
                     transformer_layers=transformer_layers[level],
                     only_cross_attention=cross_only[level],
+                    resolution_idx=i,
                     config=self.config,
                 )
             )
@@ -500,6 +514,7 @@ class ScratchUNet2DConditionModel(RespectUmaskOnSaveMixin, StrictFromPretrainedM
         """2^(levels − 1): how much the contracting path shrinks the latents."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         sample: torch.Tensor,
@@ -512,13 +527,15 @@ class ScratchUNet2DConditionModel(RespectUmaskOnSaveMixin, StrictFromPretrainedM
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         """Predict the noise in `sample` (B, in_channels, H, W) at `timestep` given text tokens (B, L, cross_dim).
 
-        `timestep_cond`, `cross_attention_kwargs` and `added_cond_kwargs` exist so that diffusers' own pipelines can
-        call this model; SD 1.x/2.x pass them empty, and anything else raises (LCM, LoRA scales, SDXL are not built).
+        `cross_attention_kwargs={"scale": s}` scales every LoRA update by s for this call (`apply_lora_scale` takes
+        the key out). `timestep_cond` and `added_cond_kwargs` exist so that diffusers' own pipelines can call this
+        model; SD 1.x/2.x pass them empty, and anything else raises (LCM and SDXL conditioning are not built).
         """
         for name, value in (("timestep_cond", timestep_cond), ("cross_attention_kwargs", cross_attention_kwargs),
                             ("added_cond_kwargs", added_cond_kwargs)):
             if value is not None and not (isinstance(value, dict) and not value):
-                raise ValueError(f"{name}={value!r} is not supported by ScratchUNet2DConditionModel; pass None")
+                allowed = '{"scale": s}, the LoRA scale, or None' if name == "cross_attention_kwargs" else "None"
+                raise ValueError(f"{name}={value!r} is not supported by ScratchUNet2DConditionModel; pass {allowed}")
         self._check_inputs(sample, encoder_hidden_states)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0

@@ -17,6 +17,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from .adapters import AttentionProcessorsMixin
 from .layers import (
     CheckpointedBlock,
     Downsample2D,
@@ -215,12 +216,15 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, out_channels, h·f, w·f)
 
 
-class ScratchAutoencoderKL(RespectUmaskOnSaveMixin, StrictFromPretrainedMixin, ModelMixin, ConfigMixin):
+class ScratchAutoencoderKL(
+    RespectUmaskOnSaveMixin, StrictFromPretrainedMixin, ModelMixin, AttentionProcessorsMixin, ConfigMixin
+):
     """The SD autoencoder: x -> q(z|x) -> z -> D(z), with f = 2^(len(block_out_channels)-1) spatial compression.
 
     Diffusion runs on `z * scaling_factor` (LDM Sec. 4.3.2 and Appendix D.1: the factor gives the latents unit
     variance); decode `latents / scaling_factor`. Slicing runs a batch one image at a time, and tiling runs large
-    images in overlapping tiles blended linearly (the diffusers algorithm), bounding memory.
+    images in overlapping tiles blended linearly (the diffusers algorithm), bounding memory. The mid-block attention's
+    processors are set as in diffusers (`attn_processors`, `set_attn_processor`, `fuse_qkv_projections`, ...).
     """
 
     _supports_gradient_checkpointing = True

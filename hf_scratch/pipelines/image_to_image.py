@@ -5,12 +5,15 @@ schedule, and denoised by the same loop as text-to-image over the remaining time
 scheduler and seed, the images equal those of diffusers' `StableDiffusionImg2ImgPipeline`.
 """
 
+from typing import Any
+
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils.torch_utils import randn_tensor
 
+from hf_scratch.pipelines.loaders import scales_lora
 from hf_scratch.pipelines.text_to_image import (
     ScratchPipelineOutput,
     ScratchStableDiffusionPipeline,
@@ -142,8 +145,7 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         device: torch.device,
         generator: torch.Generator | list[torch.Generator] | None,
     ) -> torch.Tensor:
-        """x_t ~ q(x_t | x_0) with x_0 = scaling_factor * (a sample of the VAE posterior of `image`): `add_noise` for
-        DDPM-family schedulers, the flow x_σ = (1 − σ) x_0 + σ ε (`scale_noise`) for flow-matching ones."""
+        """x_t ~ q(x_t | x_0) with x_0 = scaling_factor * (a sample of the VAE posterior of `image`), by `noised`."""
         image = image.to(device=device, dtype=dtype)
         if isinstance(generator, list):
             # One posterior sample per image, each from its own generator.
@@ -156,11 +158,17 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
             init_latents = init_latents.repeat_interleave(num_images // init_latents.shape[0], dim=0)
         init_latents = self.vae.config.scaling_factor * init_latents
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
-        if not hasattr(self.scheduler, "add_noise"):
-            return self.scheduler.scale_noise(init_latents, timestep.repeat(num_images), noise)
-        return self.scheduler.add_noise(init_latents, noise, timestep.repeat(num_images))
+        return self.noised(init_latents, noise, timestep.repeat(num_images))
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0 = latents) with the given noise: `add_noise` for DDPM-family schedulers, the flow's
+        x_σ = (1 − σ) x_0 + σ ε (`scale_noise`) for flow-matching ones."""
+        if hasattr(self.scheduler, "add_noise"):
+            return self.scheduler.add_noise(latents, noise, timestep)
+        return self.scheduler.scale_noise(latents, timestep, noise)
 
     @torch.no_grad()
+    @scales_lora
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -182,6 +190,7 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         guidance_rescale: float = 0.0,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> ScratchPipelineOutput | tuple:
         """Transform `image` guided by text.
 
@@ -191,8 +200,8 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
                 rounded down to a multiple of 8 (and of the VAE's downsampling factor).
             strength: how far into the noise schedule to start, in (0, 1]; 1 ignores the image's content, and
                 `int(num_inference_steps * strength)` steps are run.
-            The other arguments (`guidance_rescale`, `timesteps`, `sigmas` among them) are those of
-            `ScratchStableDiffusionPipeline.__call__`.
+            The other arguments (`guidance_rescale`, `timesteps`, `sigmas`, `cross_attention_kwargs` among them) are
+            those of `ScratchStableDiffusionPipeline.__call__`.
         """
         batch_size = self.check_inputs(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,

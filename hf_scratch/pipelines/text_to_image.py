@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -27,12 +27,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 # diffusers resolves a saved component's class (e.g. `["hf_scratch.models.unet", ...]` in model_index.json) only from
 # modules already imported, so the pipeline brings our component modules with it.
 import hf_scratch.models.clip  # noqa: F401  isort: skip
-import hf_scratch.models.unet  # noqa: F401  isort: skip
-import hf_scratch.models.vae  # noqa: F401  isort: skip
+from hf_scratch.models.unet import ScratchUNet2DConditionModel  # isort: skip
+from hf_scratch.models.vae import ScratchAutoencoderKL  # isort: skip
 import hf_scratch.schedulers.ddim  # noqa: F401  isort: skip
 import hf_scratch.schedulers.ddpm  # noqa: F401  isort: skip
 import hf_scratch.schedulers.dpm_solver  # noqa: F401  isort: skip
 import hf_scratch.schedulers.flow_match  # noqa: F401  isort: skip
+from hf_scratch.pipelines.loaders import ScratchLoadersMixin, scales_lora  # isort: skip
 
 logger = logging.get_logger(__name__)
 
@@ -99,7 +100,7 @@ class ScratchPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class ScratchStableDiffusionPipeline(DiffusionPipeline):
+class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
     """Stable Diffusion text-to-image, with the denoising loop written out in `denoise`.
 
     Components are any with the diffusers / transformers API: our `Scratch*` models, or diffusers'
@@ -112,6 +113,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
       - `from_single_file(path, config=folder)` loads an LDM single-file checkpoint.
       - `save_pretrained(folder)` also writes `pipeline.py`, so `DiffusionPipeline.from_pretrained(folder,
         trust_remote_code=True)` returns this class.
+
+    Adapters (`ScratchLoadersMixin`, diffusers' own loaders): `load_lora_weights` / `fuse_lora` / `set_adapters` /
+    `unload_lora_weights`, `load_textual_inversion`, `enable_freeu`, `fuse_qkv_projections`, and the attention
+    processors of the U-Net (`pipe.unet.set_attn_processor`, `pipe.enable_attention_slicing()`).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -119,10 +124,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: ModelMixin,
+        vae: ScratchAutoencoderKL | AutoencoderKL,
         text_encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        unet: ModelMixin,
+        unet: ScratchUNet2DConditionModel | UNet2DConditionModel,
         scheduler: SchedulerMixin,
     ):
         super().__init__()
@@ -131,6 +136,19 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         # Pixel sizes must be a multiple of 8 (as in diffusers) and of the VAE's downsampling factor.
         self.size_multiple = math.lcm(8, self.vae_scale_factor)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The components to build another pipeline with, e.g. `StableDiffusionImg2ImgPipeline(**pipe.components)`:
+        the same model and tokenizer objects (no copies), but a new scheduler of the same class and config.
+        Schedulers carry per-run state, and diffusers' `StableDiffusionPipeline.__init__` rewrites its scheduler's
+        config (`steps_offset` to 1, `clip_sample` off), which on a shared scheduler would change this pipeline's
+        later images."""
+        components = dict(super().components)
+        scheduler = components.get("scheduler")
+        if scheduler is not None:
+            components["scheduler"] = type(scheduler).from_config(scheduler.config)
+        return components
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -429,7 +447,9 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ building blocks
 
     def _encode_text(self, texts: list[str], device: torch.device, clip_skip: int | None) -> torch.Tensor:
-        """Tokenise to the tokenizer's `model_max_length` (warning about dropped text) and run the text encoder."""
+        """Tokenise to the tokenizer's `model_max_length` (warning about dropped text) and run the text encoder. A
+        multi-vector textual-inversion token is first spelled out as its vectors' tokens (`maybe_convert_prompt`)."""
+        texts = self.maybe_convert_prompt(texts, self.tokenizer)
         max_length = self.tokenizer.model_max_length
         input_ids = self.tokenizer(
             texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
@@ -538,9 +558,13 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         guidance_rescale: float = 0.0,
+        conditioning: torch.Tensor | None = None,
+        step_end: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run x_t -> ε̂ -> x_{t-1} over `timesteps`. With guidance, `prompt_embeds` is `[uncond; cond]`, and
-        `guidance_rescale` > 0 rescales the guided prediction (`rescale_noise_cfg`)."""
+        `guidance_rescale` > 0 rescales the guided prediction (`rescale_noise_cfg`). `conditioning` is stacked after
+        the latents on the U-Net's channel axis (an inpainting U-Net's mask and masked image), and
+        `step_end(step_index, latents)` returns the latents to go on with after each step (inpainting's blending)."""
         do_classifier_free_guidance = guidance_scale > 1
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step_index, timestep in enumerate(timesteps):
@@ -548,6 +572,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
                 model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
                 if hasattr(self.scheduler, "scale_model_input"):  # flow schedulers feed x_t as it is
                     model_input = self.scheduler.scale_model_input(model_input, timestep)
+                if conditioning is not None:
+                    model_input = torch.cat([model_input, conditioning], dim=1)
                 noise_pred = self.unet(model_input, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
                 if do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
@@ -557,6 +583,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
 
                 step_output = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs, return_dict=True)
                 sample, latents = latents, step_output.prev_sample
+                if step_end is not None:
+                    latents = step_end(step_index, latents)
 
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "noise_pred": noise_pred}
@@ -602,6 +630,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
+    @scales_lora
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -624,6 +653,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
         guidance_rescale: float = 0.0,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> ScratchPipelineOutput | tuple:
         """Generate images from text.
 
@@ -648,6 +678,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline):
             guidance_rescale: φ of rescaled guidance (Lin et al. 2024, Sec. 3.4), in [0, 1]; 0 leaves it off.
             timesteps, sigmas: a custom schedule, for schedulers whose `set_timesteps` takes one (it then sets the
                 number of steps).
+            cross_attention_kwargs: `{"scale": s}` scales the loaded LoRA adapters' updates by s for this call
+                (applied by `scales_lora`); no other key is taken.
         """
         default_height, default_width = self._default_size()
         height = default_height if height is None else height

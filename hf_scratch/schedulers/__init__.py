@@ -12,7 +12,11 @@ SCHEDULERS: Dict[str, Tuple[str, str, dict]] = {
     "ddpm": ("hf_scratch.schedulers.ddpm", "ScratchDDPMScheduler", {}),
     "ddim": ("hf_scratch.schedulers.ddim", "ScratchDDIMScheduler", {}),
     "dpm++": ("hf_scratch.schedulers.dpm_solver", "ScratchDPMSolverMultistepScheduler", {}),
-    "dpm++-karras": ("hf_scratch.schedulers.dpm_solver", "ScratchDPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++-karras": (
+        "hf_scratch.schedulers.dpm_solver",
+        "ScratchDPMSolverMultistepScheduler",
+        {"use_karras_sigmas": True},
+    ),
     "diffusers-pndm": ("diffusers", "PNDMScheduler", {}),
     "diffusers-ddim": ("diffusers", "DDIMScheduler", {}),
     "diffusers-dpm++": ("diffusers", "DPMSolverMultistepScheduler", {}),
@@ -28,7 +32,7 @@ FAMILIES = ("ddpm", "edm", "flow")
 
 
 def scheduler_family(config: Any) -> str:
-    """"edm", "flow" or "ddpm": what a model sampled by a scheduler of this config was trained on."""
+    """ "edm", "flow" or "ddpm": what a model sampled by a scheduler of this config was trained on."""
     if "sigma_data" in config:
         return "edm"
     if "shift" in config and "beta_start" not in config:
@@ -55,3 +59,14 @@ def make_scheduler(name: str, config: Any) -> Any:
     scheduler_class = getattr(importlib.import_module(module), class_name)
     # An in-memory config drops the values left at the source class's defaults, so pass them all explicitly.
     return scheduler_class.from_config({**dict(config), **overrides})
+
+
+def scheduler_name(scheduler: Any) -> str | None:
+    """The `SCHEDULERS` name that `make_scheduler` would build `scheduler` with: same class, and the entry's fixed
+    options set (the entry with the most of them wins); None for a scheduler outside the registry."""
+    matches = [
+        name for name, (module, class_name, options) in SCHEDULERS.items()
+        if type(scheduler).__name__ == class_name and type(scheduler).__module__.startswith(module)
+        and all(scheduler.config.get(option) == value for option, value in options.items())
+    ]  # fmt: skip
+    return max(matches, key=lambda name: len(SCHEDULERS[name][2]), default=None)

@@ -29,6 +29,9 @@ TimestepSpacing = Literal["linspace", "leading", "trailing"]
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+# Stable Diffusion's training schedule (Rombach et al. 2022, the v1 configs): β_t "scaled linear" from 0.00085 to 0.012
+# over T = 1000 steps, i.e. √β_t linear in t.
+STABLE_DIFFUSION_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 # Our schedulers, by the module that defines each: `from_config` resolves compatible names through this table.
 SCRATCH_SCHEDULERS = {

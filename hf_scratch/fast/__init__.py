@@ -1,7 +1,7 @@
 """Opt-in fast paths for inference. Nothing in the library calls this module: eager PyTorch stays the default.
 
 `use_winograd` is the one that pays on a CPU. It runs the 3x3 convolutions through Winograd's minimal filtering
-(`hf_scratch.winograd`, F(4x4, 3x3) and F(2x2, 3x3) tiles) on channels-last memory. On a 2-core AVX-512 Xeon, in
+(`hf_scratch.fast.winograd`, F(4x4, 3x3) and F(2x2, 3x3) tiles) on channels-last memory. On a 2-core AVX-512 Xeon, in
 interleaved runs of `python -m benchmarks`, the SD 1.5 U-Net step at 512 px took about 0.7x diffusers' time, ahead of
 OpenVINO and ONNX Runtime, and the VAE decode at 512 px 0.69x (BENCHMARKS.md); outputs stay within 1e-5 relative of
 eager. The costs: the transformed filters (4.1 GiB for the SD 1.5 U-Net at 512 px, 0.7 GiB for the VAE decoder, kept
