@@ -81,3 +81,29 @@ def tiny_components(kind: Literal["diffusers", "scratch"] = "diffusers", seed: i
     for model in (unet, vae, text_encoder):
         model.eval()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tiny_tokenizer()}
+
+
+def sd_ddim():
+    """diffusers' `DDIMScheduler` as the SD 1.5 folder configures it (scaled-linear β, steps_offset 1, no clipping)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )  # fmt: skip
+
+
+def twin_pipelines() -> tuple:
+    """(diffusers' `StableDiffusionPipeline` on diffusers' tiny components, ours on ours), same weights and DDIM."""
+    from diffusers import StableDiffusionPipeline
+
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+
+    reference = StableDiffusionPipeline(
+        **tiny_components("diffusers"), scheduler=sd_ddim(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    ours = ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=sd_ddim())
+    for pipe in (reference, ours):
+        pipe.set_progress_bar_config(disable=True)
+    return reference, ours

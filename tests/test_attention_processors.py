@@ -9,8 +9,7 @@ diffusers' images. Tolerances: 1e-5 on U-Net outputs, 1e-4 on images in [0, 1].
 import numpy as np
 import pytest
 import torch
-from _tiny import tiny_components
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from _tiny import tiny_components, twin_pipelines
 from diffusers.models.attention_processor import (
     AttnAddedKVProcessor,
     AttnProcessor,
@@ -21,7 +20,6 @@ from diffusers.models.attention_processor import (
 from diffusers.utils import is_xformers_available
 
 from hf_scratch.models.layers import Attention, ScratchAttnProcessor
-from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 
 MODEL_TOLERANCE, IMAGE_TOLERANCE = 1e-5, 1e-4
 FREEU = {"s1": 0.9, "s2": 0.2, "b1": 1.3, "b2": 1.4}  # the FreeU authors' SD 1.x values
@@ -39,24 +37,6 @@ def unets():
 def run(unet, inputs) -> torch.Tensor:
     with torch.no_grad():
         return unet(*inputs).sample
-
-
-def ddim() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )  # fmt: skip
-
-
-def pipelines() -> tuple[StableDiffusionPipeline, ScratchStableDiffusionPipeline]:
-    reference = StableDiffusionPipeline(
-        **tiny_components("diffusers"), scheduler=ddim(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    ours = ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=ddim())
-    for pipe in (reference, ours):
-        pipe.set_progress_bar_config(disable=True)
-    return reference, ours
 
 
 def images(pipe) -> np.ndarray:
@@ -131,7 +111,7 @@ def test_attention_slicing_computes_the_scores_a_slice_at_a_time(unets, slice_si
 
 
 def test_pipeline_attention_slicing_is_real_and_bad_sizes_are_refused():
-    _, ours = pipelines()
+    _, ours = twin_pipelines()
     default = images(ours)
     ours.enable_attention_slicing()
     assert all(isinstance(processor, SlicedAttnProcessor) for processor in ours.unet.attn_processors.values())
@@ -146,7 +126,7 @@ def test_pipeline_attention_slicing_is_real_and_bad_sizes_are_refused():
 
 @pytest.mark.skipif(is_xformers_available(), reason="xformers is installed here")
 def test_xformers_without_xformers_raises_instead_of_doing_nothing():
-    _, ours = pipelines()
+    _, ours = twin_pipelines()
     with pytest.raises(ModuleNotFoundError, match="xformers"):
         ours.enable_xformers_memory_efficient_attention()
 
@@ -170,7 +150,7 @@ def test_fused_projections_keep_the_outputs_and_unfusing_restores_them(unets):
 
 
 def test_pipeline_fuse_qkv_projections_covers_our_vae():
-    reference, ours = pipelines()
+    reference, ours = twin_pipelines()
     default = images(ours)
     ours.fuse_qkv_projections()
     reference.fuse_qkv_projections()
@@ -183,7 +163,7 @@ def test_pipeline_fuse_qkv_projections_covers_our_vae():
 
 
 def test_freeu_gives_diffusers_images():
-    reference, ours = pipelines()
+    reference, ours = twin_pipelines()
     default = images(ours)
     for pipe in (reference, ours):
         pipe.enable_freeu(**FREEU)

@@ -31,12 +31,7 @@ OURS = (ScratchStableDiffusionPipeline, ScratchStableDiffusionImg2ImgPipeline, S
 MODELS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def quiet(pipe):

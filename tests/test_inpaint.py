@@ -23,12 +23,7 @@ SCHEDULERS = {"ddim": (ScratchDDIMScheduler, DDIMScheduler), "dpm": (ScratchDPMS
 NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def schedule(scheduler_class: type) -> object:

@@ -71,13 +71,7 @@ def reference_pipeline(pipeline_class: type, components: dict, scheduler: object
     return quiet(pipeline_class(**components, scheduler=scheduler, **no_safety_checker))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

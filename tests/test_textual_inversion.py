@@ -10,32 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny import TEXT_CONFIG, tiny_components
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from _tiny import TEXT_CONFIG, twin_pipelines
 from safetensors.torch import save_file
-
-from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 
 TOLERANCE = 1e-4
 WIDTH = TEXT_CONFIG["hidden_size"]
-
-
-def ddim() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )  # fmt: skip
-
-
-def pipelines() -> tuple[StableDiffusionPipeline, ScratchStableDiffusionPipeline]:
-    reference = StableDiffusionPipeline(
-        **tiny_components("diffusers"), scheduler=ddim(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    ours = ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=ddim())
-    for pipe in (reference, ours):
-        pipe.set_progress_bar_config(disable=True)
-    return reference, ours
 
 
 def images(pipe, prompt: str, **kwargs) -> np.ndarray:
@@ -84,7 +63,7 @@ def load_all(pipe, embeddings: dict[str, Path]) -> None:
     ids=["single-vector", "multi-vector", "a1111-and-negative"],
 )
 def test_embeddings_give_diffusers_images(embeddings, prompt, negative_prompt):
-    reference, ours = pipelines()
+    reference, ours = twin_pipelines()
     plain = images(ours, prompt.replace("<", "").replace(">", ""))
     for pipe in (reference, ours):
         load_all(pipe, embeddings)
@@ -95,7 +74,7 @@ def test_embeddings_give_diffusers_images(embeddings, prompt, negative_prompt):
 
 
 def test_multi_vector_tokens_are_spelled_out_and_hold_the_vectors(embeddings):
-    _, ours = pipelines()
+    _, ours = twin_pipelines()
     load_all(ours, embeddings)
     assert (
         ours.maybe_convert_prompt("<three> and <cat-toy>", ours.tokenizer)
@@ -109,7 +88,7 @@ def test_multi_vector_tokens_are_spelled_out_and_hold_the_vectors(embeddings):
 
 
 def test_unloading_restores_the_vocabulary_and_the_images(embeddings):
-    _, ours = pipelines()
+    _, ours = twin_pipelines()
     vocabulary, before = len(ours.tokenizer), images(ours, "a photo of a cat")
     load_all(ours, embeddings)
     ours.unload_textual_inversion()
@@ -119,7 +98,7 @@ def test_unloading_restores_the_vocabulary_and_the_images(embeddings):
 
 
 def test_an_embedding_of_the_wrong_width_is_refused(tmp_path):
-    _, ours = pipelines()
+    _, ours = twin_pipelines()
     save_file({"<wide>": torch.zeros(2, WIDTH + 1)}, tmp_path / "wide.safetensors")
     with pytest.raises(ValueError, match=rf"pretrained_model_name_or_path.*wide.*width is not {WIDTH}"):
         ours.load_textual_inversion(str(tmp_path / "wide.safetensors"))

@@ -2,7 +2,7 @@
 
 Every arm trains the shipped model's U-Net configuration from the same initialisation, data order, steps, batch,
 learning rate and EMA (all fixed by the run's seed), on the shipped model's frozen VAE and text encoder with cached
-latents; only the objective differs. Each run is evaluated by emoji-bench's metrics (the shipped `emoji32-judge`) at
+latents (emoji32 v1's, up to commit 6ad70cb, for docs/study.md); only the objective differs. Each run is evaluated by emoji-bench's metrics (the shipped `emoji32-judge`) at
 1/3, 2/3 and the end of training, with the arm's own sampler at 20 and at 10 steps.
 
     python training/study.py run                # train and evaluate every run not yet in docs/study.json

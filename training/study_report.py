@@ -151,9 +151,10 @@ def markdown(results: dict) -> str:
 
 Which training objective gives the best small latent-diffusion model at equal compute? Every run trains the shipped
 model's U-Net configuration (7.2M parameters, 8×8×4 latents) for {first["steps"]} steps of batch 64 from the same
-initialisation and data order (fixed by the seed), on the shipped model's frozen VAE and text encoder with cached
-latents, with the same learning rate, schedule and EMA; only the objective differs. Two runs trained at a time, one
-thread each (`python training/study.py run`; this file comes from `python training/study.py report`).
+initialisation and data order (fixed by the seed), on emoji32 v1's frozen VAE and text encoder (the shipped model up
+to commit 6ad70cb) with cached latents, with the same learning rate, schedule and EMA; only the objective differs.
+Two runs trained at a time, one thread each
+(`python training/study.py run`; this file comes from `python training/study.py report`).
 
 Metrics are emoji-bench's, judged by the shipped `emoji32-judge`: top-5 is the share of generated images whose prompt
 is among the judge's five best captions of the whole split, the Fréchet distance is on the judge's image embeddings

@@ -222,12 +222,10 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         num_images = batch_size * num_images_per_prompt
 
         device = self._execution_device
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, guidance_scale > 1, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, clip_skip,
+        prompt_embeds = self.guidance_embeddings(
+            prompt, device, num_images_per_prompt, guidance_scale, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, clip_skip,
         )  # fmt: skip
-        if negative_prompt_embeds is not None:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         _, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
         timesteps = self.get_timesteps(num_inference_steps, strength)

@@ -496,6 +496,25 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
         negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
         return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
+    def guidance_embeddings(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        guidance_scale: float,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        clip_skip: int | None,
+    ) -> torch.Tensor:
+        """The text embeddings the denoising loop reads: `[uncond; cond]` stacked on the batch axis when guidance is
+        on (w > 1), else the prompts' alone (`encode_prompt`)."""
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, guidance_scale > 1, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, clip_skip,
+        )  # fmt: skip
+        return prompt_embeds if negative_prompt_embeds is None else torch.cat([negative_prompt_embeds, prompt_embeds])
+
     def prepare_extra_step_kwargs(
         self, generator: torch.Generator | list[torch.Generator] | None, eta: float
     ) -> dict[str, Any]:
@@ -705,12 +724,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
                 )
 
         device = self._execution_device
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, guidance_scale > 1, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, clip_skip,
+        prompt_embeds = self.guidance_embeddings(
+            prompt, device, num_images_per_prompt, guidance_scale, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, clip_skip,
         )  # fmt: skip
-        if negative_prompt_embeds is not None:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         timesteps, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
