@@ -1,9 +1,10 @@
 """The model shipped inside the package: it loads with no network, stays within 25 MB, and draws recognisable emoji.
 
-The quality floor comes from a measured run: with the shipped fp16 weights, 5 of the first 32 hashed `train` captions
-(0.156; the model card's 64-caption run gave 0.172) put their own caption in the judge's top 5 among all 10,946 train
-captions, where chance is 5/10,946 ≈ 0.05%. The floor, 2 of 32, is below half the measured rate and still 137x chance,
-so it fails on a broken model rather than on a small numerical drift between machines.
+The quality floor comes from a measured run: with the shipped fp16 weights (emoji32 v2), 8 of the first 32 hashed
+`train` captions (0.25; the model card's 128-caption run gave 0.297) put their own caption in the judge's top 5 among
+all 10,946 train captions, where chance is 5/10,946 ≈ 0.05%. The floor, 3 of 32, is below half the measured rate and
+still 205x chance, so it fails on a broken model rather than on a small numerical drift between machines. The VAE
+measured 25.7 dB on the same 64 validation images; its floor is 22 dB (v1's VAE reached 22.9).
 """
 
 import subprocess
@@ -16,7 +17,7 @@ from PIL import Image
 from hf_scratch import ScratchStableDiffusionPipeline, default_model_path
 from hf_scratch.cli import main
 
-TRAIN_TOP5_FLOOR = 2 / 32
+TRAIN_TOP5_FLOOR = 3 / 32
 NUM_PROMPTS = 32
 
 
@@ -73,4 +74,4 @@ def test_shipped_model_draws_its_captions_well_above_chance(tmp_path):
     train = results["generation"]["train"]
     assert train["top5"] >= TRAIN_TOP5_FLOOR, train
     assert train["top5"] > 50 * train["chance_top5"]
-    assert results["vae"]["psnr"] > 18, results["vae"]
+    assert results["vae"]["psnr"] > 22, results["vae"]

@@ -194,7 +194,7 @@ def test_the_shipped_unet_runs_24_pixel_images_as_diffusers_does():
     folder = default_model_path()
     ours = ScratchUNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
     reference = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
-    sample = torch.randn(1, 4, 6, 6)
+    sample = torch.randn(1, ours.config.in_channels, 6, 6)
     text = torch.randn(1, 32, ours.config.cross_attention_dim)
     with torch.no_grad():
         torch.testing.assert_close(ours(sample, 10, text).sample, reference(sample, 10, text).sample)
