@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PROMPT ?= red heart, twemoji style
 OUT    ?= outputs/sample.png
 
-.PHONY: install system-deps run test clean
+.PHONY: install system-deps run lint test clean
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ system-deps:
 
 run: install
 	$(VENV)/bin/hf-scratch generate "$(PROMPT)" --output $(OUT) --upscale 8
+
+# Style kept by the tools (pyproject.toml's [tool.ruff]); CI runs it before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install system-deps
 	$(PY) -m pytest -q -ra tests

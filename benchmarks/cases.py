@@ -70,9 +70,9 @@ def _eager_and_fast_rows(
     for name in settings.fast:
         variant, function = FAST_PATHS[name]
         fast = getattr(hf_scratch.fast, function)(copy.deepcopy(ours))
-        setup_s = time_call(lambda: (first_call or run)(fast), settings.device)
+        setup_s = time_call(lambda fast=fast: (first_call or run)(fast), settings.device)
         error = relative_error(run(fast), eager_output)
-        row = _time_row(case, description, variant, lambda: run(fast), reference, settings, warmup)
+        row = _time_row(case, description, variant, lambda fast=fast: run(fast), reference, settings, warmup)
         row.extra.update(setup_s=setup_s, rel_err_vs_eager=error)
         rows.append(row)
         del fast

@@ -29,8 +29,9 @@ class Target:
 
 
 TARGETS = (
-    Target("unet_512", "U-Net step at 512 px <= 0.75x diffusers, ahead of OpenVINO and ONNX Runtime", 0.75,
-           beat_peers=True),
+    Target(
+        "unet_512", "U-Net step at 512 px <= 0.75x diffusers, ahead of OpenVINO and ONNX Runtime", 0.75, beat_peers=True
+    ),
     Target("vae_decode_512", "VAE decode at 512 px <= 0.9x diffusers", 0.9),
     Target("generate_512_memory", "peak RSS of a 512 px generation <= 1.0x diffusers", 1.0),
     Target("train_step", "training throughput >= 1.2x diffusers", 1.2, True),

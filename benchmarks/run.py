@@ -45,8 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip OpenVINO and ONNX Runtime")
     parser.add_argument("--out", type=Path, default=None, help="Markdown report to write, e.g. BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=None, help="JSON results to write, e.g. benchmarks/results.json")
-    parser.add_argument("--update", action="store_true",
-                        help="keep the rows of the existing --json file that this run does not measure again")  # fmt: skip
+    parser.add_argument(
+        "--update", action="store_true", help="keep the rows of the --json file that this run does not measure again"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hf_scratch.formats.configs import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+from hf_scratch.models.vae import downsampling_factor
 
 SizeName = Literal["tiny", "full"]
 
@@ -92,7 +93,7 @@ class Size:
 
     def vae_scale(self) -> int:
         """Pixels per latent along a side: 2 ** (number of VAE blocks - 1)."""
-        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+        return downsampling_factor(self.vae["block_out_channels"])
 
 
 def get_size(name: SizeName) -> Size:

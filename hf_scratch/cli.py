@@ -421,9 +421,9 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data!r} is not a folder; build one with `hf-scratch data emoji`")
-        pipeline = load_pipeline(args.model).to(args.device)
+        pipeline = load_pipeline(args.model, name="--model").to(args.device)
         pipeline.set_progress_bar_config(disable=True)
-        judge_clip, judge_tokenizer = load_judge(args.clip)
+        judge_clip, judge_tokenizer = load_judge(args.clip, name="--clip")
         results = run_emoji_bench(
             pipeline, judge_clip.to(args.device), judge_tokenizer,
             load_dataset_folder(args.data, args.cache_dir),

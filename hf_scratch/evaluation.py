@@ -2,27 +2,21 @@
 
 `run_emoji_bench` measures, each number computed by the run itself:
 
-- **VAE**: PSNR and SSIM (Wang et al. 2004, "Image quality assessment: from error visibility to structural
-  similarity", IEEE TIP 13(4)) of reconstructions x -> mode of q(z|x) -> D(z) on the `validation` split.
+- **VAE**: PSNR and SSIM of reconstructions x -> mode of q(z|x) -> D(z) on the `validation` split.
 - **Judge CLIP** (Radford et al. 2021, arXiv:2103.00020): text->image and image->text top-1/top-5 retrieval over the
   whole `validation` split, next to the chance levels.
 - **Generation**, for a deterministic sample of captions of each split (sorted by SHA-256 of the caption) with one
   generator per prompt seeded `seed + index`:
   (a) retrieval: the judge ranks all captions of the split for each generated image; a hit is the prompt's caption
       among the top k (chance k / N for N distinct captions);
-  (b) a Fréchet distance, as FID (Heusel et al. 2017, arXiv:1706.08500) but on the judge's L2-normalised image
-      embeddings, between the generated images and the real images of the same captions;
+  (b) a Fréchet distance, as FID but on the judge's L2-normalised image embeddings, between the generated images and
+      the real images of the same captions;
   (c) on `train` and `heldout_style`, whose emoji the model has seen (in another style, for `heldout_style`), the
       pixel PSNR and SSIM of each generated image against the true one.
 - **Samplers**: (a)-(c) on the first `num_prompts_samplers` prompts of the `train` sample for each sampler
-  ("NAME-STEPS", NAME a scheduler of `hf_scratch.cli.SCHEDULERS`), with the seconds per generated image.
+  ("NAME-STEPS", NAME a scheduler of `hf_scratch.schedulers.SCHEDULERS`), with the seconds per generated image.
 
-The Fréchet distance of two Gaussians is d² = |μ₁ − μ₂|² + tr(Σ₁) + tr(Σ₂) − 2 tr((Σ₁Σ₂)^½). The product of two
-covariance (symmetric positive semi-definite) matrices has real, non-negative eigenvalues (it is similar to
-Σ₁^½ Σ₂ Σ₁^½), and tr((Σ₁Σ₂)^½) is the sum of their square roots; they are computed in float64 with numpy, and the
-real parts, clipped at 0, absorb rounding. With fewer samples than embedding dimensions the covariances are singular,
-so `frechet_ridge` · I is added to both; the distance of identical sets stays 0. With a few dozen samples the estimate
-is biased upwards (as FID is): compare numbers only at equal sample sizes.
+The metrics and their equations are in `hf_scratch.metrics`; images are tensors (N, 3, H, W) in [0, 1] throughout.
 """
 
 import hashlib
@@ -36,16 +30,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from PIL import ImageDraw, ImageFont
 
+from hf_scratch.data.emoji import SPLITS
+from hf_scratch.metrics import (
+    FRECHET_RIDGE,
+    SSIM_WINDOW,
+    chance_accuracy,
+    frechet_distance,
+    image_to_tensor,
+    psnr,
+    retrieval_accuracy,
+    ssim,
+    tensor_to_image,
+    text_positives,
+)
+
 logger = logging.getLogger(__name__)
 
-# The splits of `hf_scratch.data.emoji`, not imported from there because that module needs the emoji drawing packages.
-SPLITS = ("train", "validation", "heldout_style")
 # Splits whose emoji the model was trained on (in another style, for heldout_style): generations can match the pixels.
 PIXEL_SPLITS = ("train", "heldout_style")
 # The sampler table of each scheduler family (see `hf_scratch.schedulers.FAMILIES`): a model is sampled by its own.
@@ -54,87 +59,8 @@ DEFAULT_SAMPLERS = {
     "edm": ("edm-euler-50", "edm-dpm++-20", "edm-dpm++-10"),
     "flow": ("flow-euler-50", "flow-euler-20", "flow-euler-10"),
 }
-TOP_K = (1, 5)
-# SSIM as in Wang et al. 2004, Sec. III-C: an 11x11 Gaussian window of σ 1.5 and C_i = (K_i L)² with L = 1.
-SSIM_WINDOW = 11
-SSIM_SIGMA = 1.5
-SSIM_K1 = 0.01
-SSIM_K2 = 0.03
-FRECHET_RIDGE = 1e-6
 GRID_ROWS = {"train": 8, "heldout_style": 4, "validation": 4}
 GRID_CELL = 128  # images are upscaled (nearest neighbour) to at least this many pixels a side in grid.png
-
-
-# ------------------------------------------------------------------------------------------------------------ metrics
-def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio 10 log10(1 / MSE) in dB of each image (N, C, H, W) in [0, 1] against its reference."""
-    mse = (images.double() - references.double()).pow(2).flatten(1).mean(dim=1)
-    return 10 * torch.log10(1 / mse)
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    return torch.outer(kernel, kernel)  # (size, size)
-
-
-def ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Structural similarity of each image (N, C, H, W) in [0, 1] against its reference: the mean SSIM map of each
-    channel (Wang et al. 2004, Eq. 13, local statistics under the Gaussian window, valid positions only), averaged
-    over the channels."""
-    if images.shape != references.shape:
-        raise ValueError(f"images {tuple(images.shape)} and references {tuple(references.shape)} differ in shape")
-    if min(images.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"images of size {tuple(images.shape[-2:])} are smaller than the {SSIM_WINDOW}px SSIM window")
-    channels = images.shape[1]
-    window = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA).expand(channels, 1, -1, -1)  # (C, 1, k, k)
-    x, y = images.double(), references.double()
-
-    def local_mean(tensor: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(tensor, window, groups=channels)  # (N, C, H - k + 1, W - k + 1)
-
-    mu_x, mu_y = local_mean(x), local_mean(y)
-    var_x = local_mean(x * x) - mu_x**2
-    var_y = local_mean(y * y) - mu_y**2
-    cov_xy = local_mean(x * y) - mu_x * mu_y
-    c1, c2 = SSIM_K1**2, SSIM_K2**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(2).mean(dim=2).mean(dim=1)
-
-
-def gaussian_frechet_distance(
-    mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray
-) -> float:
-    """d² = |μ_a − μ_b|² + tr(Σ_a) + tr(Σ_b) − 2 tr((Σ_a Σ_b)^½), the trace term from the eigenvalues of Σ_a Σ_b."""
-    eigenvalues = np.linalg.eigvals(cov_a @ cov_b)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
-    mean_term = np.sum((mean_a - mean_b) ** 2)
-    return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, ridge: float = FRECHET_RIDGE) -> float:
-    """Fréchet distance between Gaussians fitted to two sets of features (N, D), in float64; `ridge` · I is added to
-    both (unbiased) covariances so that they are invertible with fewer samples than dimensions."""
-    if len(features_a) < 2 or len(features_b) < 2:
-        raise ValueError(f"need at least 2 samples per set, got {len(features_a)} and {len(features_b)}")
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    ridge_matrix = ridge * np.eye(a.shape[1])
-    cov_a = np.atleast_2d(np.cov(a, rowvar=False)) + ridge_matrix
-    cov_b = np.atleast_2d(np.cov(b, rowvar=False)) + ridge_matrix
-    return gaussian_frechet_distance(a.mean(axis=0), cov_a, b.mean(axis=0), cov_b)
-
-
-def retrieval_accuracy(similarity: torch.Tensor, positives: torch.Tensor, ks: Sequence[int] = TOP_K) -> dict:
-    """Share of queries (rows of `similarity`, queries x items) with a positive item among their k best, for each k."""
-    ranked = similarity.topk(min(max(ks), similarity.shape[1]), dim=1).indices  # (queries, k)
-    hits = positives.gather(1, ranked)
-    return {f"top{k}": hits[:, :k].any(dim=1).double().mean().item() for k in ks}
-
-
-def chance_accuracy(num_items: int, ks: Sequence[int] = TOP_K) -> dict:
-    """Top-k accuracy of a random ranking of `num_items` items with one positive each: k / N."""
-    return {f"chance_top{k}": min(k, num_items) / num_items for k in ks}
 
 
 # ------------------------------------------------------------------------------------------------------- data, judge
@@ -145,20 +71,6 @@ def hash_sample(texts: Sequence[str], count: int) -> list[int]:
         first_index.setdefault(text, index)
     ordered = sorted(first_index, key=lambda text: hashlib.sha256(text.encode()).hexdigest())
     return [first_index[text] for text in ordered[:count]]
-
-
-def image_to_tensor(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
-    """An RGB image as (3, resolution, resolution) in [0, 1], resized (bicubic) when its size differs."""
-    image = image.convert("RGB")
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), PIL.Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-
-
-def tensor_to_image(pixels: torch.Tensor) -> PIL.Image.Image:
-    """(3, H, W) in [0, 1] as an RGB image."""
-    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return PIL.Image.fromarray(array)
 
 
 def _features(output: Any) -> torch.Tensor:
@@ -190,10 +102,6 @@ def judge_text_features(judge: torch.nn.Module, tokenizer: Any, texts: Sequence[
         output = judge.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         features.append(_features(output).float().cpu())
     return F.normalize(torch.cat(features), dim=-1)
-
-
-def _positives(query_texts: Sequence[str], item_texts: Sequence[str]) -> torch.Tensor:
-    return torch.tensor([[query == item for item in item_texts] for query in query_texts])  # (queries, items)
 
 
 # ------------------------------------------------------------------------------------------------------------ parts
@@ -240,7 +148,7 @@ def evaluate_judge(
     """Text->image and image->text top-k retrieval over one split; a hit shares the query's caption."""
     text_features = judge_text_features(judge, tokenizer, texts, batch_size)
     image_features = judge_image_features(judge, images, batch_size)
-    positives = _positives(texts, texts)
+    positives = text_positives(texts, texts)
     chance = chance_accuracy(len(set(texts)))
     return {
         "images": len(texts),
@@ -322,7 +230,7 @@ def score_images(images: torch.Tensor, sample: SplitSample, judge: torch.nn.Modu
     generated_features = judge_image_features(judge, generated, batch_size)
     similarity = generated_features @ sample.caption_features.T  # (prompts, captions)
     scores = {"prompts": len(sample.prompts), "captions": len(sample.captions)}
-    scores.update(retrieval_accuracy(similarity, _positives(sample.prompts, sample.captions)))
+    scores.update(retrieval_accuracy(similarity, text_positives(sample.prompts, sample.captions)))
     scores.update(chance_accuracy(len(sample.captions)))
     if len(sample.prompts) >= 2:
         real_features = judge_image_features(judge, sample.real, batch_size)
@@ -349,7 +257,7 @@ def ceiling_scores(vae: torch.nn.Module, sample: SplitSample, judge: torch.nn.Mo
 
 
 def parse_sampler(spec: str) -> tuple[str, int]:
-    """"dpm++-20" -> ("dpm++", 20): a scheduler name of `hf_scratch.cli.SCHEDULERS` and a number of steps."""
+    """ "dpm++-20" -> ("dpm++", 20): a scheduler name of `hf_scratch.schedulers.SCHEDULERS` and a number of steps."""
     from hf_scratch.schedulers import SCHEDULERS
 
     name, _, steps = spec.rpartition("-")
@@ -440,8 +348,13 @@ def run_emoji_bench(
 
     samples = {
         split: sample_split(
-            dataset_dict[split], split, max(num_prompts, num_prompts_samplers) if split == "train" else num_prompts,
-            resolution, judge_clip, judge_tokenizer, batch_size,
+            dataset_dict[split],
+            split,
+            max(num_prompts, num_prompts_samplers) if split == "train" else num_prompts,
+            resolution,
+            judge_clip,
+            judge_tokenizer,
+            batch_size,
         )  # fmt: skip
         for split in SPLITS
     }
@@ -631,24 +544,26 @@ def load_dataset_folder(folder: str | Path, cache_dir: str | None = None) -> Any
     )
 
 
-def load_pipeline(folder: str | Path) -> Any:
-    """`ScratchStableDiffusionPipeline.from_pretrained(folder)`, with a clear error for a folder that isn't one."""
+def load_pipeline(folder: str | Path, name: str = "folder") -> Any:
+    """`ScratchStableDiffusionPipeline.from_pretrained(folder)`, with a clear error for a folder that isn't one;
+    `name` is what the error calls the folder (the CLI passes its flag)."""
     from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 
     if not (Path(folder) / "model_index.json").is_file():
-        raise ValueError(f"--model {str(folder)!r} holds no model_index.json; pass a pipeline folder")
+        raise ValueError(f"{name} {str(folder)!r} holds no model_index.json; pass a pipeline folder")
     return ScratchStableDiffusionPipeline.from_pretrained(folder)
 
 
-def load_judge(folder: str | Path) -> tuple[torch.nn.Module, Any]:
-    """A CLIP saved by `save_pretrained` and its `CLIPTokenizer`, from `folder/tokenizer` or else `folder` itself."""
+def load_judge(folder: str | Path, name: str = "folder") -> tuple[torch.nn.Module, Any]:
+    """A CLIP saved by `save_pretrained` and its `CLIPTokenizer`, from `folder/tokenizer` or else `folder` itself;
+    `name` is what an error calls the folder (the CLI passes its flag)."""
     from transformers import CLIPTokenizer
 
     from hf_scratch.models.clip import ScratchCLIPModel
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise ValueError(f"--clip {str(folder)!r} holds no config.json; pass the output folder of train_clip.py")
+        raise ValueError(f"{name} {str(folder)!r} holds no config.json; pass the output folder of train_clip.py")
     tokenizer_folder = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
     # fp32 whatever the stored dtype: the shipped judge is stored in fp16, which the CPU runs slowly or not at all.
     judge = ScratchCLIPModel.from_pretrained(folder, dtype=torch.float32).eval()

@@ -45,9 +45,7 @@ def clip_vocabulary(merges: list[tuple[str, str]]) -> dict[str, int]:
     return vocabulary
 
 
-def build_clip_tokenizer(
-    merges: list[tuple[str, str]], model_max_length: int = CLIP_CONTEXT_LENGTH
-) -> CLIPTokenizer:
+def build_clip_tokenizer(merges: list[tuple[str, str]], model_max_length: int = CLIP_CONTEXT_LENGTH) -> CLIPTokenizer:
     """A `CLIPTokenizer` (pad = `<|endoftext|>`) from BPE merges in rank order."""
     return CLIPTokenizer(vocab=clip_vocabulary(merges), merges=merges, model_max_length=model_max_length)
 

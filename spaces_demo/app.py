@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from hf_scratch.models.vae import downsampling_factor
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_family, scheduler_name
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
@@ -212,8 +213,10 @@ def forward_process(image, timestep: int, seed: int = 0) -> Tuple[Image.Image, s
     xt = scheduler.add_noise(x0, noise, torch.tensor([timestep]))
     out = ((xt[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
     alpha_bar = float(scheduler.alphas_cumprod[timestep])
-    caption = f"t = {timestep}: ᾱ_t = {alpha_bar:.4f}, signal √ᾱ_t = {alpha_bar ** 0.5:.3f}, " \
-              f"noise √(1−ᾱ_t) = {(1 - alpha_bar) ** 0.5:.3f}, SNR = ᾱ_t/(1−ᾱ_t) = {alpha_bar / (1 - alpha_bar):.4g}"
+    caption = (
+        f"t = {timestep}: ᾱ_t = {alpha_bar:.4f}, signal √ᾱ_t = {alpha_bar**0.5:.3f}, "
+        f"noise √(1−ᾱ_t) = {(1 - alpha_bar) ** 0.5:.3f}, SNR = ᾱ_t/(1−ᾱ_t) = {alpha_bar / (1 - alpha_bar):.4g}"
+    )
     return Image.fromarray(out), caption
 
 
@@ -221,10 +224,12 @@ def schedule_plot_data() -> pd.DataFrame:
     alphas_cumprod = forward_schedule().alphas_cumprod.double()
     t = np.arange(len(alphas_cumprod))
     log_snr = torch.log10(alphas_cumprod / (1 - alphas_cumprod)).numpy()
-    return pd.concat([
-        pd.DataFrame({"t": t, "value": alphas_cumprod.numpy(), "curve": "ᾱ_t"}),
-        pd.DataFrame({"t": t, "value": log_snr, "curve": "log10 SNR"}),
-    ])
+    return pd.concat(
+        [
+            pd.DataFrame({"t": t, "value": alphas_cumprod.numpy(), "curve": "ᾱ_t"}),
+            pd.DataFrame({"t": t, "value": log_snr, "curve": "log10 SNR"}),
+        ]
+    )
 
 
 def about_text() -> str:
@@ -255,7 +260,7 @@ def trained_size(folder: str) -> int | None:
         return None
     sample_size = unet.get("sample_size")
     sample_size = sample_size[0] if isinstance(sample_size, list) else sample_size
-    return sample_size * 2 ** (len(vae["block_out_channels"]) - 1) if sample_size else None
+    return sample_size * downsampling_factor(vae["block_out_channels"]) if sample_size else None
 
 
 def build_demo() -> gr.Blocks:
@@ -270,18 +275,25 @@ def build_demo() -> gr.Blocks:
                     prompt = gr.Textbox(label="Prompt", value="red heart, twemoji style", elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                     model = gr.Dropdown(models, value=models[0] if models else None, label="Model", elem_id="model")
-                    scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Scheduler",
-                                            elem_id="scheduler")
-                    steps = friendly_numbers(
-                        gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
+                    scheduler = gr.Dropdown(
+                        [OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Scheduler", elem_id="scheduler"
                     )
+                    steps = friendly_numbers(gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps"))
                     guidance = friendly_numbers(
                         gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance scale", elem_id="guidance")
                     )
                     size = friendly_numbers(
-                        gr.Slider(8, MAX_SIZE, value=native or 32, step=8, label="Size (px)", elem_id="size",
-                                  info=f"{models[0]} was trained at {native} px; other sizes come out worse"
-                                  if native else None)  # fmt: skip
+                        gr.Slider(
+                            8,
+                            MAX_SIZE,
+                            value=native or 32,
+                            step=8,
+                            label="Size (px)",
+                            elem_id="size",
+                            info=f"{models[0]} was trained at {native} px; other sizes come out worse"
+                            if native
+                            else None,
+                        )  # fmt: skip
                     )
                     frames = friendly_numbers(
                         gr.Slider(1, MAX_FRAMES, value=5, step=1, label="Trajectory frames", elem_id="frames")
@@ -292,7 +304,9 @@ def build_demo() -> gr.Blocks:
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
                     image = gr.Image(label="Image", type="pil", height=256, elem_id="image")  # shown pixelated
-                    strip = gr.Gallery(label="Predicted x0 along the trajectory", columns=MAX_FRAMES, elem_id="trajectory")
+                    strip = gr.Gallery(
+                        label="Predicted x0 along the trajectory", columns=MAX_FRAMES, elem_id="trajectory"
+                    )
                     info = gr.Markdown(elem_id="info")
             randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=seed, api_visibility="private")
             run.click(
@@ -302,8 +316,10 @@ def build_demo() -> gr.Blocks:
                 api_name="generate",
             )
         with gr.Tab("Forward process"):
-            gr.Markdown("q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I), with ᾱ_t = ∏ (1 − β_s): DDPM's forward process on "
-                        "Stable Diffusion's β schedule (or the shipped model's, for a DDPM-family model).")
+            gr.Markdown(
+                "q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I), with ᾱ_t = ∏ (1 − β_s): DDPM's forward process on "
+                "Stable Diffusion's β schedule (or the shipped model's, for a DDPM-family model)."
+            )
             with gr.Row():
                 source = gr.Image(value=example_image(), type="pil", label="x_0 (example or upload)", elem_id="x0")
                 noisy = gr.Image(label="x_t", type="pil", elem_id="xt")

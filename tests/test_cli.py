@@ -29,8 +29,24 @@ def model_dir(tmp_path_factory) -> Path:
 
 def test_generate_writes_a_png_of_the_requested_size(model_dir, tmp_path):
     out = tmp_path / "img.png"
-    code = main(["generate", "red heart", "--model", str(model_dir), "--steps", "2", "--height", "40", "--width", "48",
-                 "--scheduler", "dpm++", "--output", str(out)])
+    code = main(
+        [
+            "generate",
+            "red heart",
+            "--model",
+            str(model_dir),
+            "--steps",
+            "2",
+            "--height",
+            "40",
+            "--width",
+            "48",
+            "--scheduler",
+            "dpm++",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     assert Image.open(out).size == (48, 40)
 
@@ -38,8 +54,10 @@ def test_generate_writes_a_png_of_the_requested_size(model_dir, tmp_path):
 def test_generate_is_reproducible_by_seed(model_dir, tmp_path):
     paths = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
     for path, seed in zip(paths, ("3", "3", "4")):
-        assert main(["generate", "x", "--model", str(model_dir), "--steps", "2", "--seed", seed,
-                     "--output", str(path)]) == 0
+        assert (
+            main(["generate", "x", "--model", str(model_dir), "--steps", "2", "--seed", seed, "--output", str(path)])
+            == 0
+        )
     a, b, c = (Image.open(path).tobytes() for path in paths)
     assert a == b and a != c
 
@@ -89,10 +107,31 @@ def test_prompts_file_is_split_across_two_processes(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red heart\ngrinning face\ndog face\n")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_scratch.cli",
-               "generate", "--prompts-file", str(prompts), "--model", str(model_dir), "--steps", "2",
-               "--output", str(tmp_path / "out.png")]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "hf_scratch.cli",
+        "generate",
+        "--prompts-file",
+        str(prompts),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--output",
+        str(tmp_path / "out.png"),
+    ]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     images = sorted(path.name for path in tmp_path.glob("out-*.png"))
     assert images == ["out-0000-0.png", "out-0001-0.png", "out-0002-0.png"], result.stderr[-3000:]

@@ -14,8 +14,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
 ]
 
 
@@ -63,8 +68,17 @@ def _gallery_path(item) -> str:
 def _predict(app, **overrides):
     from gradio_client import Client
 
-    request = dict(prompt="red heart", negative_prompt="", steps=4, guidance=3.0, seed=1, scheduler="dpm++",
-                   size=32, frames=3, model=app["model"])
+    request = dict(
+        prompt="red heart",
+        negative_prompt="",
+        steps=4,
+        guidance=3.0,
+        seed=1,
+        scheduler="dpm++",
+        size=32,
+        frames=3,
+        model=app["model"],
+    )
     request.update(overrides)
     client = Client(app["url"], verbose=False)
     return client.predict(*request.values(), api_name="/generate")
@@ -154,8 +168,10 @@ def test_real_browser_generates_and_moves_the_forward_slider(app, tmp_path):
         )
         page.wait_for_function("() => document.querySelectorAll('#trajectory img').length > 0", timeout=60_000)
         # the 32 px image is shown enlarged with square pixels, not blurred
-        shown = page.evaluate("() => { const img = document.querySelector('#image img'); "
-                              "return [getComputedStyle(img).imageRendering, img.getBoundingClientRect().height]; }")
+        shown = page.evaluate(
+            "() => { const img = document.querySelector('#image img'); "
+            "return [getComputedStyle(img).imageRendering, img.getBoundingClientRect().height]; }"
+        )
         assert shown[0] == "pixelated" and shown[1] >= 128, shown
         shot = tmp_path / "demo.png"
         page.screenshot(path=str(shot), full_page=True)

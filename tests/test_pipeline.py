@@ -114,8 +114,10 @@ def test_diffusers_pipeline_runs_our_components(guidance, scratch_components):
     ours = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=make_scheduler(ScratchDDIMScheduler)))
     official = reference_pipeline(StableDiffusionPipeline, scratch_components, make_scheduler(ScratchDDIMScheduler))
     kwargs = dict(prompt="a red apple", num_inference_steps=3, output_type="np", **GUIDANCE_CASES[guidance])
-    assert np.abs(ours(**kwargs, generator=seeded()).images - official(**kwargs, generator=seeded()).images).max() \
+    assert (
+        np.abs(ours(**kwargs, generator=seeded()).images - official(**kwargs, generator=seeded()).images).max()
         <= TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("guidance", GUIDANCE_CASES)
@@ -182,8 +184,10 @@ def test_edm_schedulers_match_diffusers(scheduler_class, diffusers_components, s
     ours = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=scheduler_class(sigma_data=1.0)))
     reference = reference_pipeline(StableDiffusionPipeline, diffusers_components, scheduler_class(sigma_data=1.0))
     kwargs = dict(prompt="a red apple", num_inference_steps=4, guidance_scale=4.0, output_type="np")
-    assert np.abs(ours(**kwargs, generator=seeded()).images - reference(**kwargs, generator=seeded()).images).max() \
+    assert (
+        np.abs(ours(**kwargs, generator=seeded()).images - reference(**kwargs, generator=seeded()).images).max()
         <= TOLERANCE
+    )
 
 
 def test_image_to_image_pil_input_and_generator_list_match_diffusers(diffusers_components):
@@ -531,11 +535,15 @@ def _img2img(pipe, image, **kwargs):
 
 def test_uint8_arrays_are_read_in_0_to_255(img2img_pipe):
     pixels = (init_image()[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # (H, W, 3)
-    assert np.abs(_img2img(img2img_pipe, pixels) - _img2img(img2img_pipe, pixels.astype(np.float32) / 255)).max() \
+    assert (
+        np.abs(_img2img(img2img_pipe, pixels) - _img2img(img2img_pipe, pixels.astype(np.float32) / 255)).max()
         <= TOLERANCE
+    )
     tensor = torch.from_numpy(pixels).permute(2, 0, 1)  # uint8 (3, H, W)
-    assert np.abs(_img2img(img2img_pipe, tensor) - _img2img(img2img_pipe, pixels.astype(np.float32) / 255)).max() \
+    assert (
+        np.abs(_img2img(img2img_pipe, tensor) - _img2img(img2img_pipe, pixels.astype(np.float32) / 255)).max()
         <= TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "YCbCr", "HSV", "CMYK"])
@@ -659,6 +667,7 @@ def test_callback_pred_original_sample_of_edm_schedulers_agree(scratch_component
     first = {}
 
     for name, scheduler_class in (("euler", EDMEulerScheduler), ("dpm", EDMDPMSolverMultistepScheduler)):
+
         def keep(pipe, step, timestep, tensors, name=name):
             first.setdefault(name, tensors["pred_original_sample"])
             return {}

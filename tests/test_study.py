@@ -5,9 +5,11 @@ import json
 import sys
 from pathlib import Path
 
+from hf_scratch.data.emoji import SPLITS
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import study_report  # noqa: E402
-from study import SPLITS, STEP_COUNTS  # noqa: E402
+from study import STEP_COUNTS  # noqa: E402
 
 
 def fake_run(arm: str, seed: int, top5: float, frechet: float = 0.2) -> dict:

@@ -98,9 +98,15 @@ def test_vocabulary_layout_matches_openai_clip(trained):
 def test_trained_tokenizer_drives_a_text_encoder(trained):
     tokenizer, _ = trained
     config = ScratchCLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     batch = tokenizer(CAPTIONS[:3], padding="max_length", return_tensors="pt")
     output = ScratchCLIPTextModel(config)(batch.input_ids, batch.attention_mask)

@@ -3,8 +3,8 @@
 Each script runs a few steps in a subprocess and must lower its loss; the U-Net run must end in a pipeline folder that
 `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` loads and samples from. A real two-process run must
 keep the ranks' weights identical. A run killed with SIGKILL right after a checkpoint and resumed with
-`--resume_from_checkpoint latest` must reproduce the uninterrupted run's losses and weights bit for bit. User errors must
-fail with messages that name the problem.
+`--resume_from_checkpoint latest` must reproduce the uninterrupted run's losses and weights bit for bit. User errors
+must fail with messages that name the problem.
 """
 
 import contextlib
@@ -85,12 +85,22 @@ def components(tmp_path_factory, data_dir) -> Path:
     torch.manual_seed(0)
     levels = ("DownEncoderBlock2D", "DownEncoderBlock2D")
     ScratchAutoencoderKL(
-        block_out_channels=(16, 32), down_block_types=levels, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=RESOLUTION, scaling_factor=1.0,
+        block_out_channels=(16, 32),
+        down_block_types=levels,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+        scaling_factor=1.0,
     ).save_pretrained(root / "vae")
     text_config = ScratchCLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     ScratchCLIPTextModel(text_config).save_pretrained(root / "text_encoder")
@@ -99,13 +109,28 @@ def components(tmp_path_factory, data_dir) -> Path:
 
 def launch(script: str, args: list[str], launcher: list[str] | None = None, **popen) -> subprocess.Popen:
     """Start `accelerate launch <launcher> training/<script> <args>` in its own process group, one thread each."""
-    launcher = launcher or ["--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
-                            "--dynamo_backend", "no"]
+    launcher = launcher or [
+        "--num_processes",
+        "1",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     command = [ACCELERATE, "launch", *launcher, "--num_cpu_threads_per_process", "1", str(TRAINING / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **popen.pop("env", {})}
     return subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, **popen,
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **popen,
     )
 
 
@@ -129,16 +154,58 @@ def assert_loss_falls(output_dir: Path, window: int = 2) -> None:
 
 def unet_args(data_dir: Path, components: Path, output_dir: Path, steps: int = 8) -> list[str]:
     return [
-        "--train_data_dir", str(data_dir), "--resolution", str(RESOLUTION), "--output_dir", str(output_dir),
-        "--vae_path", str(components / "vae"), "--text_encoder_path", str(components / "text_encoder"),
-        "--tokenizer_path", str(components / "tokenizer"),
-        "--block_out_channels", "32", "64", "--layers_per_block", "1", "--attention_head_dim", "4",
-        "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--max_train_steps", str(steps),
-        "--learning_rate", "1e-3", "--lr_warmup_steps", "2", "--lr_scheduler", "constant_with_warmup",
-        "--snr_gamma", "5", "--noise_offset", "0.05", "--caption_dropout_prob", "0.2", "--use_ema",
-        "--checkpointing_steps", "3", "--checkpoints_total_limit", "2", "--report_to", "tensorboard",
-        "--validation_prompts", "a red circle", "--num_validation_images", "2", "--validation_inference_steps", "2",
-        "--validation_steps", "100",
+        "--train_data_dir",
+        str(data_dir),
+        "--resolution",
+        str(RESOLUTION),
+        "--output_dir",
+        str(output_dir),
+        "--vae_path",
+        str(components / "vae"),
+        "--text_encoder_path",
+        str(components / "text_encoder"),
+        "--tokenizer_path",
+        str(components / "tokenizer"),
+        "--block_out_channels",
+        "32",
+        "64",
+        "--layers_per_block",
+        "1",
+        "--attention_head_dim",
+        "4",
+        "--train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_train_steps",
+        str(steps),
+        "--learning_rate",
+        "1e-3",
+        "--lr_warmup_steps",
+        "2",
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--snr_gamma",
+        "5",
+        "--noise_offset",
+        "0.05",
+        "--caption_dropout_prob",
+        "0.2",
+        "--use_ema",
+        "--checkpointing_steps",
+        "3",
+        "--checkpoints_total_limit",
+        "2",
+        "--report_to",
+        "tensorboard",
+        "--validation_prompts",
+        "a red circle",
+        "--num_validation_images",
+        "2",
+        "--validation_inference_steps",
+        "2",
+        "--validation_steps",
+        "100",
     ]
 
 
@@ -153,12 +220,39 @@ def unet_run(tmp_path_factory, data_dir, components) -> Path:
 @pytest.mark.slow
 def test_train_vae(tmp_path, data_dir):
     output_dir = tmp_path / "vae"
-    run("train_vae.py", [
-        "--train_data_dir", str(data_dir), "--resolution", str(RESOLUTION), "--output_dir", str(output_dir),
-        "--block_out_channels", "16", "32", "--norm_num_groups", "8", "--train_batch_size", "8",
-        "--max_train_steps", "8", "--learning_rate", "2e-3", "--validation_steps", "4", "--checkpointing_steps", "4",
-        "--use_discriminator", "--disc_start", "4", "--disc_channels", "16", "--disc_layers", "2",
-    ])
+    run(
+        "train_vae.py",
+        [
+            "--train_data_dir",
+            str(data_dir),
+            "--resolution",
+            str(RESOLUTION),
+            "--output_dir",
+            str(output_dir),
+            "--block_out_channels",
+            "16",
+            "32",
+            "--norm_num_groups",
+            "8",
+            "--train_batch_size",
+            "8",
+            "--max_train_steps",
+            "8",
+            "--learning_rate",
+            "2e-3",
+            "--validation_steps",
+            "4",
+            "--checkpointing_steps",
+            "4",
+            "--use_discriminator",
+            "--disc_start",
+            "4",
+            "--disc_channels",
+            "16",
+            "--disc_layers",
+            "2",
+        ],
+    )
     assert_loss_falls(output_dir)
     log = [json.loads(line) for line in (output_dir / common.TRAIN_LOG).read_text().splitlines()]
     assert "discriminator_loss" not in log[3] and "discriminator_loss" in log[4]  # the GAN joins at --disc_start
@@ -206,16 +300,50 @@ def test_decoder_only_needs_a_pretrained_vae(tmp_path, data_dir):
 @pytest.mark.slow
 def test_train_clip(tmp_path, data_dir):
     output_dir = tmp_path / "clip"
-    run("train_clip.py", [
-        "--train_data_dir", str(data_dir), "--resolution", str(RESOLUTION), "--output_dir", str(output_dir),
-        "--vocab_size", "600", "--max_length", "8", "--text_hidden_size", "32", "--text_layers", "2",
-        "--text_heads", "2", "--vision_hidden_size", "32", "--vision_layers", "2", "--vision_heads", "2",
-        "--projection_dim", "32", "--train_batch_size", "16", "--max_train_steps", "12", "--learning_rate", "2e-3",
-        "--validation_steps", "6", "--checkpointing_steps", "6",
-    ])
+    run(
+        "train_clip.py",
+        [
+            "--train_data_dir",
+            str(data_dir),
+            "--resolution",
+            str(RESOLUTION),
+            "--output_dir",
+            str(output_dir),
+            "--vocab_size",
+            "600",
+            "--max_length",
+            "8",
+            "--text_hidden_size",
+            "32",
+            "--text_layers",
+            "2",
+            "--text_heads",
+            "2",
+            "--vision_hidden_size",
+            "32",
+            "--vision_layers",
+            "2",
+            "--vision_heads",
+            "2",
+            "--projection_dim",
+            "32",
+            "--train_batch_size",
+            "16",
+            "--max_train_steps",
+            "12",
+            "--learning_rate",
+            "2e-3",
+            "--validation_steps",
+            "6",
+            "--checkpointing_steps",
+            "6",
+        ],
+    )
     assert_loss_falls(output_dir, window=3)
     retrieval = [json.loads(line) for line in (output_dir / "validation_retrieval.jsonl").read_text().splitlines()]
-    assert {"text_to_image_top1", "text_to_image_top5", "image_to_text_top1", "image_to_text_top5"} <= set(retrieval[-1])
+    assert {"text_to_image_top1", "text_to_image_top5", "image_to_text_top1", "image_to_text_top5"} <= set(
+        retrieval[-1]
+    )
 
     from transformers import CLIPTokenizer
 
@@ -250,13 +378,26 @@ def test_train_unet_ends_with_a_loadable_pipeline(unet_run):
 OBJECTIVE_CASES = {
     "epsilon+huber": ["--objective", "epsilon", "--loss_type", "huber", "--huber_schedule", "snr"],
     "v+zero-snr": ["--objective", "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", "5"],
-    "edm+immiscible": ["--objective", "edm", "--sigma_data", "1.0", "--edm_p_mean", "0.29", "--edm_p_std", "1.0",
-                       "--immiscible_noise"],
+    "edm+immiscible": [
+        "--objective",
+        "edm",
+        "--sigma_data",
+        "1.0",
+        "--edm_p_mean",
+        "0.29",
+        "--edm_p_std",
+        "1.0",
+        "--immiscible_noise",
+    ],
     "flow-logit-normal": ["--objective", "flow_matching", "--weighting_scheme", "logit_normal"],
     "flow-mode+huber": ["--objective", "flow_matching", "--weighting_scheme", "mode", "--loss_type", "huber"],
 }
-SAMPLER_OF = {"epsilon": "ScratchDDPMScheduler", "v_prediction": "ScratchDDPMScheduler",
-              "edm": "EDMDPMSolverMultistepScheduler", "flow_matching": "ScratchFlowMatchEulerScheduler"}
+SAMPLER_OF = {
+    "epsilon": "ScratchDDPMScheduler",
+    "v_prediction": "ScratchDDPMScheduler",
+    "edm": "EDMDPMSolverMultistepScheduler",
+    "flow_matching": "ScratchFlowMatchEulerScheduler",
+}
 
 
 @pytest.mark.slow
@@ -318,15 +459,26 @@ def test_kill_after_checkpoint_and_resume_is_bit_identical(tmp_path, data_dir, c
         assert expected.keys() == resumed.keys()
         assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     reference = json.loads((unet_run / "ranks" / "rank-0.json").read_text())
-    assert json.loads((output_dir / "ranks" / "rank-0.json").read_text())["final_checksum"] == reference["final_checksum"]
+    assert (
+        json.loads((output_dir / "ranks" / "rank-0.json").read_text())["final_checksum"] == reference["final_checksum"]
+    )
 
 
 @pytest.mark.slow
 def test_two_processes_keep_weights_in_sync(tmp_path, data_dir, components):
     output_dir = tmp_path / "ddp"
     args = [*unet_args(data_dir, components, output_dir, steps=3), "--cache_latents", "--report_to", "none"]
-    launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
+    launcher = [
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     process = launch("train_unet.py", args, launcher, env={"ACCELERATE_USE_CPU": "1"})
     output, _ = process.communicate(timeout=400)
     # Judge by the files the ranks wrote: a torch.distributed teardown can abort after training has finished.
@@ -359,7 +511,9 @@ def test_missing_caption_column(tmp_path, data_dir):
     import train_clip
 
     args = train_clip.parse_args(vae_argv(data_dir, tmp_path / "out", "--caption_column", "prompt"))
-    with pytest.raises(ValueError, match=r"--caption_column='prompt' is not a column .* available columns: image, text"):
+    with pytest.raises(
+        ValueError, match=r"--caption_column='prompt' is not a column .* available columns: image, text"
+    ):
         train_clip.main(args)
 
 

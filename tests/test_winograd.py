@@ -119,7 +119,9 @@ def test_use_winograd_refuses_other_targets():
 def test_pipeline_images_match_diffusers():
     """A whole tiny generation, every 3x3 layer converted, against diffusers' own pipeline on the same weights."""
 
-    schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False)
+    schedule = dict(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False
+    )
     ours = ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=ScratchDDIMScheduler(**schedule))
     reference = StableDiffusionPipeline(
         **tiny_components("diffusers"), scheduler=DDIMScheduler(**schedule), safety_checker=None,

@@ -10,7 +10,9 @@ them lives here, in the order a run meets it:
 3. `EpochBatches` fixes the data order: one seeded permutation per epoch, cut into global batches and sharded by rank.
    The order is a pure function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
 4. `Trainer` runs the update loop under Accelerate: gradient accumulation, EMA, a tqdm bar with loss and samples/s,
-   one JSON line per optimizer step in `<output_dir>/train_log.jsonl`, TensorBoard scalars, and checkpoints.
+   one JSON line per optimizer step in `<output_dir>/train_log.jsonl`, TensorBoard scalars, and checkpoints; and the
+   run's ending: the script's `validate(step)` every --validation_steps steps and after the last, the rank report, and
+   the script's `save()` on the main process.
 5. Checkpoints (`checkpoints.py`) are `accelerator.save_state` folders written to `.checkpoint-N.partial` and renamed
    to `checkpoint-N` once complete, so a kill during a save never leaves a broken `checkpoint-N` for
    `--resume_from_checkpoint latest`, which also skips a checkpoint damaged later. Accelerate stores every rank's RNG
@@ -38,13 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from checkpoints import (
     CHECKPOINT_STATE,
     TRAIN_LOG,
@@ -60,8 +59,12 @@ from checkpoints import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
+
+from hf_scratch.metrics import image_to_tensor
 
 logger = get_logger(__name__)
 
@@ -108,8 +111,11 @@ def build_parser(description: str, captions: bool = True) -> argparse.ArgumentPa
     ckpt.add_argument("--checkpointing_steps", type=int, default=500)
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N")
     ckpt.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder, or "latest"')
-    ckpt.add_argument("--overwrite_output_dir", action="store_true",
-                      help="start afresh in an --output_dir that holds a run, removing its checkpoints and logs")
+    ckpt.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start afresh in an --output_dir that holds a run, removing its checkpoints and logs",
+    )
 
     logs = parser.add_argument_group("logging")
     logs.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"))
@@ -144,33 +150,14 @@ def check_args(args: argparse.Namespace) -> None:
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit={args.checkpoints_total_limit} must be at least 1 (or unset)")
     if args.max_train_steps is None and args.num_train_epochs < 1:
-        raise ValueError(f"--num_train_epochs={args.num_train_epochs} must be at least 1 when --max_train_steps is unset")
+        raise ValueError(
+            f"--num_train_epochs={args.num_train_epochs} must be at least 1 when --max_train_steps is unset"
+        )
     if args.resume_from_checkpoint != "latest":  # "latest" is resolved (and broken checkpoints reported) at resume
         find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
-def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Composite on white, resize the short side to `resolution`, center-crop, scale to [-1, 1]: (3, H, W)."""
-    if image.mode in ("RGBA", "LA", "P"):
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-    image = image.convert("RGB")
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
-    return pixels.float() / 127.5 - 1.0
-
-
-def tensor_to_images(pixel_values: torch.Tensor) -> list[Image.Image]:
-    """Inverse of `image_to_tensor` for a batch (B, 3, H, W) in [-1, 1]."""
-    pixels = ((pixel_values.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
-
-
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     """Paste equally sized images into a grid, row by row."""
     width, height = images[0].size
@@ -189,7 +176,8 @@ def _decode(cell: dict[str, Any]) -> Image.Image:
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """A split whose images all decode: items are {"pixel_values": (3, R, R) in [-1, 1], "caption": str}."""
+    """A split whose images all decode: items are {"pixel_values": (3, R, R) in [-1, 1], "caption": str}, the pixels
+    those of `hf_scratch.metrics.image_to_tensor` mapped to the models' range by 2x − 1."""
 
     def __init__(
         self, split: datasets.Dataset, image_column: str, caption_column: str | None, resolution: int, num_skipped: int
@@ -203,14 +191,16 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        pixel_values = image_to_tensor(_decode(self.images[index]), self.resolution)
+        pixel_values = image_to_tensor(_decode(self.images[index]), self.resolution) * 2 - 1
         return {"pixel_values": pixel_values, "caption": self.captions[index]}
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack tensors and keep strings as lists."""
     return {
-        key: torch.stack([e[key] for e in examples]) if torch.is_tensor(examples[0][key]) else [e[key] for e in examples]
+        key: torch.stack([e[key] for e in examples])
+        if torch.is_tensor(examples[0][key])
+        else [e[key] for e in examples]
         for key in examples[0]
     }
 
@@ -232,7 +222,9 @@ def load_image_text_dataset(
         else:
             dataset = datasets.load_dataset(source)
     if split not in dataset:
-        raise ValueError(f"split {split!r} is not in --{source_flag}={source!r}; available splits: {', '.join(dataset)}")
+        raise ValueError(
+            f"split {split!r} is not in --{source_flag}={source!r}; available splits: {', '.join(dataset)}"
+        )
     data = dataset[split]
     caption_column = getattr(args, "caption_column", None)
     for flag, column in (("image_column", args.image_column), ("caption_column", caption_column)):
@@ -250,7 +242,7 @@ def load_image_text_dataset(
                 image = data[index][args.image_column]
                 raise ValueError(
                     f"row {index} of split {split!r} of --{source_flag}={source!r} ({image.get('path') or 'no file'}) "
-                    f"has caption {caption!r} in column {caption_column!r}; every row needs a text caption (use \"\" "
+                    f'has caption {caption!r} in column {caption_column!r}; every row needs a text caption (use "" '
                     "for none)"
                 )
 
@@ -402,9 +394,8 @@ def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
 class Trainer:
     """The update loop shared by the scripts: data order, accumulation, EMA, progress, logs, checkpoints, resume.
 
-    A script prepares its models and optimizers with `accelerator.prepare`, builds a `Trainer`, and calls `run` with
-    `train_step(batch) -> {name: scalar tensor}`, which does one micro-batch (forward, backward, optimizer step inside
-    `accelerator.accumulate`), and `on_update(step)`, called after every optimizer step (validation, say).
+    A script prepares its models and optimizers with `accelerator.prepare`, builds a `Trainer`, calls `resume`, and
+    ends with `run(train_step, save, validate)` (see `run`).
     """
 
     def __init__(
@@ -483,7 +474,42 @@ class Trainer:
     def run(
         self,
         train_step: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
-        on_update: Callable[[int], None] = lambda step: None,
+        save: Callable[[], None],
+        validate: Callable[[int], None] | None = None,
+        on_update: Callable[[int], None] | None = None,
+    ) -> None:
+        """Train to --max_train_steps, then end the run: write the rank report, `save()` the result on the main
+        process, and close the trackers.
+
+        `train_step(batch) -> {name: scalar tensor}` does one micro-batch (forward, backward, optimizer step inside
+        `accelerator.accumulate`); the tensors are logged. `validate(step)` runs on the main process, while the others
+        wait, every --validation_steps optimizer steps and after the last one. `on_update(step)` runs on every process
+        after each optimizer step, before that step's validation (snapshots, say).
+        """
+
+        def after_update(step: int) -> None:
+            if on_update is not None:
+                on_update(step)
+            if validate is not None and step % self.args.validation_steps == 0:
+                self.on_main_process(validate, step)
+
+        self._update_loop(train_step, after_update)
+        if validate is not None and self.global_step % self.args.validation_steps:
+            self.on_main_process(validate, self.global_step)
+        self.write_rank_report()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save()
+        self.accelerator.end_training()
+
+    def on_main_process(self, work: Callable[..., None], *args: Any) -> None:
+        """`work(*args)` on the main process while the other processes wait for it."""
+        if self.accelerator.is_main_process:
+            work(*args)
+        self.accelerator.wait_for_everyone()
+
+    def _update_loop(
+        self, train_step: Callable[[dict[str, Any]], dict[str, torch.Tensor]], after_update: Callable[[int], None]
     ) -> None:
         args, accelerator = self.args, self.accelerator
         updates_per_epoch = self.epoch_batches.updates_per_epoch
@@ -515,7 +541,9 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.step(accelerator.unwrap_model(self.model).parameters())
                 # Mean over the accumulation window on this rank, then over ranks.
-                logs = {k: accelerator.reduce(torch.stack(v).mean(), reduction="mean").item() for k, v in window.items()}
+                logs = {
+                    k: accelerator.reduce(torch.stack(v).mean(), reduction="mean").item() for k, v in window.items()
+                }
                 window.clear()
                 self.wall_seconds = time.perf_counter() - start
                 samples_per_s = (self.global_step - start_step) * self.samples_per_update / self.wall_seconds
@@ -526,7 +554,7 @@ class Trainer:
                 if self.global_step % args.checkpointing_steps == 0 or self.global_step == args.max_train_steps:
                     limit = args.checkpoints_total_limit
                     save_checkpoint(accelerator, self.output_dir, self.global_step, limit, self.model, self.ema)
-                on_update(self.global_step)
+                after_update(self.global_step)
                 if self.global_step >= args.max_train_steps:
                     break
             if self.global_step >= args.max_train_steps:
@@ -584,4 +612,3 @@ class Trainer:
             f"{torch.get_num_threads()} threads per process)",
             "command": "accelerate launch " + shlex.join(sys.argv),
         }
-

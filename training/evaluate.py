@@ -1,6 +1,6 @@
-"""Run emoji-bench on a pipeline trained from scratch on the emoji data; see `hf_scratch.evaluation`; the same as `hf-scratch eval`.
+"""Run emoji-bench on a pipeline trained from scratch on the emoji data (`hf_scratch.evaluation`); as `hf-scratch eval`.
 
-    python training/evaluate.py --model PIPELINE_DIR --clip JUDGE_CLIP_DIR --data EMOJI_DATA_DIR --out OUT_DIR
+python training/evaluate.py --model PIPELINE_DIR --clip JUDGE_CLIP_DIR --data EMOJI_DATA_DIR --out OUT_DIR
 """
 
 import sys

@@ -29,8 +29,9 @@ tags: [text-to-image, latent-diffusion, hf-scratch, emoji]
 # hf-scratch emoji{resolution}: Stable Diffusion trained from scratch on emoji
 
 A latent diffusion model whose VAE, CLIP text encoder, BPE vocabulary and U-Net were all trained from scratch by
-hf-scratch on a 2-core CPU, on about 11.7k captioned emoji rendered from three open emoji sets. It draws {resolution}×{resolution}
-emoji for captions like "red heart, twemoji style" (CLDR name, then the style: twemoji, openmoji or noto).
+hf-scratch on a 2-core CPU, on about 11.7k captioned emoji rendered from three open emoji sets. It draws
+{resolution}×{resolution} emoji for captions like "red heart, twemoji style" (CLDR name, then the style: twemoji,
+openmoji or noto).
 
 ```python
 from hf_scratch import ScratchStableDiffusionPipeline, default_model_path

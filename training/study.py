@@ -2,8 +2,9 @@
 
 Every arm trains the shipped model's U-Net configuration from the same initialisation, data order, steps, batch,
 learning rate and EMA (all fixed by the run's seed), on the shipped model's frozen VAE and text encoder with cached
-latents (emoji32 v1's, up to commit 6ad70cb, for docs/study.md); only the objective differs. Each run is evaluated by emoji-bench's metrics (the shipped `emoji32-judge`) at
-1/3, 2/3 and the end of training, with the arm's own sampler at 20 and at 10 steps.
+latents (emoji32 v1's, up to commit 6ad70cb, for docs/study.md); only the objective differs. Each run is evaluated
+by emoji-bench's metrics (the shipped `emoji32-judge`) at 1/3, 2/3 and the end of training, with the arm's own
+sampler at 20 and at 10 steps.
 
     python training/study.py run                # train and evaluate every run not yet in docs/study.json
     python training/study.py report             # docs/study.md and docs/study.png from docs/study.json
@@ -22,6 +23,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from hf_scratch.data.emoji import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "hf_scratch" / "pretrained" / "emoji32"
@@ -61,7 +64,6 @@ ARMS = {
 }  # fmt: skip
 BASELINE = "A0"
 SAMPLERS = {"epsilon": "dpm++", "v_prediction": "dpm++", "edm": "edm-dpm++", "flow_matching": "flow-euler"}
-SPLITS = ("train", "validation", "heldout_style")
 STEP_COUNTS = (20, 10)
 # The verdict's metric: judge top-5 averaged over the three splits, at the end, 20 steps; lower-is-better FD second.
 PRIMARY = "top5"

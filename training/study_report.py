@@ -8,7 +8,9 @@ with 20 sampler steps: an arm wins only when its mean beats the baseline's by mo
 import json
 from pathlib import Path
 
-from study import ARMS, BASELINE, SPLITS, STEP_COUNTS
+from study import ARMS, BASELINE, STEP_COUNTS
+
+from hf_scratch.data.emoji import SPLITS
 
 SPLIT_NAMES = {"train": "train", "validation": "val", "heldout_style": "heldout"}
 

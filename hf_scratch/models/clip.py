@@ -12,7 +12,7 @@ prefix and loads checkpoints with or without it (the official SD v1.5 `text_enco
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +23,10 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-from .layers import RespectUmaskOnSaveMixin
+from .layers import RespectUmaskOnSaveMixin, get_activation
 
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """The sigmoid approximation of GELU used by OpenAI's CLIP: x · σ(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+# The towers' `hidden_act`: quick_gelu in CLIP ViT-L/14 (SD 1.x), gelu in OpenCLIP ViT-H/14 (SD 2.x).
+HiddenAct = Literal["quick_gelu", "gelu"]
 
 
 # transformers' CLIP configs hold the same fields under these model types.
@@ -72,8 +67,9 @@ class _TowerConfigChecks:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_attention_heads}."
             )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+        supported = get_args(HiddenAct)
+        if self.hidden_act not in supported:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(supported)}.")
 
 
 class ScratchCLIPTextConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks, PreTrainedConfig):
@@ -91,7 +87,7 @@ class ScratchCLIPTextConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks, P
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
     max_position_embeddings: int = 77
-    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    hidden_act: HiddenAct = "quick_gelu"
     layer_norm_eps: float = 1e-5
     attention_dropout: Union[int, float] = 0.0
     initializer_range: float = 0.02
@@ -115,7 +111,7 @@ class ScratchCLIPVisionConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks,
     num_channels: int = 3
     image_size: int = 224
     patch_size: int = 32
-    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    hidden_act: HiddenAct = "quick_gelu"
     layer_norm_eps: float = 1e-5
     attention_dropout: Union[int, float] = 0.0
     initializer_range: float = 0.02
@@ -162,7 +158,11 @@ class CLIPAttention(nn.Module):
         key = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (B, nh, T, hs)
         value = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (B, nh, T, hs)
         attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0,
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
         )
         attended = attended.transpose(1, 2).reshape(batch_size, seq_len, width)  # (B, T, C)
@@ -175,7 +175,7 @@ class CLIPMLP(nn.Module):
     def __init__(self, config: TowerConfig):
         super().__init__()
         self.config = config
-        self.activation = ACTIVATIONS[config.hidden_act]
+        self.activation = get_activation(config.hidden_act)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 

@@ -1,4 +1,4 @@
-"""Building blocks that the VAE and the U-Net share in the same form.
+"""Building blocks that the VAE and the U-Net share in the same form, and the activations of all three models.
 
 The ResNet block, the SDPA attention, the 2x down/up sampling and the sinusoidal timestep embedding of Latent
 Diffusion (Rombach et al. 2022, arXiv:2112.10752), which inherits them from DDPM (Ho et al. 2020, arXiv:2006.11239,
@@ -22,17 +22,29 @@ from diffusers.models.attention_processor import SlicedAttnProcessor, XFormersAt
 from diffusers.utils import is_xformers_available
 from torch import nn
 
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that OpenAI's CLIP uses: x · σ(1.702 x) (Hendrycks & Gimpel 2016,
+    arXiv:1606.08415, Sec. 2)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * torch.sigmoid(1.702 * hidden_states)
+
+
+# The activations that config keys name (diffusers' `act_fn`, transformers' `hidden_act`), as in diffusers' `ACT2CLS`
+# and transformers' `ACT2FN`.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "swish": nn.SiLU,
     "mish": nn.Mish,
     "gelu": nn.GELU,
+    "quick_gelu": QuickGELU,
     "relu": nn.ReLU,
 }
 
 
 def get_activation(act_fn: str) -> nn.Module:
-    """The activation module named by a config's `act_fn`."""
+    """The activation module named by a config's `act_fn` (or `hidden_act`)."""
     if act_fn.lower() not in ACTIVATIONS:
         raise ValueError(f"act_fn={act_fn!r} is not supported; allowed: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[act_fn.lower()]()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin  # diffusers looks these names up in this module when loading
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.utils import BaseOutput, apply_lora_scale
 from diffusers.utils.torch_utils import apply_freeu
 from torch import nn
@@ -66,8 +66,6 @@ FIXED_OPTIONS: dict[str, Any] = {
     "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
 }
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
 @dataclass
@@ -190,41 +188,66 @@ class Transformer2DModel(nn.Module):
         return hidden_states + residual
 
 
-class DownBlock2D(CheckpointedBlock):
-    """One resolution of the contracting path: ResNet blocks, each optionally followed by a spatial transformer, then
-    a stride-2 downsample. Every intermediate output is kept for the skip connections."""
+@dataclass(frozen=True)
+class LevelConfig:
+    """The config entries of one resolution level of the U-Net (level 0 the finest): each per-block key read at the
+    level's index, or its single value when the config gives one for all levels."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        num_layers: int,
-        add_downsample: bool,
-        attention_heads: int | None,
-        transformer_layers: int,
-        only_cross_attention: bool,
-        config: dict[str, Any],
-    ) -> None:
+    channels: int  # block_out_channels
+    num_layers: int  # layers_per_block: ResNets in the level's down block (its up block has one more)
+    attention_heads: int  # attention_head_dim, which counts heads (see ScratchUNet2DConditionModel)
+    transformer_layers: int  # transformer_layers_per_block: layers in each spatial transformer
+    only_cross_attention: bool  # only_cross_attention: attn1 attends to the text as well
+
+
+def _resnet(in_channels: int, out_channels: int, config: FrozenDict, output_scale_factor: float = 1.0) -> ResnetBlock2D:
+    """A ResNet block that adds the time embedding, with the U-Net's norm, activation and dropout."""
+    return ResnetBlock2D(
+        in_channels,
+        out_channels,
+        temb_channels=config.block_out_channels[0] * TIME_EMBED_MULT,
+        groups=config.norm_num_groups,
+        eps=config.norm_eps,
+        act_fn=config.act_fn,
+        dropout=config.dropout,
+        output_scale_factor=output_scale_factor,
+    )
+
+
+def _spatial_transformer(level: LevelConfig, only_cross_attention: bool, config: FrozenDict) -> Transformer2DModel:
+    """A spatial transformer on the level's feature map, cross-attending to the text."""
+    return Transformer2DModel(
+        num_heads=level.attention_heads,
+        head_dim=level.channels // level.attention_heads,
+        in_channels=level.channels,
+        num_layers=level.transformer_layers,
+        cross_attention_dim=config.cross_attention_dim,
+        groups=config.norm_num_groups,
+        use_linear_projection=config.use_linear_projection,
+        only_cross_attention=only_cross_attention,
+        upcast_attention=config.upcast_attention,
+        dropout=config.dropout,
+    )
+
+
+class DownBlock2D(CheckpointedBlock):
+    """One resolution of the contracting path: ResNet blocks, then a stride-2 downsample. Every intermediate output is
+    kept for the skip connections."""
+
+    has_cross_attention = False  # whether a spatial transformer follows each ResNet block
+
+    def __init__(self, in_channels: int, level: LevelConfig, add_downsample: bool, config: FrozenDict) -> None:
         super().__init__()
-        temb_channels = config["block_out_channels"][0] * TIME_EMBED_MULT
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels if i == 0 else out_channels,
-                out_channels,
-                temb_channels,
-                config["norm_num_groups"],
-                config["norm_eps"],
-                config["act_fn"],
-                config["dropout"],
-            )
-            for i in range(num_layers)
+            _resnet(in_channels if i == 0 else level.channels, level.channels, config) for i in range(level.num_layers)
         )
-        self.attentions = nn.ModuleList(
-            _spatial_transformer(out_channels, attention_heads, transformer_layers, only_cross_attention, config)
-            for _ in range(num_layers if attention_heads is not None else 0)
+        self.attentions = (
+            nn.ModuleList(_spatial_transformer(level, level.only_cross_attention, config) for _ in self.resnets)
+            if self.has_cross_attention
+            else nn.ModuleList()
         )
         self.downsamplers = (
-            nn.ModuleList([Downsample2D(out_channels, config["downsample_padding"])]) if add_downsample else None
+            nn.ModuleList([Downsample2D(level.channels, config.downsample_padding)]) if add_downsample else None
         )
 
     def forward(
@@ -233,7 +256,7 @@ class DownBlock2D(CheckpointedBlock):
         skips = []
         for i, resnet in enumerate(self.resnets):
             hidden_states = self.run_layer(resnet, hidden_states, temb)
-            if self.attentions:
+            if self.has_cross_attention:
                 hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states)
             skips.append(hidden_states)
         if self.downsamplers is not None:
@@ -242,27 +265,23 @@ class DownBlock2D(CheckpointedBlock):
         return hidden_states, skips
 
 
-class UNetMidBlock2DCrossAttn(CheckpointedBlock):
-    """The bottleneck: ResNet, spatial transformer, ResNet."""
+class CrossAttnDownBlock2D(DownBlock2D):
+    """`DownBlock2D` with a spatial transformer after each ResNet block."""
 
-    def __init__(self, channels: int, attention_heads: int, transformer_layers: int, config: dict[str, Any]) -> None:
+    has_cross_attention = True
+
+
+class UNetMidBlock2DCrossAttn(CheckpointedBlock):
+    """The bottleneck at the deepest level: ResNet, spatial transformer, ResNet."""
+
+    def __init__(self, level: LevelConfig, config: FrozenDict) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                channels,
-                channels,
-                config["block_out_channels"][0] * TIME_EMBED_MULT,
-                config["norm_num_groups"],
-                config["norm_eps"],
-                config["act_fn"],
-                config["dropout"],
-                config["mid_block_scale_factor"],
-            )
+            _resnet(level.channels, level.channels, config, output_scale_factor=config.mid_block_scale_factor)
             for _ in range(2)
         )
-        self.attentions = nn.ModuleList(
-            [_spatial_transformer(channels, attention_heads, transformer_layers, False, config)]
-        )
+        # As in diffusers, whatever only_cross_attention says, the bottleneck's self-attention attends to the image.
+        self.attentions = nn.ModuleList([_spatial_transformer(level, False, config)])
 
     def forward(
         self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor
@@ -274,46 +293,40 @@ class UNetMidBlock2DCrossAttn(CheckpointedBlock):
 
 class UpBlock2D(CheckpointedBlock):
     """One resolution of the expanding path: each ResNet block takes the running features concatenated with one skip
-    from the contracting path, optionally followed by a spatial transformer; then a 2x upsample."""
+    from the contracting path; then a 2x upsample.
+
+    `in_channels` is the width of the last skip it takes (the finer level's downsampled map, or conv_in's output),
+    `prev_output_channels` that of the features coming up from the level below.
+    """
+
+    has_cross_attention = False  # whether a spatial transformer follows each ResNet block
 
     def __init__(
         self,
         in_channels: int,
         prev_output_channels: int,
-        out_channels: int,
-        num_layers: int,
+        level: LevelConfig,
         add_upsample: bool,
-        attention_heads: int | None,
-        transformer_layers: int,
-        only_cross_attention: bool,
         resolution_idx: int,
-        config: dict[str, Any],
+        config: FrozenDict,
     ) -> None:
         super().__init__()
         self.resolution_idx = resolution_idx  # 0 for the deepest; FreeU acts on resolutions 0 and 1
         self.freeu_scales: dict[str, float] | None = None  # set by `enable_freeu`
-        temb_channels = config["block_out_channels"][0] * TIME_EMBED_MULT
+        # One ResNet per skip: the level's down-block ResNets, and the map they started from.
+        num_layers = level.num_layers + 1
         resnets = []
         for i in range(num_layers):
-            skip_channels = in_channels if i == num_layers - 1 else out_channels
-            resnet_in_channels = prev_output_channels if i == 0 else out_channels
-            resnets.append(
-                ResnetBlock2D(
-                    resnet_in_channels + skip_channels,
-                    out_channels,
-                    temb_channels,
-                    config["norm_num_groups"],
-                    config["norm_eps"],
-                    config["act_fn"],
-                    config["dropout"],
-                    )
-            )
+            skip_channels = in_channels if i == num_layers - 1 else level.channels
+            resnet_in_channels = prev_output_channels if i == 0 else level.channels
+            resnets.append(_resnet(resnet_in_channels + skip_channels, level.channels, config))
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(
-            _spatial_transformer(out_channels, attention_heads, transformer_layers, only_cross_attention, config)
-            for _ in range(num_layers if attention_heads is not None else 0)
+        self.attentions = (
+            nn.ModuleList(_spatial_transformer(level, level.only_cross_attention, config) for _ in self.resnets)
+            if self.has_cross_attention
+            else nn.ModuleList()
         )
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.upsamplers = nn.ModuleList([Upsample2D(level.channels)]) if add_upsample else None
 
     def forward(
         self,
@@ -329,28 +342,22 @@ class UpBlock2D(CheckpointedBlock):
                 hidden_states, skip = apply_freeu(self.resolution_idx, hidden_states, skip, **self.freeu_scales)
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
             hidden_states = self.run_layer(resnet, hidden_states, temb)
-            if self.attentions:
+            if self.has_cross_attention:
                 hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C, 2H, 2W) or the next skip's size
         return hidden_states
 
 
-def _spatial_transformer(
-    channels: int, num_heads: int, num_layers: int, only_cross_attention: bool, config: dict[str, Any]
-) -> Transformer2DModel:
-    return Transformer2DModel(
-        num_heads,
-        channels // num_heads,
-        channels,
-        num_layers,
-        config["cross_attention_dim"],
-        config["norm_num_groups"],
-        config["use_linear_projection"],
-        only_cross_attention,
-        config["upcast_attention"],
-        config["dropout"],
-    )
+class CrossAttnUpBlock2D(UpBlock2D):
+    """`UpBlock2D` with a spatial transformer after each ResNet block."""
+
+    has_cross_attention = True
+
+
+# The config's block types, and the classes that build them.
+DOWN_BLOCKS: dict[str, type[DownBlock2D]] = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D}
+UP_BLOCKS: dict[str, type[UpBlock2D]] = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}
 
 
 def _per_block(name: str, value: Any, num_blocks: int) -> list:
@@ -376,7 +383,7 @@ class ScratchUNet2DConditionModel(
     """
 
     _supports_gradient_checkpointing = True
-    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D", "UpBlock2D"]
+    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]
 
     @register_to_config
     def __init__(
@@ -448,14 +455,14 @@ class ScratchUNet2DConditionModel(
                     f"{key}={supported!r}"
                 )
         num_blocks = len(block_out_channels)
-        for name, types, allowed in (
-            ("down", down_block_types, DOWN_BLOCK_TYPES),
-            ("up", up_block_types, UP_BLOCK_TYPES),
+        for name, types, blocks in (
+            ("down", down_block_types, DOWN_BLOCKS),
+            ("up", up_block_types, UP_BLOCKS),
         ):
-            if len(types) != num_blocks or any(block_type not in allowed for block_type in types):
+            if len(types) != num_blocks or any(block_type not in blocks for block_type in types):
                 raise ValueError(
                     f"{name}_block_types={types!r} must list {num_blocks} entries (one per block_out_channels) "
-                    f"from {allowed}"
+                    f"from {tuple(blocks)}"
                 )
         if not isinstance(cross_attention_dim, int):
             raise ValueError(f"cross_attention_dim={cross_attention_dim!r} must be a single int")
@@ -463,42 +470,35 @@ class ScratchUNet2DConditionModel(
         layers = _per_block("layers_per_block", layers_per_block, num_blocks)
         transformer_layers = _per_block("transformer_layers_per_block", transformer_layers_per_block, num_blocks)
         cross_only = _per_block("only_cross_attention", only_cross_attention, num_blocks)
+        levels = [
+            LevelConfig(block_out_channels[i], layers[i], attention_heads[i], transformer_layers[i], cross_only[i])
+            for i in range(num_blocks)
+        ]
 
         time_embed_dim = block_out_channels[0] * TIME_EMBED_MULT
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn)
 
-        self.down_blocks = nn.ModuleList()
-        for i, block_type in enumerate(down_block_types):
-            self.down_blocks.append(
-                DownBlock2D(
-                    block_out_channels[max(i - 1, 0)],
-                    block_out_channels[i],
-                    layers[i],
-                    add_downsample=i < num_blocks - 1,
-                    attention_heads=attention_heads[i] if block_type == "CrossAttnDownBlock2D" else None,
-                    transformer_layers=transformer_layers[i],
-                    only_cross_attention=cross_only[i],
-                    config=self.config,
-                )
+        self.down_blocks = nn.ModuleList(
+            DOWN_BLOCKS[block_type](
+                in_channels=block_out_channels[max(i - 1, 0)],
+                level=levels[i],
+                add_downsample=i < num_blocks - 1,
+                config=self.config,
             )
-        self.mid_block = UNetMidBlock2DCrossAttn(
-            block_out_channels[-1], attention_heads[-1], transformer_layers[-1], self.config
+            for i, block_type in enumerate(down_block_types)
         )
+        self.mid_block = UNetMidBlock2DCrossAttn(levels[-1], self.config)
         self.up_blocks = nn.ModuleList()
         for i, block_type in enumerate(up_block_types):
             level = num_blocks - 1 - i  # the down block whose skips this up block consumes
             self.up_blocks.append(
-                UpBlock2D(
+                UP_BLOCKS[block_type](
                     in_channels=block_out_channels[max(level - 1, 0)],
                     prev_output_channels=block_out_channels[min(level + 1, num_blocks - 1)],
-                    out_channels=block_out_channels[level],
-                    num_layers=layers[level] + 1,
+                    level=levels[level],
                     add_upsample=level > 0,
-                    attention_heads=attention_heads[level] if block_type == "CrossAttnUpBlock2D" else None,
-                    transformer_layers=transformer_layers[level],
-                    only_cross_attention=cross_only[level],
                     resolution_idx=i,
                     config=self.config,
                 )
@@ -531,8 +531,11 @@ class ScratchUNet2DConditionModel(
         the key out). `timestep_cond` and `added_cond_kwargs` exist so that diffusers' own pipelines can call this
         model; SD 1.x/2.x pass them empty, and anything else raises (LCM and SDXL conditioning are not built).
         """
-        for name, value in (("timestep_cond", timestep_cond), ("cross_attention_kwargs", cross_attention_kwargs),
-                            ("added_cond_kwargs", added_cond_kwargs)):
+        for name, value in (
+            ("timestep_cond", timestep_cond),
+            ("cross_attention_kwargs", cross_attention_kwargs),
+            ("added_cond_kwargs", added_cond_kwargs),
+        ):
             if value is not None and not (isinstance(value, dict) and not value):
                 allowed = '{"scale": s}, the LoRA scale, or None' if name == "cross_attention_kwargs" else "None"
                 raise ValueError(f"{name}={value!r} is not supported by ScratchUNet2DConditionModel; pass {allowed}")

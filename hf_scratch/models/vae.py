@@ -8,11 +8,12 @@ names match `diffusers.AutoencoderKL` (`Encoder`, `Decoder`, `DownEncoderBlock2D
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from diffusers import ConfigMixin, ModelMixin  # diffusers looks these names up in this module when loading
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
@@ -32,6 +33,12 @@ from .layers import (
 NORM_EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # clamp on log σ² (LDM `DiagonalGaussianDistribution`)
 DOWNSAMPLE_PADDING = 0  # LDM pads right/bottom by one pixel instead
+
+
+def downsampling_factor(block_out_channels: Sequence[int]) -> int:
+    """Pixels per latent along a side, 2^(levels − 1): every encoder level but the last halves the resolution. Takes
+    the config's `block_out_channels`, so that it serves a config read from disk as well as a model."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 class DiagonalGaussianDistribution:
@@ -82,14 +89,22 @@ class DecoderOutput(BaseOutput):
     sample: torch.Tensor
 
 
+def _resnet(in_channels: int, out_channels: int, config: FrozenDict) -> ResnetBlock2D:
+    """A ResNet block without time embedding, with the autoencoder's norm groups and activation."""
+    return ResnetBlock2D(
+        in_channels, out_channels, temb_channels=None, groups=config.norm_num_groups, eps=NORM_EPS, act_fn=config.act_fn
+    )
+
+
 class DownEncoderBlock2D(CheckpointedBlock):
+    """One resolution of the encoder: ResNet blocks, then a stride-2 downsample (except at the last resolution)."""
+
     def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool, groups: int, act_fn: str
+        self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool, config: FrozenDict
     ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, NORM_EPS, act_fn)
-            for i in range(num_layers)
+            _resnet(in_channels if i == 0 else out_channels, out_channels, config) for i in range(num_layers)
         )
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, DOWNSAMPLE_PADDING)]) if add_downsample else None
 
@@ -102,13 +117,14 @@ class DownEncoderBlock2D(CheckpointedBlock):
 
 
 class UpDecoderBlock2D(CheckpointedBlock):
+    """One resolution of the decoder: ResNet blocks, then a 2x upsample (except at the last resolution)."""
+
     def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool, groups: int, act_fn: str
+        self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool, config: FrozenDict
     ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups, NORM_EPS, act_fn)
-            for i in range(num_layers)
+            _resnet(in_channels if i == 0 else out_channels, out_channels, config) for i in range(num_layers)
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
@@ -123,12 +139,12 @@ class UpDecoderBlock2D(CheckpointedBlock):
 class UNetMidBlock2D(CheckpointedBlock):
     """ResNet, single-head self-attention over all pixels (optional), ResNet."""
 
-    def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool) -> None:
+    def __init__(self, channels: int, config: FrozenDict) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(channels, channels, None, groups, NORM_EPS, act_fn) for _ in range(2)
+        self.resnets = nn.ModuleList(_resnet(channels, channels, config) for _ in range(2))
+        self.attentions = nn.ModuleList(
+            [SpatialSelfAttention(channels, config.norm_num_groups, NORM_EPS)] if config.mid_block_add_attention else []
         )
-        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups, NORM_EPS)] if add_attention else [])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.run_layer(self.resnets[0], hidden_states)
@@ -137,36 +153,32 @@ class UNetMidBlock2D(CheckpointedBlock):
         return self.run_layer(self.resnets[1], hidden_states)
 
 
+# The config's block types, and the classes that build them.
+DOWN_BLOCKS: dict[str, type[DownEncoderBlock2D]] = {"DownEncoderBlock2D": DownEncoderBlock2D}
+UP_BLOCKS: dict[str, type[UpDecoderBlock2D]] = {"UpDecoderBlock2D": UpDecoderBlock2D}
+
+
 class Encoder(nn.Module):
     """E(x): image (B, in_channels, H, W) -> posterior moments (B, 2·latent_channels, H/f, W/f), f = 2^(levels-1)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        latent_channels: int,
-        block_out_channels: tuple[int, ...],
-        layers_per_block: int,
-        groups: int,
-        act_fn: str,
-        add_attention: bool,
-    ) -> None:
+    def __init__(self, config: FrozenDict) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        channels = config.block_out_channels
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownEncoderBlock2D(
-                block_out_channels[max(i - 1, 0)],
-                channels,
-                layers_per_block,
-                add_downsample=i < len(block_out_channels) - 1,
-                groups=groups,
-                act_fn=act_fn,
+            DOWN_BLOCKS[block_type](
+                in_channels=channels[max(i - 1, 0)],
+                out_channels=channels[i],
+                num_layers=config.layers_per_block,
+                add_downsample=i < len(channels) - 1,
+                config=config,
             )
-            for i, channels in enumerate(block_out_channels)
+            for i, block_type in enumerate(config.down_block_types)
         )
-        self.mid_block = UNetMidBlock2D(block_out_channels[-1], groups, act_fn, add_attention)
-        self.conv_norm_out = nn.GroupNorm(groups, block_out_channels[-1], eps=NORM_EPS)
+        self.mid_block = UNetMidBlock2D(channels[-1], config)
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[-1], eps=NORM_EPS)
         self.conv_act = nn.SiLU()  # LDM's output nonlinearity is swish whatever act_fn says, as in diffusers
-        self.conv_out = nn.Conv2d(block_out_channels[-1], 2 * latent_channels, kernel_size=3, padding=1)
+        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(sample)
@@ -179,34 +191,24 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """D(z): latent (B, latent_channels, h, w) -> image (B, out_channels, h·f, w·f)."""
 
-    def __init__(
-        self,
-        latent_channels: int,
-        out_channels: int,
-        block_out_channels: tuple[int, ...],
-        layers_per_block: int,
-        groups: int,
-        act_fn: str,
-        add_attention: bool,
-    ) -> None:
+    def __init__(self, config: FrozenDict) -> None:
         super().__init__()
-        reversed_channels = list(reversed(block_out_channels))
-        self.conv_in = nn.Conv2d(latent_channels, reversed_channels[0], kernel_size=3, padding=1)
-        self.mid_block = UNetMidBlock2D(reversed_channels[0], groups, act_fn, add_attention)
+        reversed_channels = list(reversed(config.block_out_channels))
+        self.conv_in = nn.Conv2d(config.latent_channels, reversed_channels[0], kernel_size=3, padding=1)
+        self.mid_block = UNetMidBlock2D(reversed_channels[0], config)
         self.up_blocks = nn.ModuleList(
-            UpDecoderBlock2D(
-                reversed_channels[max(i - 1, 0)],
-                channels,
-                layers_per_block + 1,
+            UP_BLOCKS[block_type](
+                in_channels=reversed_channels[max(i - 1, 0)],
+                out_channels=reversed_channels[i],
+                num_layers=config.layers_per_block + 1,
                 add_upsample=i < len(reversed_channels) - 1,
-                groups=groups,
-                act_fn=act_fn,
+                config=config,
             )
-            for i, channels in enumerate(reversed_channels)
+            for i, block_type in enumerate(config.up_block_types)
         )
-        self.conv_norm_out = nn.GroupNorm(groups, block_out_channels[0], eps=NORM_EPS)
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, reversed_channels[-1], eps=NORM_EPS)
         self.conv_act = nn.SiLU()  # as in the encoder
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+        self.conv_out = nn.Conv2d(reversed_channels[-1], config.out_channels, kernel_size=3, padding=1)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(latent)
@@ -253,25 +255,24 @@ class ScratchAutoencoderKL(
         mid_block_add_attention: bool = True,
     ) -> None:
         super().__init__()
-        for name, types, allowed in (
-            ("down_block_types", down_block_types, "DownEncoderBlock2D"),
-            ("up_block_types", up_block_types, "UpDecoderBlock2D"),
+        for name, types, blocks in (
+            ("down_block_types", down_block_types, DOWN_BLOCKS),
+            ("up_block_types", up_block_types, UP_BLOCKS),
         ):
-            if len(types) != len(block_out_channels) or any(block_type != allowed for block_type in types):
+            if len(types) != len(block_out_channels) or any(block_type not in blocks for block_type in types):
                 raise ValueError(
-                    f"{name}={types!r} must be {allowed!r} repeated once per block_out_channels "
+                    f"{name}={types!r} must be {' or '.join(map(repr, blocks))} repeated once per block_out_channels "
                     f"({len(block_out_channels)} entries)"
                 )
-        architecture = (block_out_channels, layers_per_block, norm_num_groups, act_fn, mid_block_add_attention)
-        self.encoder = Encoder(in_channels, latent_channels, *architecture)
-        self.decoder = Decoder(latent_channels, out_channels, *architecture)
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
         self.use_slicing = False
         self.use_tiling = False
         self.tile_sample_min_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        self.tile_latent_min_size = int(self.tile_sample_min_size / 2 ** (len(block_out_channels) - 1))
+        self.tile_latent_min_size = int(self.tile_sample_min_size / downsampling_factor(block_out_channels))
         self.tile_overlap_factor = 0.25
 
     def enable_slicing(self) -> None:

@@ -28,16 +28,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 # modules already imported, so the pipeline brings our component modules with it.
 import hf_scratch.models.clip  # noqa: F401  isort: skip
 from hf_scratch.models.unet import ScratchUNet2DConditionModel  # isort: skip
-from hf_scratch.models.vae import ScratchAutoencoderKL  # isort: skip
+from hf_scratch.models.vae import ScratchAutoencoderKL, downsampling_factor  # isort: skip
 import hf_scratch.schedulers.ddim  # noqa: F401  isort: skip
 import hf_scratch.schedulers.ddpm  # noqa: F401  isort: skip
 import hf_scratch.schedulers.dpm_solver  # noqa: F401  isort: skip
 import hf_scratch.schedulers.flow_match  # noqa: F401  isort: skip
+from hf_scratch.schedulers.schedule import original_sample_of_step  # isort: skip
 from hf_scratch.pipelines.loaders import ScratchLoadersMixin, scales_lora  # isort: skip
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
     """Rescaled classifier-free guidance (Lin et al. 2024, arXiv:2305.08891, Sec. 3.4, Eq. 15–16): the guided
     prediction x_cfg is scaled to the standard deviation of the text-conditioned one,
@@ -132,7 +135,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = downsampling_factor(self.vae.config.block_out_channels)
         # Pixel sizes must be a multiple of 8 (as in diffusers) and of the VAE's downsampling factor.
         self.size_multiple = math.lcm(8, self.vae_scale_factor)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -170,7 +173,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
         cls = type(self)
         remote_code = (
             f'"""Loads hf-scratch\'s pipeline class (`pip install hf-scratch`)."""\n\n'
-            f"from {cls.__module__} import {cls.__name__}\n"
+            f"from {cls.__module__} import {cls.__name__}\n\n"
+            f'__all__ = ["{cls.__name__}"]\n'
         )
         (Path(save_directory) / f"{REMOTE_CODE_MODULE}.py").write_text(remote_code)
         index_path = Path(save_directory) / "model_index.json"
@@ -287,8 +291,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
                     )
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError(
-                "Pass exactly one of `prompt` and `prompt_embeds`, got "
-                f"{'both' if prompt is not None else 'neither'}."
+                f"Pass exactly one of `prompt` and `prompt_embeds`, got {'both' if prompt is not None else 'neither'}."
             )
         if prompt is not None:
             is_text_list = isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, str) for p in prompt)
@@ -384,10 +387,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
                 name = type(self.scheduler).__name__
                 signal = float(self.scheduler.alphas_cumprod[timesteps[0]]) ** 0.5
                 raise ValueError(
-                    f"With \"leading\" spacing, {name} at {num_inference_steps} steps starts at t={timesteps[0]} of "
+                    f'With "leading" spacing, {name} at {num_inference_steps} steps starts at t={timesteps[0]} of '
                     f"{num_train_timesteps}: sampling would begin from pure noise where the model expects signal "
                     f"(√ᾱ = {signal:.2f}) and wash out. Use fewer steps, or trailing spacing: pipe.scheduler = "
-                    f"{name}.from_config(pipe.scheduler.config, timestep_spacing=\"trailing\")."
+                    f'{name}.from_config(pipe.scheduler.config, timestep_spacing="trailing").'
                 )
 
     def retrieve_timesteps(
@@ -403,8 +406,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
             if values is None:
                 continue
             numbers = isinstance(values, (list, tuple, np.ndarray, torch.Tensor)) and len(values) > 0
-            if not numbers or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-                                      for v in (values.tolist() if hasattr(values, "tolist") else values)):
+            if not numbers or not all(
+                isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                for v in (values.tolist() if hasattr(values, "tolist") else values)
+            ):
                 raise TypeError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")  # fmt: skip
             if name not in inspect.signature(self.scheduler.set_timesteps).parameters:
                 raise ValueError(
@@ -545,28 +550,6 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
         f = self.vae_scale_factor
         return (num_images, self.unet.config.in_channels, height // f, width // f)
 
-    def _pred_original_sample(
-        self, step_output: BaseOutput, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
-    ) -> torch.Tensor:
-        """The x_0 predicted at this step: the scheduler's own, else from the model output via alphas_cumprod; for
-        σ-parameterised schedulers without them, EDM's D = c_skip x + c_out F (`precondition_outputs`) or the flow's
-        x̂_0 = x_σ − σ v̂."""
-        if getattr(step_output, "pred_original_sample", None) is not None:
-            return step_output.pred_original_sample
-        if not hasattr(self.scheduler, "alphas_cumprod"):
-            sigma = self.scheduler.sigmas[self.scheduler.step_index - 1].to(sample)  # step() has moved on by one
-            if hasattr(self.scheduler, "precondition_outputs"):
-                return self.scheduler.precondition_outputs(sample, model_output, sigma)
-            return sample - sigma * model_output
-        alpha_prod_t = self.scheduler.alphas_cumprod[int(timestep)].to(sample)
-        beta_prod_t = 1 - alpha_prod_t
-        prediction_type = self.scheduler.config.prediction_type
-        if prediction_type == "epsilon":  # x_0 = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t), DDPM Eq. 15
-            return (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
-        if prediction_type == "v_prediction":  # x_0 = sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v (Salimans & Ho, 2022)
-            return alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
-        return model_output
-
     def denoise(
         self,
         latents: torch.Tensor,
@@ -608,8 +591,8 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "noise_pred": noise_pred}
                     if "pred_original_sample" in callback_on_step_end_tensor_inputs:
-                        tensors["pred_original_sample"] = self._pred_original_sample(
-                            step_output, noise_pred, timestep, sample
+                        tensors["pred_original_sample"] = original_sample_of_step(
+                            self.scheduler, step_output, noise_pred, timestep, sample
                         )
                     callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, step_index, timestep, callback_kwargs)

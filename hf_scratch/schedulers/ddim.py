@@ -4,35 +4,20 @@ Matches diffusers' `DDIMScheduler` (0.42) step for step, and loads its configura
 `scheduler_config.json`, unchanged.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .schedule import (
-    COMPATIBLE_SCHEDULERS,
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
     BetaSchedule,
     NoiseScheduleMixin,
     PredictionType,
+    ScratchSchedulerOutput,
     TimestepSpacing,
-    check_choice,
-    make_betas,
     predict_original_sample_and_noise,
 )
-
-
-@dataclass
-class ScratchDDIMSchedulerOutput(BaseOutput):
-    """`prev_sample` is x_{t-1}, the next model input; `pred_original_sample` is x̂_0, for previews and callbacks."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
 
 
 class ScratchDDIMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
@@ -54,9 +39,6 @@ class ScratchDDIMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
             v_prediction, since ε cannot give x̂_0 at ᾱ_T = 0.
     """
 
-    _compatibles = COMPATIBLE_SCHEDULERS
-    order = 1
-
     @register_to_config
     def __init__(
         self,
@@ -76,20 +58,9 @@ class ScratchDDIMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         timestep_spacing: TimestepSpacing = "leading",
         rescale_betas_zero_snr: bool = False,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-
-        # forward process q(x_t | x_{t-1}) and its marginal q(x_t | x_0)
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
-        )
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.set_forward_process()
+        # ᾱ past the last step t = 0
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
 
     def step(
         self,
@@ -101,7 +72,7 @@ class ScratchDDIMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> ScratchDDIMSchedulerOutput | tuple:
+    ) -> ScratchSchedulerOutput | tuple:
         """One generalised step x_t → x_{t'} (Song et al. 2020, Eq. 12).
 
         Notation (Song et al. 2020; their α_t is DDPM's ᾱ_t):
@@ -160,4 +131,4 @@ class ScratchDDIMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
 
         if not return_dict:
             return prev_sample, pred_original_sample
-        return ScratchDDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return ScratchSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

@@ -4,39 +4,26 @@ Matches diffusers' `DDPMScheduler` (0.42) step for step for the variance types i
 configuration, or any Stable Diffusion `scheduler_config.json`, unchanged.
 """
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .schedule import (
-    COMPATIBLE_SCHEDULERS,
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
     BetaSchedule,
     NoiseScheduleMixin,
     PredictionType,
+    ScratchSchedulerOutput,
     TimestepSpacing,
     check_choice,
-    make_betas,
     predict_original_sample_and_noise,
 )
 
 # None is how a DPM-Solver config records "no learned variance"; it reads as fixed_small, as in diffusers
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range", None)
-
-
-@dataclass
-class ScratchDDPMSchedulerOutput(BaseOutput):
-    """`prev_sample` is x_{t-1}, the next model input; `pred_original_sample` is x̂_0, for previews and callbacks."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
 
 
 class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
@@ -63,9 +50,6 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: rescale β_t to zero terminal SNR (Lin et al. 2023, Algorithm 1).
     """
 
-    _compatibles = COMPATIBLE_SCHEDULERS
-    order = 1
-
     @register_to_config
     def __init__(
         self,
@@ -86,19 +70,7 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
     ):
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-
-        # forward process q(x_t | x_{t-1}) and its marginal q(x_t | x_0)
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
-        )
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy())
+        self.set_forward_process()
 
     def previous_timestep(self, timestep: int) -> int:
         """t', the timestep after t in the schedule (t − 1 on the full chain); −1 past the last step."""
@@ -114,7 +86,7 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> ScratchDDPMSchedulerOutput | tuple:
+    ) -> ScratchSchedulerOutput | tuple:
         """One ancestral step x_t → x_{t'} (Algorithm 2 of Ho et al. 2020, with t' = t − 1 on the full chain).
 
         Notation (Ho et al. 2020):
@@ -169,7 +141,7 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
 
         if not return_dict:
             return prev_sample, pred_original_sample
-        return ScratchDDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return ScratchSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
     def _std_dev(
         self,

@@ -7,42 +7,29 @@ The configuration keeps every key of diffusers' class, so that configurations co
 does not implement raises a ValueError naming it.
 """
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
 
 from .schedule import (
-    COMPATIBLE_SCHEDULERS,
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
     BetaSchedule,
     NoiseScheduleMixin,
     PredictionType,
+    ScratchSchedulerOutput,
     StepIndexMixin,
     TimestepSpacing,
     check_choice,
     check_num_inference_steps,
-    make_betas,
     predict_original_sample_and_noise,
-    threshold_sample,
+    spaced_timesteps,
 )
 
 # a DDPM config's fixed variances mean, as None does, that the model output carries no variance channels
 VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_large")
 KARRAS_RHO = 7.0  # ρ of Karras et al. 2022, Eq. 5
-
-
-@dataclass
-class ScratchDPMSolverMultistepSchedulerOutput(BaseOutput):
-    """`prev_sample` is x_{t_i}, the next model input; `pred_original_sample` is x_θ(x_{t_{i-1}}), the x̂_0 it used."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
@@ -62,21 +49,6 @@ def sigma_to_timestep(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     return (1 - w) * low_idx + w * high_idx
-
-
-def solver_timesteps(
-    num_inference_steps: int, last_timestep: int, num_train_timesteps: int, timestep_spacing: str, steps_offset: int
-) -> np.ndarray:
-    """Descending int64 timesteps below `last_timestep`: the spacings of `schedule.spaced_timesteps`, on N + 1 points
-    of which the one at t = 0 is dropped, since the solver's final step lands on σ = 0 (or σ_min) itself."""
-    if timestep_spacing == "linspace":
-        return np.linspace(0, last_timestep - 1, num_inference_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-    if timestep_spacing == "leading":
-        step_ratio = last_timestep // (num_inference_steps + 1)
-        timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
-        return timesteps + steps_offset
-    step_ratio = num_train_timesteps / num_inference_steps
-    return np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64) - 1
 
 
 class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
@@ -101,14 +73,12 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
         lambda_min_clipped: drop the timesteps whose λ lies below this value (for the cosine schedule).
         variance_type: "learned" or "learned_range" for a model whose output also carries a variance, which the
             solver drops; None, or a DDPM config's "fixed_small" or "fixed_large", for a plain output.
-        timestep_spacing, steps_offset: how `set_timesteps` picks its timesteps (see `solver_timesteps`).
+        timestep_spacing, steps_offset: how `set_timesteps` picks its timesteps (see `schedule.spaced_timesteps`,
+            whose `skip_zero` drops t = 0: the last step lands on σ = 0, or σ_min, itself).
         rescale_betas_zero_snr: rescale β_t to zero terminal SNR (Lin et al. 2023, Algorithm 1).
         use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas, use_flow_sigmas, flow_shift, use_dynamic_shifting,
             time_shift_type: diffusers' other noise levels, accepted in a config and refused when switched on.
     """
-
-    _compatibles = COMPATIBLE_SCHEDULERS
-    order = 1
 
     @register_to_config
     def __init__(
@@ -145,8 +115,6 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
         check_choice("algorithm_type", algorithm_type, ("dpmsolver++",))
         check_choice("solver_order", solver_order, (1, 2))
         check_choice("solver_type", solver_type, ("midpoint",))
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
         unimplemented_options = {
@@ -160,25 +128,14 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
             check_choice(option, value, (False,))
 
         # forward process q(x_t | x_0) = N(α_t x_0, σ_t² I)
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
-        )
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.set_forward_process()
         if rescale_betas_zero_snr:
             # ᾱ_T = 0 puts λ_T at −∞; a float32-sized ᾱ_T keeps the solver finite
             self.alphas_cumprod[-1] = 2**-24
         # half log-SNR λ_t = log α_t − log σ_t
         self.lambdas = torch.log(torch.sqrt(self.alphas_cumprod)) - torch.log(torch.sqrt(1 - self.alphas_cumprod))
-
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
         self.sigmas = None
         self.previous_pred_original_sample = None
-        self._step_index = None
-        self._begin_index = None
-
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Chooses the timesteps and their σ_i, and appends the σ the last step lands on."""
@@ -195,12 +152,13 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
         else:
             clipped_idx = torch.searchsorted(torch.flip(self.lambdas, [0]), self.config.lambda_min_clipped)
             last_timestep = (num_train_timesteps - clipped_idx).item()
-            timesteps = solver_timesteps(
+            timesteps = spaced_timesteps(
                 num_inference_steps,
-                last_timestep,
                 num_train_timesteps,
                 self.config.timestep_spacing,
                 self.config.steps_offset,
+                last_timestep,
+                skip_zero=True,
             )
             sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
 
@@ -232,7 +190,7 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> ScratchDPMSolverMultistepSchedulerOutput | tuple:
+    ) -> ScratchSchedulerOutput | tuple:
         """One step of DPM-Solver++(2M) from t_{i-1} to t_i (Lu et al. 2022, Algorithm 2). The first step, and the last
         when it lands on σ = 0 or `lower_order_final` applies, is the first-order update that opens Algorithm 2
         (DPM-Solver++(1), which is DDIM written in data prediction).
@@ -253,7 +211,7 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
         if self.num_inference_steps is None:
             raise ValueError("`num_inference_steps` is not set: call `set_timesteps` before `step`.")
         if self._step_index is None:
-            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+            self._init_step_index(timestep)
         i = self._step_index
         is_last_step = i == len(self.timesteps) - 1
         first_order = (
@@ -276,10 +234,7 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
         pred_original_sample, _ = predict_original_sample_and_noise(
             model_output, sample, alpha_s0, sigma_s0, self.config.prediction_type
         )
-        if self.config.thresholding:
-            pred_original_sample = threshold_sample(
-                pred_original_sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
-            )
+        pred_original_sample = self.bound_original_sample(pred_original_sample)
 
         sample = sample.to(torch.float32)  # the update in float32, as diffusers does: e^{−h} − 1 is small
         alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
@@ -307,9 +262,7 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
         self._step_index += 1
         if not return_dict:
             return prev_sample, pred_original_sample
-        return ScratchDPMSolverMultistepSchedulerOutput(
-            prev_sample=prev_sample, pred_original_sample=pred_original_sample
-        )
+        return ScratchSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
     @staticmethod
     def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,14 +276,5 @@ class ScratchDPMSolverMultistepScheduler(StepIndexMixin, NoiseScheduleMixin, Sch
         training ᾱ_t (DDPM Eq. 4)."""
         if self.sigmas is None:
             return super().add_noise(original_samples, noise, timesteps)
-        schedule_timesteps = self.timesteps.to(original_samples.device)
-        timesteps = timesteps.to(original_samples.device)
-        if self._begin_index is None:
-            step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps]
-        else:
-            step_indices = [self._step_index if self._step_index is not None else self._begin_index] * len(timesteps)
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        sigma = sigmas[step_indices].flatten()
-        sigma = sigma.reshape(sigma.shape + (1,) * (original_samples.dim() - 1))  # (B, 1, …, 1)
-        alpha_t, sigma_t = self._alpha_sigma(sigma)
+        alpha_t, sigma_t = self._alpha_sigma(self.sigma_per_sample(timesteps, original_samples))
         return alpha_t * original_samples + sigma_t * noise

@@ -15,27 +15,24 @@ loads the other's `scheduler_config.json`. Unlike diffusers' class it also offer
 """
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .schedule import StepIndexMixin, check_choice, check_num_inference_steps
+from .schedule import (
+    SchedulerBase,
+    ScratchSchedulerOutput,
+    StepIndexMixin,
+    check_choice,
+    check_num_inference_steps,
+    flow_original_sample,
+)
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
-
-
-@dataclass
-class ScratchFlowMatchEulerSchedulerOutput(BaseOutput):
-    """`prev_sample` is x at the next σ, the next model input; `pred_original_sample` is x̂_0 = x_σ − σ v̂."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor
 
 
 def shift_sigmas(sigmas: np.ndarray | torch.Tensor, shift: float) -> np.ndarray | torch.Tensor:
@@ -43,7 +40,7 @@ def shift_sigmas(sigmas: np.ndarray | torch.Tensor, shift: float) -> np.ndarray 
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
+class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerBase, SchedulerMixin, ConfigMixin):
     """Euler steps x_{σ'} = x_σ + (σ' − σ) v̂ along the flow from σ = 1 to σ = 0.
 
     Args:
@@ -59,8 +56,6 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin
     """
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
-    order = 1
-    init_noise_sigma = 1.0  # x_1 = ε ~ N(0, I)
 
     @register_to_config
     def __init__(
@@ -101,14 +96,8 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin
         self.sigma_min = self.sigmas[-1].item()
         self.sigma_max = self.sigmas[0].item()
         self.num_inference_steps = None
-        self._step_index = None
-        self._begin_index = None
 
     # ------------------------------------------------------------------ bookkeeping shared with diffusers' API
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
-        """The model sees x_σ itself."""
-        return sample
 
     def time_shift(self, mu: float, sigmas: np.ndarray) -> np.ndarray:
         """The dynamic shift of the class docstring."""
@@ -176,14 +165,6 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin
             raise ValueError(f"timestep {float(timestep)} is not one of the scheduler's `timesteps`.")
         return indices[1 if len(indices) > 1 else 0].item()
 
-    def _init_step_index(self, timestep: float | torch.Tensor) -> None:
-        if self.begin_index is not None:
-            self._step_index = self.begin_index
-            return
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(self.timesteps.device)
-        self._step_index = self.index_for_timestep(timestep)
-
     # ------------------------------------------------------------------ the flow
 
     def scale_noise(
@@ -192,15 +173,7 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin
         """The forward process x_σ = (1 − σ) x_0 + σ ε at the schedule's `timestep` (img2img's start)."""
         if noise is None:
             raise ValueError("`scale_noise` needs the `noise` ε to mix with the sample.")
-        sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1)
-        schedule_timesteps = self.timesteps.to(sample.device)
-        if self.begin_index is None:
-            step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timestep]
-        else:
-            step_indices = [self.step_index if self.step_index is not None else self.begin_index] * len(timestep)
-        sigma = sigmas[step_indices].flatten()
-        sigma = sigma.reshape(sigma.shape + (1,) * (sample.dim() - 1))  # (B, 1, 1, 1)
+        sigma = self.sigma_per_sample(timestep, sample)  # (B, 1, 1, 1)
         return sigma * noise + (1.0 - sigma) * sample
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -215,7 +188,7 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
         return_dict: bool = True,
-    ) -> ScratchFlowMatchEulerSchedulerOutput | tuple:
+    ) -> ScratchSchedulerOutput | tuple:
         """One Euler step of the flow ODE.
 
         Notation (Esser et al. 2024, Sec. 2):
@@ -238,7 +211,7 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin
         sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
 
         # 1. x̂_0 = x_σ − σ v̂, from x_σ = x_0 + σ (ε − x_0)
-        pred_original_sample = sample - sigma * model_output
+        pred_original_sample = flow_original_sample(sample, model_output, sigma)
         if self.config.stochastic_sampling:
             # 2a. re-noise x̂_0 to σ' with fresh ε
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
@@ -250,7 +223,4 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin
         prev_sample = prev_sample.to(model_output.dtype)
         if not return_dict:
             return prev_sample, pred_original_sample
-        return ScratchFlowMatchEulerSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
+        return ScratchSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

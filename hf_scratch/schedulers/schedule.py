@@ -1,4 +1,4 @@
-"""The noise-schedule arithmetic that the DDPM, DDIM and DPM-Solver++ schedulers share.
+"""The noise-schedule arithmetic and the scheduler API that the schedulers here share.
 
 Small named functions, k-diffusion style, so that each scheduler's `step()` reads like its paper:
 
@@ -7,7 +7,11 @@ Small named functions, k-diffusion style, so that each scheduler's `step()` read
 - the timestep spacings "linspace", "leading" and "trailing" of Lin et al. 2023, Table 2;
 - the closed form q(x_t | x_0) (Ho et al. 2020, arXiv:2006.11239, Eq. 4) and the velocity v of Salimans & Ho 2022
   (arXiv:2202.00512, Section 4);
-- turning a model output (ε, v or x_0) into the pair (x_0, ε).
+- turning a model output (ε, v or x_0) into the pair (x_0, ε), and keeping x̂_0 in the data range; the flow's
+  x̂_0 = x_σ − σ v̂; and `original_sample_of_step`, the x̂_0 of any diffusers-style scheduler's step, for pipelines;
+- the mixins: `SchedulerBase` (every scheduler, the flow-matching one included), `NoiseScheduleMixin` (those of the
+  ᾱ_t table: DDPM, DDIM, DPM-Solver++) and `StepIndexMixin` (those that step by position in a σ table: DPM-Solver++
+  and flow matching), and `ScratchSchedulerOutput`, what every `step()` returns.
 
 Every function reproduces diffusers 0.42 to the last float32 bit where diffusers computes the same quantity, so that a
 pipeline can swap our schedulers and diffusers' freely. Throughout, ᾱ_t is `alphas_cumprod[t]`, and in the
@@ -16,11 +20,13 @@ variance-preserving notation of DPM-Solver α_t = √ᾱ_t and σ_t = √(1 − 
 
 import importlib
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
@@ -117,19 +123,34 @@ def make_betas(
 
 
 def spaced_timesteps(
-    num_inference_steps: int, num_train_timesteps: int, timestep_spacing: str, steps_offset: int = 0
+    num_inference_steps: int,
+    num_train_timesteps: int,
+    timestep_spacing: str,
+    steps_offset: int = 0,
+    last_timestep: int | None = None,
+    skip_zero: bool = False,
 ) -> np.ndarray:
-    """Descending int64 timesteps. "leading" starts from 0 and adds `steps_offset`; "trailing" ends at T − 1."""
+    """N descending int64 timesteps below `last_timestep` (T by default, fewer when a solver clips its λ_t).
+
+    "linspace" spreads them evenly over [0, last_timestep − 1]; "leading" takes multiples of last_timestep // N from 0
+    and adds `steps_offset`; "trailing" steps back by T / N from last_timestep − 1. With `skip_zero`, for a solver
+    whose last step lands on x_0 itself (DPM-Solver++), "linspace" and "leading" space N + 1 points and drop the one
+    at t = 0; "trailing" only reaches t = 0 at N = T and is the same either way.
+    """
     check_num_inference_steps(num_inference_steps, num_train_timesteps)
     check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    last_timestep = num_train_timesteps if last_timestep is None else last_timestep
+    if timestep_spacing == "trailing":
+        step_ratio = num_train_timesteps / num_inference_steps
+        return np.round(np.arange(last_timestep, 0, -step_ratio)).astype(np.int64) - 1
+    num_points = num_inference_steps + 1 if skip_zero else num_inference_steps
     if timestep_spacing == "linspace":
-        return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].copy().astype(np.int64)
-    if timestep_spacing == "leading":
-        step_ratio = num_train_timesteps // num_inference_steps
-        timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].copy().astype(np.int64)
-        return timesteps + steps_offset
-    step_ratio = num_train_timesteps / num_inference_steps
-    return np.round(np.arange(num_train_timesteps, 0, -step_ratio)).astype(np.int64) - 1
+        timesteps = np.linspace(0, last_timestep - 1, num_points).round()[::-1]
+    else:
+        timesteps = (np.arange(0, num_points) * (last_timestep // num_points)).round()[::-1]
+    timesteps = timesteps[:-1] if skip_zero else timesteps
+    timesteps = timesteps.copy().astype(np.int64)
+    return timesteps + steps_offset if timestep_spacing == "leading" else timesteps
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,20 +158,26 @@ def spaced_timesteps(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
+def per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
     """(B,) -> (B, 1, …, 1) so that a per-sample coefficient broadcasts over a sample of `ndim` dimensions."""
     values = values.flatten()
     return values.reshape(values.shape + (1,) * (ndim - values.dim()))
+
+
+def alpha_sigma_at(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α_t, σ_t) = (√ᾱ_t, √(1 − ᾱ_t)) of each timestep as (B, 1, …, 1), on `like`'s device and dtype."""
+    alphas_cumprod = alphas_cumprod.to(device=like.device, dtype=like.dtype)
+    alpha_prod_t = alphas_cumprod[timesteps.to(like.device)]
+    return per_sample(alpha_prod_t**0.5, like.dim()), per_sample((1 - alpha_prod_t) ** 0.5, like.dim())
 
 
 def add_noise(
     alphas_cumprod: torch.Tensor, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
     """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (DDPM Eq. 4, reparametrised)."""
-    alphas_cumprod = alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
-    alpha_prod_t = alphas_cumprod[timesteps.to(original_samples.device)]
-    sqrt_alpha_prod = _per_sample(alpha_prod_t**0.5, original_samples.dim())
-    sqrt_one_minus_alpha_prod = _per_sample((1 - alpha_prod_t) ** 0.5, original_samples.dim())
+    sqrt_alpha_prod, sqrt_one_minus_alpha_prod = alpha_sigma_at(alphas_cumprod, timesteps, original_samples)
     return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * noise
 
 
@@ -158,10 +185,7 @@ def get_velocity(
     alphas_cumprod: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
     """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0, the v-prediction target (Salimans & Ho 2022, Section 4)."""
-    alphas_cumprod = alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
-    alpha_prod_t = alphas_cumprod[timesteps.to(sample.device)]
-    sqrt_alpha_prod = _per_sample(alpha_prod_t**0.5, sample.dim())
-    sqrt_one_minus_alpha_prod = _per_sample((1 - alpha_prod_t) ** 0.5, sample.dim())
+    sqrt_alpha_prod, sqrt_one_minus_alpha_prod = alpha_sigma_at(alphas_cumprod, timesteps, sample)
     return sqrt_alpha_prod * noise - sqrt_one_minus_alpha_prod * sample
 
 
@@ -186,6 +210,33 @@ def predict_original_sample_and_noise(
     raise ValueError(f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}.")
 
 
+def flow_original_sample(sample: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x̂_0 = x_σ − σ v̂ of a flow-matching model, from x_σ = x_0 + σ (ε − x_0) and v = ε − x_0 (Esser et al. 2024,
+    arXiv:2403.03206, Eq. 3)."""
+    return sample - sigma * velocity
+
+
+def original_sample_of_step(
+    scheduler, step_output: BaseOutput, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
+) -> torch.Tensor:
+    """x̂_0 of the step `scheduler.step(model_output, timestep, sample)` that returned `step_output`: the scheduler's
+    own `pred_original_sample` where it reports one (ours all do), else derived. For the ᾱ_t family by the prediction
+    type (`predict_original_sample_and_noise`); for σ-parameterised schedulers without ᾱ_t, at the σ of the step just
+    taken, EDM's D = c_skip x + c_out F (`precondition_outputs`) or the flow's x̂_0 = x_σ − σ v̂."""
+    if getattr(step_output, "pred_original_sample", None) is not None:
+        return step_output.pred_original_sample
+    if not hasattr(scheduler, "alphas_cumprod"):
+        sigma = scheduler.sigmas[scheduler.step_index - 1].to(sample)  # step() has moved on by one
+        if hasattr(scheduler, "precondition_outputs"):
+            return scheduler.precondition_outputs(sample, model_output, sigma)
+        return flow_original_sample(sample, model_output, sigma)
+    alpha_prod_t = scheduler.alphas_cumprod[int(timestep)].to(sample)
+    pred_original_sample, _ = predict_original_sample_and_noise(
+        model_output, sample, alpha_prod_t.sqrt(), (1 - alpha_prod_t).sqrt(), scheduler.config.prediction_type
+    )
+    return pred_original_sample
+
+
 def threshold_sample(sample: torch.Tensor, dynamic_thresholding_ratio: float, sample_max_value: float) -> torch.Tensor:
     """Dynamic thresholding of x̂_0 (Saharia et al. 2022, arXiv:2205.11487, Section 2.3).
 
@@ -202,8 +253,37 @@ def threshold_sample(sample: torch.Tensor, dynamic_thresholding_ratio: float, sa
     return (torch.clamp(flat, -s, s) / s).reshape(batch_size, channels, *remaining_dims).to(dtype)
 
 
+@dataclass
+class ScratchSchedulerOutput(BaseOutput):
+    """What every scheduler's `step` returns.
+
+    `prev_sample` is the sample at the next timestep, the next model input: x_{t'} (DDPM, DDIM), x̃_{t_i}
+    (DPM-Solver++) or x_{σ'} (flow matching). `pred_original_sample` is x̂_0, the data prediction the step used, for
+    previews and callbacks.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class SchedulerBase:
+    """What every scheduler here shares with diffusers' API: one model call per step, x_T ~ N(0, I) and x_t fed to
+    the model unscaled (unlike σ-parameterised schedulers such as Euler), and `len()` the training steps T."""
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The model sees x_t itself."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
 class StepIndexMixin:
-    """The step counter of schedulers whose `step` looks up its σ by position (diffusers' `step_index` API)."""
+    """The step counter of schedulers whose `step` looks up its σ by position in `sigmas` (diffusers' `step_index`
+    API); the class provides `timesteps`, `sigmas` and `index_for_timestep`."""
 
     _step_index: int | None = None
     _begin_index: int | None = None
@@ -221,17 +301,57 @@ class StepIndexMixin:
     def set_begin_index(self, begin_index: int = 0) -> None:
         self._begin_index = begin_index
 
+    def _init_step_index(self, timestep: float | torch.Tensor) -> None:
+        """Start counting at `begin_index`, else at the position of the first `timestep` stepped."""
+        if self.begin_index is not None:
+            self._step_index = self.begin_index
+            return
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(self.timesteps.device)
+        self._step_index = self.index_for_timestep(timestep)
 
-class NoiseScheduleMixin:
-    """The forward process and the bookkeeping every scheduler here shares; the class provides `alphas_cumprod`.
+    def sigma_per_sample(self, timesteps: float | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """σ of each of `timesteps` as (B, 1, …, 1), on `sample`'s device and dtype: looked up in the schedule, or, once
+        `begin_index` is set (image-to-image), the σ of the step about to be taken."""
+        timesteps = torch.as_tensor(timesteps, device=sample.device).reshape(-1)
+        schedule_timesteps = self.timesteps.to(sample.device)
+        if self.begin_index is None:
+            step_indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps]
+        else:
+            step_indices = [self.step_index if self.step_index is not None else self.begin_index] * len(timesteps)
+        sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)
+        return per_sample(sigmas[step_indices], sample.dim())
+
+
+class NoiseScheduleMixin(SchedulerBase):
+    """The forward process and the bookkeeping of the schedulers that read the ᾱ_t table: `set_forward_process` builds
+    it from the config's β schedule.
 
     It also lets diffusers' `from_config` and `compatibles` resolve our class names, which diffusers alone looks up
     in its own namespace only. Put it before `SchedulerMixin` in the bases so that its `_get_compatibles` wins.
     """
 
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """These schedulers feed x_t to the model unscaled (unlike σ-parameterised ones such as Euler)."""
-        return sample
+    _compatibles = COMPATIBLE_SCHEDULERS
+
+    def set_forward_process(self) -> None:
+        """β_t (`make_betas`), α_t = 1 − β_t and ᾱ_t = ∏_{s ≤ t} α_s from the config: the forward process
+        q(x_t | x_{t-1}) = N(√α_t x_{t-1}, β_t I) and its marginal q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I); and, until
+        `set_timesteps`, the full chain T − 1, …, 0. Call it first in `__init__`, after `register_to_config`."""
+        config = self.config
+        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+        self.betas = make_betas(
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            config.beta_schedule,
+            config.trained_betas,
+            config.rescale_betas_zero_snr,
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(0, config.num_train_timesteps)[::-1].copy().astype(np.int64))
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Chooses the `num_inference_steps` timesteps to visit, spaced by `config.timestep_spacing`."""
@@ -242,12 +362,13 @@ class NoiseScheduleMixin:
         self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def bound_original_sample(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
-        """x̂_0 kept in the data range: dynamic thresholding when `thresholding`, else clipping when `clip_sample`."""
+        """x̂_0 kept in the data range: dynamic thresholding when `thresholding`, else clipping when the config has
+        `clip_sample` on (DPM-Solver++'s has no such key)."""
         if self.config.thresholding:
             return threshold_sample(
                 pred_original_sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
             )
-        if self.config.clip_sample:
+        if self.config.get("clip_sample", False):
             return pred_original_sample.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return pred_original_sample
 
@@ -258,9 +379,6 @@ class NoiseScheduleMixin:
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction target v = √ᾱ_t ε − √(1 − ᾱ_t) x_0."""
         return get_velocity(self.alphas_cumprod, sample, noise, timesteps)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
 
     @classmethod
     def _get_compatibles(cls) -> list:
