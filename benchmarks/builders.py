@@ -100,3 +100,31 @@ def build_pipeline(impl: Literal["ours", "diffusers"], components: dict[str, nn.
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def shipped_pipelines() -> tuple[Any, Any]:
+    """(the shipped `emoji32` pipeline, diffusers' `StableDiffusionPipeline` of diffusers' and transformers' classes
+    holding the same weights), progress bars off. Both sample with a copy of the model's flow-matching Euler
+    scheduler: diffusers' own `FlowMatchEulerDiscreteScheduler` lacks the `init_noise_sigma` that
+    `StableDiffusionPipeline` reads, and ours steps as it does (tests/test_flow_match.py)."""
+    import copy
+
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+    from hf_scratch.pretrained import default_model_path
+
+    ours = ScratchStableDiffusionPipeline.from_pretrained(default_model_path())
+    unet = UNet2DConditionModel.from_config(ours.unet.config)
+    vae = AutoencoderKL.from_config(ours.vae.config)
+    text_config = {k: v for k, v in ours.text_encoder.config.to_dict().items() if k not in ("model_type", "dtype")}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    for theirs, mine in ((unet, ours.unet), (vae, ours.vae), (text_encoder, ours.text_encoder)):
+        theirs.load_state_dict(mine.state_dict(), strict=True)
+        theirs.eval()
+    reference = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=ours.tokenizer, unet=unet,
+        scheduler=copy.deepcopy(ours.scheduler),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    for pipe in (ours, reference):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, reference

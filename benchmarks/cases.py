@@ -9,13 +9,16 @@ fresh process (`benchmarks.child`).
 
 import copy
 import gc
-from typing import Any, Callable
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import peers
-from .builders import build_pair, build_pipeline, place
+from .builders import build_pair, build_pipeline, place, shipped_pipelines
 from .rows import Row, Settings, relative_error
 from .timing import interleaved, median, run_child, time_call
 
@@ -23,7 +26,9 @@ from .timing import interleaved, median, run_child, time_call
 FAST_PATHS = {
     "winograd": ("ours + use_winograd", "use_winograd"),
     "compile": ("ours + compile_for_inference", "compile_for_inference"),
+    "freeze": ("ours + freeze_for_inference", "freeze_for_inference"),
 }
+SD_PATHS = ("winograd", "compile")  # those for the SD 1.5 models; freeze_for_inference is for small U-Nets
 
 
 def _time_row(
@@ -54,10 +59,13 @@ def _eager_and_fast_rows(
     run: Callable[[Any], torch.Tensor],
     reference: Callable[[], torch.Tensor],
     settings: Settings,
+    *,
+    paths: tuple[str, ...],
     first_call: Callable[[Any], Any] | None = None,
     warmup: int | None = None,
 ) -> list[Row]:
-    """Times `run(ours)` against `reference`, then each fast path in `settings.fast` applied to a copy of `ours`.
+    """Times `run(ours)` against `reference`, then each fast path of `settings.fast` that is in `paths` (those that
+    apply to `ours`) on a copy of `ours`.
 
     The eager row records the relative error against diffusers' output; each fast row its set-up time (build,
     transform or compile, with the first call, `first_call` when given) and its error against our eager output.
@@ -67,7 +75,7 @@ def _eager_and_fast_rows(
     eager_output = run(ours)
     rows = [_time_row(case, description, "ours", lambda: run(ours), reference, settings, warmup)]
     rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, reference())
-    for name in settings.fast:
+    for name in (name for name in settings.fast if name in paths):
         variant, function = FAST_PATHS[name]
         fast = getattr(hf_scratch.fast, function)(copy.deepcopy(ours))
         setup_s = time_call(lambda fast=fast: (first_call or run)(fast), settings.device)
@@ -99,7 +107,7 @@ def unet_step(settings: Settings, pixels: int) -> list[Row]:
         return reference(*inputs).sample
 
     with torch.no_grad():
-        rows = _eager_and_fast_rows(case, description, ours, run, run_reference, settings)
+        rows = _eager_and_fast_rows(case, description, ours, run, run_reference, settings, paths=SD_PATHS)
         del ours
         gc.collect()
         if settings.peers and pixels == 512 and device == "cpu" and dtype == torch.float32:
@@ -123,7 +131,7 @@ def vae_decode(settings: Settings, pixels: int) -> list[Row]:
         return reference.decode(latents).sample
 
     with torch.no_grad():
-        return _eager_and_fast_rows(case, description, ours, run, run_reference, settings)
+        return _eager_and_fast_rows(case, description, ours, run, run_reference, settings, paths=SD_PATHS)
 
 
 def vae_decode_tiled(settings: Settings, pixels: int = 1024) -> list[Row]:
@@ -195,14 +203,53 @@ def pipeline(settings: Settings, pixels: int = 256) -> list[Row]:
         generate(ours, 1)
         generate(reference, 1)
         return _eager_and_fast_rows(case, description, ours, generate, lambda: generate(reference), settings,
-                                    first_call=lambda pipe: generate(pipe, 1), warmup=0)  # fmt: skip
+                                    first_call=lambda pipe: generate(pipe, 1), warmup=0,
+                                    paths=SD_PATHS)  # fmt: skip
+
+
+def shipped_generate(settings: Settings) -> list[Row]:
+    """One image of the shipped emoji32 (32 px, guidance 4, the model's flow-matching Euler scheduler): our pipeline
+    and diffusers' `StableDiffusionPipeline` on the same weights; the latency a user of `hf-scratch generate` sees."""
+    steps = 20 if settings.size.name == "full" else settings.size.pipeline_steps
+    ours, reference = (place(pipe, settings.device, settings.dtype) for pipe in shipped_pipelines())
+    case, description = "generate_emoji32", f"one image of the shipped emoji32, 32x32 px, {steps} steps, CFG"
+
+    def generate(pipe: Any) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipe("red heart, twemoji style", num_inference_steps=steps, guidance_scale=4.0, generator=generator,
+                    output_type="pt").images  # fmt: skip
+
+    with torch.no_grad():
+        return _eager_and_fast_rows(case, description, ours, generate, lambda: generate(reference), settings,
+                                    paths=("freeze", "compile"))  # fmt: skip
 
 
 def train_step(settings: Settings) -> list[Row]:
-    """Forward, backward and AdamW step of a small U-Net on noise prediction; reported in samples per second."""
+    """A training step of a small U-Net of the SD layout (`Size.train_unet`)."""
+    size = settings.size
+    return _train_step_rows(
+        settings, "train_step", size.train_unet, size.train_batch, size.train_latent, size.text_length
+    )
+
+
+def train_step_emoji32(settings: Settings) -> list[Row]:
+    """A training step at the emoji32 recipe's configuration: the shipped U-Net's config, the recipe's batch, the
+    latent size it was trained on and its text encoder's context length."""
+    from hf_scratch.pretrained import default_model_path
+
+    folder = Path(default_model_path())
+    config = {k: v for k, v in json.loads((folder / "unet" / "config.json").read_text()).items() if k[0] != "_"}
+    text_length = json.loads((folder / "text_encoder" / "config.json").read_text())["max_position_embeddings"]
+    batch = settings.size.recipe_batch
+    return _train_step_rows(settings, "train_step_emoji32", config, batch, config["sample_size"], text_length)
+
+
+def _train_step_rows(
+    settings: Settings, case: str, config: dict[str, Any], batch: int, latent: int, text_length: int
+) -> list[Row]:
+    """Forward, backward and AdamW step of a U-Net on noise prediction; reported in samples per second."""
     size, device = settings.size, settings.device
-    config, batch, latent = size.train_unet, size.train_batch, size.train_latent
-    case, description = "train_step", f"U-Net training step, batch {batch}, {latent}x{latent} latents"
+    description = f"U-Net training step, batch {batch}, {latent}x{latent} latents"
     ours, reference = (model.to(device).train() for model in build_pair("unet", config, share_weights=False))
     parameters = sum(p.numel() for p in reference.parameters())
     description += f", {parameters / 1e6:.1f}M parameters"
@@ -210,7 +257,7 @@ def train_step(settings: Settings) -> list[Row]:
     inputs = (
         torch.randn(batch, config["in_channels"], latent, latent, generator=generator).to(device),
         torch.randint(0, size.scheduler["num_train_timesteps"], (batch,), generator=generator).to(device),
-        torch.randn(batch, size.text_length, config["cross_attention_dim"], generator=generator).to(device),
+        torch.randn(batch, text_length, config["cross_attention_dim"], generator=generator).to(device),
     )
     target = torch.randn(batch, config["out_channels"], latent, latent, generator=generator).to(device)
     autocast = torch.autocast(device.split(":")[0], settings.dtype, enabled=settings.dtype != torch.float32)
@@ -284,5 +331,7 @@ CASES: dict[str, Callable[[Settings], list[Row]]] = {
     "text_encoder": text_encoder,
     "pipeline_256": pipeline,
     "train_step": train_step,
+    "generate_emoji32": shipped_generate,
+    "train_step_emoji32": train_step_emoji32,
     "generate_512_memory": generation_memory,
 }

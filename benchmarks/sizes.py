@@ -87,6 +87,7 @@ class Size:
     generation_steps: int  # steps of the peak-RSS generation; peak memory is reached in the first step
     train_batch: int
     train_latent: int
+    recipe_batch: int  # of the emoji32 training-step case (training/recipes/emoji32.sh's U-Net stage: 64)
     text_length: int = 77
     batch: int = 2  # classifier-free guidance doubles a batch of one prompt
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
@@ -110,6 +111,7 @@ def get_size(name: SizeName) -> Size:
             generation_steps=2,
             train_batch=32,
             train_latent=16,
+            recipe_batch=64,
         )
     if name == "tiny":
         return Size(
@@ -123,5 +125,6 @@ def get_size(name: SizeName) -> Size:
             generation_steps=1,
             train_batch=4,
             train_latent=8,
+            recipe_batch=4,
         )
     raise ValueError(f"size must be 'tiny' or 'full', got {name!r}")

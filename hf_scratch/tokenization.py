@@ -11,7 +11,6 @@ import gzip
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
@@ -50,7 +49,7 @@ def build_clip_tokenizer(merges: list[tuple[str, str]], model_max_length: int = 
     return CLIPTokenizer(vocab=clip_vocabulary(merges), merges=merges, model_max_length=model_max_length)
 
 
-def save_clip_tokenizer(tokenizer: CLIPTokenizer, merges: list[tuple[str, str]], save_dir: Union[str, Path]) -> None:
+def save_clip_tokenizer(tokenizer: CLIPTokenizer, merges: list[tuple[str, str]], save_dir: str | Path) -> None:
     """Write tokenizer.json and tokenizer_config.json (`save_pretrained`) plus CLIP's vocab.json and merges.txt."""
     save_dir = Path(save_dir)
     tokenizer.save_pretrained(save_dir)
@@ -62,7 +61,7 @@ def save_clip_tokenizer(tokenizer: CLIPTokenizer, merges: list[tuple[str, str]],
 def train_clip_bpe_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
-    save_dir: Union[str, Path],
+    save_dir: str | Path,
     model_max_length: int = CLIP_CONTEXT_LENGTH,
 ) -> CLIPTokenizer:
     """Learn a CLIP BPE vocabulary of at most `vocab_size` tokens from `texts` and save it to `save_dir`.
@@ -104,7 +103,7 @@ def train_clip_bpe_tokenizer(
     return tokenizer
 
 
-def read_openai_bpe_merges(path: Union[str, Path]) -> list[tuple[str, str]]:
+def read_openai_bpe_merges(path: str | Path) -> list[tuple[str, str]]:
     """The merges of openai/CLIP's `bpe_simple_vocab_16e6.txt(.gz)` (shipped in the open_clip_torch wheel)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -114,7 +113,7 @@ def read_openai_bpe_merges(path: Union[str, Path]) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines[1 : OPENAI_CLIP_NUM_MERGES + 1]]
 
 
-def load_clip_tokenizer(path: Union[str, Path], model_max_length: int = CLIP_CONTEXT_LENGTH) -> CLIPTokenizer:
+def load_clip_tokenizer(path: str | Path, model_max_length: int = CLIP_CONTEXT_LENGTH) -> CLIPTokenizer:
     """Load a CLIP tokenizer from a saved folder (`from_pretrained`) or from OpenAI's BPE merges file."""
     path = Path(path)
     if path.is_dir():

@@ -10,7 +10,6 @@ import os
 import random
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import gradio as gr
 import numpy as np
@@ -18,6 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from hf_scratch.fast import freeze_for_inference
 from hf_scratch.models.vae import downsampling_factor
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_family, scheduler_name
@@ -32,9 +32,9 @@ OWN_SCHEDULER = "the model's own"
 README_URL = "https://github.com/hf-scratch/hf-scratch#readme"
 
 
-def allowed_models() -> Dict[str, str]:
+def allowed_models() -> dict[str, str]:
     """Display name -> folder, for the shipped model and the allow-listed folders."""
-    models: Dict[str, str] = {}
+    models: dict[str, str] = {}
     try:
         from hf_scratch.pretrained import default_model_path
 
@@ -49,8 +49,9 @@ def allowed_models() -> Dict[str, str]:
 @lru_cache(maxsize=2)
 def load_pipeline(folder: str) -> ScratchStableDiffusionPipeline:
     """The pipeline of `folder`, kept between requests; `own_scheduler` keeps the scheduler it was saved with, since
-    each request sets `pipe.scheduler` to the one asked for."""
-    pipe = ScratchStableDiffusionPipeline.from_pretrained(folder)
+    each request sets `pipe.scheduler` to the one asked for. Its U-Net runs as frozen graphs, equal to eager
+    (`hf_scratch.fast.freeze_for_inference`): a small model's step is bound by per-op cost."""
+    pipe = freeze_for_inference(ScratchStableDiffusionPipeline.from_pretrained(folder))
     pipe.set_progress_bar_config(disable=True)
     pipe.own_scheduler = pipe.scheduler
     return pipe
@@ -126,7 +127,7 @@ def generate(
     frames: int,
     model: str,
     progress: gr.Progress = gr.Progress(),
-) -> Tuple[Image.Image, List[Image.Image], str]:
+) -> tuple[Image.Image, list[Image.Image], str]:
     """Text to image; the trajectory strip holds the decoded predicted x0 at `frames` evenly spaced steps
     (one per step when there are fewer steps than frames)."""
     folder = check_request(prompt, steps, size, frames, model)
@@ -146,7 +147,7 @@ def generate(
     except ValueError as error:  # a scheduler of another family (a flow sampler for an ε model, say)
         raise gr.Error(str(error)) from None
     keep = set(np.linspace(0, steps - 1, frames).round().astype(int).tolist())
-    trajectory: List[Image.Image] = []
+    trajectory: list[Image.Image] = []
 
     def on_step_end(pipeline, step_index: int, timestep, tensors: dict) -> dict:
         progress((step_index + 1, steps), desc=f"denoising, t={int(timestep)}")
@@ -171,7 +172,7 @@ def generate(
     return image, trajectory, f"{model} · {scheduler} · {steps} steps · seed {int(seed)}"
 
 
-def forward_schedule(config: Optional[dict] = None) -> ScratchDDPMScheduler:
+def forward_schedule(config: dict | None = None) -> ScratchDDPMScheduler:
     """The DDPM forward process of `config`, else of the shipped model when it was trained on one (the DDPM family),
     else Stable Diffusion's β schedule."""
     folder = allowed_models().get(SHIPPED)
@@ -196,7 +197,7 @@ def example_image() -> Image.Image:
         return Image.fromarray(hsv, "HSV").convert("RGB")
 
 
-def forward_process(image, timestep: int, seed: int = 0) -> Tuple[Image.Image, str]:
+def forward_process(image, timestep: int, seed: int = 0) -> tuple[Image.Image, str]:
     """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε: a sample of q(x_t | x_0) (DDPM Eq. 4) on the picture's pixels in [-1, 1]."""
     if image is None:
         raise gr.Error("Pick an example or upload an image.")

@@ -1,8 +1,9 @@
 """Official Stable Diffusion configs and builders for diffusers' own models, the references our parity tests compare to.
 
-The SD v1.5 configs are the official ones kept in `hf_scratch.formats.configs`; the SD2 U-Net config is copied from
-stabilityai/stable-diffusion-2-1's unet/config.json. There is no network here, so the reference models get seeded random
-weights.
+The SD v1.5 configs are written out here as published in runwayml/stable-diffusion-v1-5 (unet/, vae/ and
+text_encoder/ config.json), not imported from `hf_scratch.formats.configs`, so that the code is checked against them
+rather than against itself; the SD2 U-Net config is copied from stabilityai/stable-diffusion-2-1's unet/config.json.
+There is no network here, so the reference models get seeded random weights.
 """
 
 import gc
@@ -11,7 +12,67 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 
-from hf_scratch.formats.configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# The VAE's scaling_factor is LDM's scale_factor.
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+}
+# CLIP ViT-L/14's text tower, with its legacy token ids (bos 0, eos 2).
+SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+# text_encoder/config.json itself: the values above and what its writer recorded about itself.
+SD15_TEXT_ENCODER_CONFIG_JSON: dict[str, Any] = {
+    "_name_or_path": "openai/clip-vit-large-patch14",
+    "architectures": ["CLIPTextModel"],
+    **SD15_TEXT_ENCODER_CONFIG,
+    "model_type": "clip_text_model",
+    "torch_dtype": "float32",
+    "transformers_version": "4.22.0.dev0",
+}
 
 SD15_UNET_PARAMETERS = 859_520_964
 

@@ -3,7 +3,8 @@
 `tiny_components(kind)` builds a U-Net, a VAE, a CLIP text encoder, a byte-level CLIP tokenizer and nothing else, at
 sizes that run a denoising step in milliseconds on a CPU. `kind="diffusers"` uses diffusers' and transformers' own
 classes; `kind="scratch"` uses ours with the same configuration, and loads the same weights, so both produce the same
-numbers for the same seed.
+numbers for the same seed. `CLIP_TEXT_CONFIG`, `CLIP_VISION_CONFIG` and `prompt_batch` are a tiny two-tower CLIP and
+padded token batches for it.
 """
 
 from typing import Literal
@@ -47,6 +48,25 @@ TEXT_CONFIG = dict(
     pad_token_id=1,
     layer_norm_eps=1e-5,
 )
+# The towers of a two-tower CLIP. The text tower is TEXT_CONFIG's with CLIP's token layout (BOS and EOS the last two
+# ids of the vocabulary), a shorter context and a projection.
+CLIP_TEXT_CONFIG = dict(
+    TEXT_CONFIG,
+    vocab_size=99,
+    max_position_embeddings=16,
+    bos_token_id=97,
+    eos_token_id=98,
+    projection_dim=24,
+)
+CLIP_VISION_CONFIG = dict(
+    hidden_size=40,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=24,
+)
 
 
 def tiny_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
@@ -56,6 +76,18 @@ def tiny_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     tokens = specials + byte_chars + [c + "</w>" for c in byte_chars]
     vocab = {token: index for index, token in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def prompt_batch(seq_len: int, content_lengths: list[int], bos: int, eos: int, pad: int) -> tuple:
+    """Token ids `[bos, words..., eos, pad...]` and the matching attention mask (1 = token, 0 = padding)."""
+    input_ids = torch.full((len(content_lengths), seq_len), pad)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(content_lengths):
+        input_ids[row, 0] = bos
+        input_ids[row, 1 : length + 1] = torch.randint(2, min(bos, eos), (length,))
+        input_ids[row, length + 1] = eos
+        attention_mask[row, : length + 2] = 1
+    return input_ids, attention_mask
 
 
 def tiny_components(kind: Literal["diffusers", "scratch"] = "diffusers", seed: int = 0) -> dict:

@@ -39,8 +39,9 @@ def test_every_case_reports_positive_times_and_finite_ratios(tmp_path: Path) -> 
         if "rel_err_vs_diffusers" in row["extra"]:
             assert row["extra"]["rel_err_vs_diffusers"] < 1e-4, row
     assert payload["machine"]["cores"] >= 1 and len(payload["machine"]["loadavg_end"]) == 3
-    assert {check["case"] for check in payload["targets"]} == {"unet_512", "vae_decode_512", "generate_512_memory",
-                                                               "train_step"}  # fmt: skip
+    assert {check["case"] for check in payload["targets"]} == {
+        "unet_512", "vae_decode_512", "generate_512_memory", "train_step", "train_step_emoji32", "generate_emoji32"
+    }  # fmt: skip
 
 
 def test_hand_written_notes_survive_a_rerun(tmp_path: Path) -> None:
@@ -57,11 +58,20 @@ def test_bad_arguments_are_refused() -> None:
         main(["--cases", "no_such_case"])
 
 
+# The fast paths each case times (freeze_for_inference is for the small emoji32 U-Net).
+CASE_PATHS = {
+    "unet_512": ["winograd", "compile"],
+    "vae_decode_512": ["winograd", "compile"],
+    "pipeline_256": ["winograd", "compile"],
+    "generate_emoji32": ["freeze", "compile"],
+}
+
+
 def _check_fast_rows(payload: dict, paths: list[str]) -> None:
     variants = {(row["case"], row["variant"]) for row in payload["rows"]}
     fast_variants = {FAST_PATHS[path][0] for path in paths}
-    for case in ("unet_512", "vae_decode_512", "pipeline_256"):
-        assert {(case, variant) for variant in fast_variants} <= variants
+    for case in {row["case"] for row in payload["rows"]} & set(CASE_PATHS):
+        assert {(case, FAST_PATHS[path][0]) for path in paths if path in CASE_PATHS[case]} <= variants, case
     for row in payload["rows"]:
         assert row["value"] > 0 and math.isfinite(row["ratio"]), row
         if row["variant"] in fast_variants:
@@ -74,6 +84,13 @@ def test_winograd_variant_at_tiny_size(tmp_path: Path) -> None:
     _check_fast_rows(payload, ["winograd"])
 
 
+def test_freeze_variant_at_tiny_size(tmp_path: Path) -> None:
+    payload, _ = _run(tmp_path, "--fast", "freeze", "--no-peers", "--cases", "unet_512", "generate_emoji32")
+    _check_fast_rows(payload, ["freeze"])
+    frozen = [row for row in payload["rows"] if row["variant"] == FAST_PATHS["freeze"][0]]
+    assert [row["case"] for row in frozen] == ["generate_emoji32"]
+
+
 def test_update_keeps_rows_not_measured_again(tmp_path: Path) -> None:
     _run(tmp_path, "--no-fast", "--no-peers", "--cases", "text_encoder", "unet_256")
     payload, _ = _run(tmp_path, "--no-fast", "--no-peers", "--cases", "unet_256", "--update")
@@ -83,5 +100,6 @@ def test_update_keeps_rows_not_measured_again(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fast_variants_and_peers_at_tiny_size(tmp_path: Path) -> None:
     """Compiles the tiny models with `hf_scratch.fast` (minutes on a small CPU) and runs the optional peers."""
-    payload, _ = _run(tmp_path, "--cases", "unet_512", "vae_decode_512", "pipeline_256", "train_step")
+    payload, _ = _run(tmp_path, "--cases", "unet_512", "vae_decode_512", "pipeline_256", "generate_emoji32",
+                      "train_step_emoji32")  # fmt: skip
     _check_fast_rows(payload, list(FAST_PATHS))

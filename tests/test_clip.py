@@ -9,6 +9,8 @@ import re
 
 import pytest
 import torch
+from _reference import SD15_TEXT_ENCODER_CONFIG_JSON
+from _tiny import CLIP_TEXT_CONFIG, CLIP_VISION_CONFIG, prompt_batch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 from transformers.initialization import no_init_weights
@@ -26,30 +28,6 @@ from hf_scratch.models.clip import (
 RELATIVE_TOLERANCE = 1e-5
 BOS, EOS = 49406, 49407
 
-# The official SD v1.5 text_encoder/config.json (CLIP ViT-L/14's text tower), including its legacy eos_token_id=2.
-SD15_TEXT_ENCODER_CONFIG = {
-    "_name_or_path": "openai/clip-vit-large-patch14",
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "torch_dtype": "float32",
-    "transformers_version": "4.22.0.dev0",
-    "vocab_size": 49408,
-}
 # SD 2.x's OpenCLIP ViT-H text tower. It uses the modern eos_token_id so that the first-EOS pooling path is tested too.
 SD2_TEXT_CONFIG = dict(
     hidden_size=1024,
@@ -62,43 +40,10 @@ SD2_TEXT_CONFIG = dict(
     eos_token_id=EOS,
     pad_token_id=1,
 )
-TINY_TEXT_CONFIG = dict(
-    vocab_size=99,
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=16,
-    bos_token_id=97,
-    eos_token_id=98,
-    pad_token_id=1,
-    projection_dim=24,
-)
-TINY_VISION_CONFIG = dict(
-    hidden_size=40,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-    projection_dim=24,
-)
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
-
-
-def prompt_batch(seq_len: int, content_lengths: list[int], bos: int, eos: int, pad: int) -> tuple:
-    """Token ids `[bos, words..., eos, pad...]` and the matching attention mask (1 = token, 0 = padding)."""
-    input_ids = torch.full((len(content_lengths), seq_len), pad)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(content_lengths):
-        input_ids[row, 0] = bos
-        input_ids[row, 1 : length + 1] = torch.randint(2, min(bos, eos), (length,))
-        input_ids[row, length + 1] = eos
-        attention_mask[row, : length + 2] = 1
-    return input_ids, attention_mask
 
 
 def reference_sharing_weights(ours: ScratchCLIPTextModel, reference_config: CLIPTextConfig) -> CLIPTextModel:
@@ -112,7 +57,7 @@ def reference_sharing_weights(ours: ScratchCLIPTextModel, reference_config: CLIP
 @pytest.fixture(scope="module")
 def sd15_text_encoders(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd15_config")
-    (folder / "config.json").write_text(json.dumps(SD15_TEXT_ENCODER_CONFIG))
+    (folder / "config.json").write_text(json.dumps(SD15_TEXT_ENCODER_CONFIG_JSON))
     ours = ScratchCLIPTextModel(ScratchCLIPTextConfig.from_pretrained(folder)).eval()
     reference = reference_sharing_weights(ours, CLIPTextConfig.from_pretrained(folder))
     yield ours, reference
@@ -153,7 +98,7 @@ def test_sd2_text_encoder_matches_transformers():
 def test_hidden_states_feed_clip_skip():
     """hidden_states[-1] is the last layer before the final LayerNorm; diffusers' clip-skip path applies
     `text_encoder.text_model.final_layer_norm` to an earlier entry."""
-    model = ScratchCLIPTextModel(ScratchCLIPTextConfig(**TINY_TEXT_CONFIG)).eval()
+    model = ScratchCLIPTextModel(ScratchCLIPTextConfig(**CLIP_TEXT_CONFIG)).eval()
     input_ids, _ = prompt_batch(16, [4, 9], bos=97, eos=98, pad=98)
     output = model(input_ids, output_hidden_states=True)
     torch.testing.assert_close(model.text_model.final_layer_norm(output.hidden_states[-1]), output.last_hidden_state)
@@ -163,7 +108,7 @@ def test_hidden_states_feed_clip_skip():
 
 
 def tiny_clip_pair() -> tuple[ScratchCLIPModel, CLIPModel]:
-    config = dict(text_config=TINY_TEXT_CONFIG, vision_config=TINY_VISION_CONFIG, projection_dim=24)
+    config = dict(text_config=CLIP_TEXT_CONFIG, vision_config=CLIP_VISION_CONFIG, projection_dim=24)
     ours = ScratchCLIPModel(ScratchCLIPConfig(**config)).eval()
     with no_init_weights():
         reference = CLIPModel(CLIPConfig(**config))
@@ -210,7 +155,7 @@ def test_contrastive_loss_rewards_matching_pairs():
 
 
 def test_text_model_saves_transformers_layout_and_loads_both_ways(tmp_path):
-    ours = ScratchCLIPTextModel(ScratchCLIPTextConfig(**TINY_TEXT_CONFIG)).eval()
+    ours = ScratchCLIPTextModel(ScratchCLIPTextConfig(**CLIP_TEXT_CONFIG)).eval()
     input_ids, attention_mask = prompt_batch(16, [4, 9], bos=97, eos=98, pad=98)
     expected = ours(input_ids, attention_mask).last_hidden_state
 
@@ -227,9 +172,9 @@ def test_text_model_saves_transformers_layout_and_loads_both_ways(tmp_path):
 
 def test_text_model_loads_official_prefixed_layout_without_warning(tmp_path):
     """The official SD v1.5 text_encoder: transformers' config.json and keys under `text_model.`."""
-    config = {**SD15_TEXT_ENCODER_CONFIG, **TINY_TEXT_CONFIG, "eos_token_id": 2}
+    config = {**SD15_TEXT_ENCODER_CONFIG_JSON, **CLIP_TEXT_CONFIG, "eos_token_id": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    source = ScratchCLIPTextModel(ScratchCLIPTextConfig(**TINY_TEXT_CONFIG))
+    source = ScratchCLIPTextModel(ScratchCLIPTextConfig(**CLIP_TEXT_CONFIG))
     prefixed = {f"text_model.{key}": value for key, value in source.state_dict().items()}
     save_file(prefixed, tmp_path / "model.safetensors")
 
@@ -258,10 +203,10 @@ def test_clip_model_round_trips_with_transformers(tmp_path):
 
 
 def test_auto_classes_resolve_our_model_types(tmp_path):
-    text_config = ScratchCLIPTextConfig(**TINY_TEXT_CONFIG)
+    text_config = ScratchCLIPTextConfig(**CLIP_TEXT_CONFIG)
     assert isinstance(AutoModel.from_config(text_config), ScratchCLIPTextModel)
     assert isinstance(AutoConfig.for_model("scratch_clip_vision_model"), ScratchCLIPVisionConfig)
-    clip = ScratchCLIPModel(ScratchCLIPConfig(text_config=TINY_TEXT_CONFIG, vision_config=TINY_VISION_CONFIG))
+    clip = ScratchCLIPModel(ScratchCLIPConfig(text_config=CLIP_TEXT_CONFIG, vision_config=CLIP_VISION_CONFIG))
     clip.save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), ScratchCLIPConfig)
     assert isinstance(AutoModel.from_pretrained(tmp_path), ScratchCLIPModel)
@@ -277,7 +222,7 @@ def test_auto_classes_resolve_our_model_types(tmp_path):
     ],
 )
 def test_text_model_rejects_bad_input_ids(input_ids, message):
-    model = ScratchCLIPTextModel(ScratchCLIPTextConfig(**TINY_TEXT_CONFIG))
+    model = ScratchCLIPTextModel(ScratchCLIPTextConfig(**CLIP_TEXT_CONFIG))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         model(input_ids)
 
@@ -291,11 +236,11 @@ def test_text_model_rejects_bad_input_ids(input_ids, message):
 )
 def test_config_rejects_bad_architecture(overrides, message):
     with pytest.raises(ValueError, match=message):
-        ScratchCLIPTextConfig(**{**TINY_TEXT_CONFIG, **overrides})
+        ScratchCLIPTextConfig(**{**CLIP_TEXT_CONFIG, **overrides})
 
 
 def test_truncated_weights_file_is_named(tmp_path):
-    ScratchCLIPTextModel(ScratchCLIPTextConfig(**TINY_TEXT_CONFIG)).save_pretrained(tmp_path)
+    ScratchCLIPTextModel(ScratchCLIPTextConfig(**CLIP_TEXT_CONFIG)).save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match=f"could not read {re.escape(str(weights))}.*truncated"):
@@ -304,8 +249,8 @@ def test_truncated_weights_file_is_named(tmp_path):
 
 def test_weights_follow_clip_initialisation():
     config = ScratchCLIPConfig(
-        text_config={**TINY_TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128},
-        vision_config={**TINY_VISION_CONFIG, "hidden_size": 64},
+        text_config={**CLIP_TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128},
+        vision_config={**CLIP_VISION_CONFIG, "hidden_size": 64},
     )
     model = ScratchCLIPModel(config)
     for tower in (model.text_model, model.vision_model):

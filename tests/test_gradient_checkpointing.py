@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from _reference import TINY_SD2_UNET_CONFIG, TINY_VAE_CONFIG
-from test_clip import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, prompt_batch
+from _tiny import CLIP_TEXT_CONFIG, CLIP_VISION_CONFIG, prompt_batch
 
 from hf_scratch.models.clip import ScratchCLIPConfig, ScratchCLIPModel
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
@@ -42,7 +42,7 @@ def vae_case() -> Case:
 
 def clip_case() -> Case:
     """Both towers, on the contrastive loss of a padded text batch."""
-    config = ScratchCLIPConfig(text_config=TINY_TEXT_CONFIG, vision_config=TINY_VISION_CONFIG, projection_dim=24)
+    config = ScratchCLIPConfig(text_config=CLIP_TEXT_CONFIG, vision_config=CLIP_VISION_CONFIG, projection_dim=24)
     model = ScratchCLIPModel(config)
     input_ids, attention_mask = prompt_batch(12, [3, 7], bos=97, eos=98, pad=98)
     pixel_values = torch.randn(2, 3, 32, 32)

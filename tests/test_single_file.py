@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from _reference import TINY_UNET_CONFIG, TINY_VAE_CONFIG, free
+from _reference import (
+    SD15_TEXT_ENCODER_CONFIG,
+    SD15_UNET_CONFIG,
+    SD15_VAE_CONFIG,
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
+    free,
+)
 from _tiny import TEXT_CONFIG, tiny_tokenizer
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
@@ -32,60 +39,6 @@ from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.models.vae import ScratchAutoencoderKL
 
 ATOL = 1e-5
-
-# The official SD v1.5 configs as published in runwayml/stable-diffusion-v1-5 (unet/, vae/ and text_encoder/
-# config.json, the last being CLIP ViT-L/14's text tower with its legacy token ids; the VAE's scaling_factor is LDM's
-# scale_factor), written out here so that `hf_scratch.formats.configs` is checked against them, not against itself.
-PUBLISHED_UNET_CONFIG = dict(
-    act_fn="silu",
-    attention_head_dim=8,
-    block_out_channels=[320, 640, 1280, 1280],
-    center_input_sample=False,
-    cross_attention_dim=768,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    downsample_padding=1,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=4,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    out_channels=4,
-    sample_size=64,
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-)
-PUBLISHED_VAE_CONFIG = dict(
-    act_fn="silu",
-    block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-    in_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    out_channels=3,
-    sample_size=512,
-    scaling_factor=0.18215,
-    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-)
-PUBLISHED_TEXT_ENCODER_CONFIG = dict(
-    attention_dropout=0.0,
-    bos_token_id=0,
-    dropout=0.0,
-    eos_token_id=2,
-    hidden_act="quick_gelu",
-    hidden_size=768,
-    initializer_factor=1.0,
-    initializer_range=0.02,
-    intermediate_size=3072,
-    layer_norm_eps=1e-05,
-    max_position_embeddings=77,
-    num_attention_heads=12,
-    num_hidden_layers=12,
-    pad_token_id=1,
-    projection_dim=768,
-    vocab_size=49408,
-)
 
 
 def _jitter(*models: torch.nn.Module) -> None:
@@ -246,11 +199,11 @@ def test_default_configs_are_the_published_sd15_configs():
     defaults = configs.default_configs()
     with torch.device("meta"):
         built = {
-            "unet": (UNet2DConditionModel(**defaults["unet"]), UNet2DConditionModel(**PUBLISHED_UNET_CONFIG)),
-            "vae": (AutoencoderKL(**defaults["vae"]), AutoencoderKL(**PUBLISHED_VAE_CONFIG)),
+            "unet": (UNet2DConditionModel(**defaults["unet"]), UNet2DConditionModel(**SD15_UNET_CONFIG)),
+            "vae": (AutoencoderKL(**defaults["vae"]), AutoencoderKL(**SD15_VAE_CONFIG)),
         }
     pairs = {name: (dict(ours.config), dict(published.config)) for name, (ours, published) in built.items()}
-    text_encoder_configs = CLIPTextConfig(**defaults["text_encoder"]), CLIPTextConfig(**PUBLISHED_TEXT_ENCODER_CONFIG)
+    text_encoder_configs = CLIPTextConfig(**defaults["text_encoder"]), CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)
     pairs["text_encoder"] = tuple(config.to_dict() for config in text_encoder_configs)
 
     for name, (ours, published) in pairs.items():
@@ -264,9 +217,9 @@ def test_full_size_export_is_exactly_what_diffusers_converter_expects():
     agree, and the text encoder's sizes read back from the weights are the published ones."""
     with torch.device("meta"):
         official = {
-            "unet": UNet2DConditionModel(**PUBLISHED_UNET_CONFIG),
-            "vae": AutoencoderKL(**PUBLISHED_VAE_CONFIG),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**PUBLISHED_TEXT_ENCODER_CONFIG)),
+            "unet": UNet2DConditionModel(**SD15_UNET_CONFIG),
+            "vae": AutoencoderKL(**SD15_VAE_CONFIG),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)),
         }
     checkpoint = to_ldm_state_dict(**official)
 
@@ -276,7 +229,7 @@ def test_full_size_export_is_exactly_what_diffusers_converter_expects():
     assert checkpoint["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     prefix = LDM_PREFIXES["text_encoder"]
     text_weights = {key[len(prefix) :]: value for key, value in checkpoint.items() if key.startswith(prefix)}
-    assert configs.infer_text_encoder_config(text_weights) == PUBLISHED_TEXT_ENCODER_CONFIG
+    assert configs.infer_text_encoder_config(text_weights) == SD15_TEXT_ENCODER_CONFIG
     converted = _diffusers_conversion(checkpoint, official["unet"].config, official["vae"].config)
     for name, state_dict in converted.items():
         reference_state = official[name].state_dict()

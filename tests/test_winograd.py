@@ -9,13 +9,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import build_reference_unet, free, relative_error, scratch_twin
+from _reference import SD15_UNET_CONFIG, build_reference_unet, free, relative_error, scratch_twin
 from _tiny import tiny_components
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch import nn
 
 from hf_scratch.fast import use_winograd, winograd
-from hf_scratch.formats.configs import SD15_UNET_CONFIG
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers.ddim import ScratchDDIMScheduler

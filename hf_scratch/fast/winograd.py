@@ -22,8 +22,9 @@ Anything else (gradients, other dtypes or devices) falls back to the layer's own
 """
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -7,7 +7,8 @@ encoder sizes that the weights themselves reveal (see `infer_text_encoder_config
 """
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -16,8 +16,9 @@ Only the OpenAI-CLIP text encoder of SD 1.x is covered; SD 2.x files keep an Ope
 import json
 import pickle
 import re
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import init_empty_weights
@@ -47,14 +48,14 @@ _FIRST_OFFENDERS = 5
 # What a saved config.json records about its writer rather than the architecture.
 _METADATA = {"architectures", "model_type", "transformers_version"}
 
-ConfigLike = Union[None, str, Path, Mapping[str, Mapping[str, Any]]]
+ConfigLike = str | Path | Mapping[str, Mapping[str, Any]] | None
 
 
 class _Rule(NamedTuple):
     """Renames the key prefix that `pattern` matches to `target`, then the leaf module names after it."""
 
     pattern: str
-    target: Union[str, Callable[[re.Match], str]]
+    target: str | Callable[[re.Match], str]
     leaves: Mapping[str, str] = {}
     conv_1x1: bool = False  # LDM stores these linear weights as 1×1 convolutions
 
@@ -187,7 +188,7 @@ def to_ldm_state_dict(
 
 
 def save_single_file(
-    path: Union[str, Path], *, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module
+    path: str | Path, *, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module
 ) -> None:
     """Writes the three components as one LDM checkpoint: `.safetensors`, or `.ckpt` as a plain
     `{"state_dict": …}` of tensors that `torch.load(weights_only=True)` reads."""
@@ -357,7 +358,7 @@ def load_ldm_state_dict(
         model.load_state_dict(state_dicts[component], strict=True, assign=True)
 
 
-def load_single_file(path: Union[str, Path], config: ConfigLike = None) -> dict[str, torch.nn.Module]:
+def load_single_file(path: str | Path, config: ConfigLike = None) -> dict[str, torch.nn.Module]:
     """Builds our U-Net, VAE and text encoder from an LDM single-file checkpoint.
 
     Args:

@@ -12,7 +12,7 @@ prefix and loads checkpoints with or without it (the official SD v1.5 `text_enco
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class _LoadsTransformersCLIPConfigs:
     """Config mixin: `from_pretrained` also reads transformers' CLIP configs, whose fields are ours."""
 
     @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path: Union[str, Path], **kwargs) -> tuple[dict, dict]:
+    def get_config_dict(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> tuple[dict, dict]:
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         return _adopt_transformers_model_types(config_dict), kwargs
 
@@ -89,12 +89,12 @@ class ScratchCLIPTextConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks, P
     max_position_embeddings: int = 77
     hidden_act: HiddenAct = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    attention_dropout: Union[int, float] = 0.0
+    attention_dropout: int | float = 0.0
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
-    pad_token_id: Optional[int] = 1
-    bos_token_id: Optional[int] = 49406
-    eos_token_id: Optional[int] = 49407
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int | None = 49407
 
 
 class ScratchCLIPVisionConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks, PreTrainedConfig):
@@ -113,7 +113,7 @@ class ScratchCLIPVisionConfig(_LoadsTransformersCLIPConfigs, _TowerConfigChecks,
     patch_size: int = 32
     hidden_act: HiddenAct = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    attention_dropout: Union[int, float] = 0.0
+    attention_dropout: int | float = 0.0
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
 
@@ -125,14 +125,14 @@ class ScratchCLIPConfig(_LoadsTransformersCLIPConfigs, PreTrainedConfig):
     model_type = "scratch_clip"
     sub_configs_defaults = {"text_config": ScratchCLIPTextConfig, "vision_config": ScratchCLIPVisionConfig}
 
-    text_config: Union[dict, ScratchCLIPTextConfig, None] = None
-    vision_config: Union[dict, ScratchCLIPVisionConfig, None] = None
+    text_config: dict | ScratchCLIPTextConfig | None = None
+    vision_config: dict | ScratchCLIPVisionConfig | None = None
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
     initializer_factor: float = 1.0
 
 
-TowerConfig = Union[ScratchCLIPTextConfig, ScratchCLIPVisionConfig]
+TowerConfig = ScratchCLIPTextConfig | ScratchCLIPVisionConfig
 
 
 class CLIPAttention(nn.Module):
@@ -150,7 +150,7 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor], is_causal: bool
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool
     ) -> torch.Tensor:
         batch_size, seq_len, width = hidden_states.shape
         heads_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
@@ -194,7 +194,7 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor], is_causal: bool
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask, is_causal)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
@@ -212,10 +212,10 @@ class CLIPEncoder(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -316,7 +316,7 @@ class ScratchCLIPPreTrainedModel(RespectUmaskOnSaveMixin, PreTrainedModel):
         return False
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *model_args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args, **kwargs):
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except SafetensorError as error:
@@ -390,7 +390,7 @@ class ScratchCLIPTextModel(ScratchCLIPPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.token_embedding = value
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, sequence); got shape {tuple(input_ids.shape)}.")
         if input_ids.shape[1] > self.config.max_position_embeddings:
@@ -422,10 +422,10 @@ class ScratchCLIPTextModel(ScratchCLIPPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ) -> Union[BaseModelOutputWithPooling, tuple]:
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
         """Encode token ids of shape (batch, sequence).
 
         Returns `last_hidden_state` (after the final LayerNorm), `pooler_output` (the state at each sequence's
@@ -467,13 +467,13 @@ class ScratchCLIPOutput(ModelOutput):
     text_model_output, vision_model_output: the towers' outputs before projection.
     """
 
-    loss: Optional[torch.Tensor] = None
-    logits_per_image: Optional[torch.Tensor] = None
-    logits_per_text: Optional[torch.Tensor] = None
-    text_embeds: Optional[torch.Tensor] = None
-    image_embeds: Optional[torch.Tensor] = None
-    text_model_output: Optional[BaseModelOutputWithPooling] = None
-    vision_model_output: Optional[BaseModelOutputWithPooling] = None
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
 
 
 def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
@@ -503,7 +503,7 @@ class ScratchCLIPModel(ScratchCLIPPreTrainedModel):
         self.post_init()
 
     def get_text_features(
-        self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The projected (not normalised) text embedding, shape (batch, projection_dim)."""
         return self.text_projection(self.text_model(input_ids, attention_mask, return_dict=True).pooler_output)
@@ -516,11 +516,11 @@ class ScratchCLIPModel(ScratchCLIPPreTrainedModel):
         self,
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
         return_loss: bool = False,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ) -> Union[ScratchCLIPOutput, tuple]:
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ScratchCLIPOutput | tuple:
         """Score every text against every image: logits = exp(logit_scale) · cos(text_embed, image_embed)."""
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states

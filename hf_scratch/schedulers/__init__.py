@@ -6,9 +6,9 @@ belongs to a family that fixes what the model was trained on: the discrete DDPM 
 """
 
 import importlib
-from typing import Any, Dict, Tuple
+from typing import Any
 
-SCHEDULERS: Dict[str, Tuple[str, str, dict]] = {
+SCHEDULERS: dict[str, tuple[str, str, dict]] = {
     "ddpm": ("hf_scratch.schedulers.ddpm", "ScratchDDPMScheduler", {}),
     "ddim": ("hf_scratch.schedulers.ddim", "ScratchDDIMScheduler", {}),
     "dpm++": ("hf_scratch.schedulers.dpm_solver", "ScratchDPMSolverMultistepScheduler", {}),

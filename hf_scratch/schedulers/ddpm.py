@@ -30,8 +30,8 @@ class ScratchDDPMScheduler(NoiseScheduleMixin, SchedulerMixin, ConfigMixin):
     """Denoising diffusion probabilistic models: x_{t-1} ~ p_θ(x_{t-1} | x_t) = N(μ_θ(x_t, t), σ_t² I).
 
     The reverse mean is the posterior mean of q(x_{t-1} | x_t, x_0) (Eq. 7) at the predicted x̂_0 (Eq. 15), which equals
-    Eq. 11 of the paper, μ_θ = (x_t − β_t / √(1 − ᾱ_t) · ε_θ) / √α_t. The seed README writes β_t / √(1 − β_t) in that
-    fraction; we implement the paper.
+    Eq. 11, μ_θ = (x_t − β_t / √(1 − ᾱ_t) · ε_θ) / √α_t: the noise term is scaled by the noise level √(1 − ᾱ_t) of x_t.
+    Going through x̂_0 lets one step serve every `prediction_type` and clip x̂_0 before it is used.
 
     With fewer inference steps than training steps, one step jumps from t to the previous timestep t' of the schedule,
     and the one-step α_t becomes ᾱ_t / ᾱ_{t'}; without `set_timesteps` it walks the full chain t → t − 1.
