@@ -40,6 +40,7 @@ from scipy.optimize import linear_sum_assignment
 
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
 from hf_scratch.schedulers.flow_match import ScratchFlowMatchEulerScheduler
+from hf_scratch.schedulers.schedule import per_sample
 
 OBJECTIVES = ("epsilon", "v_prediction", "edm", "flow_matching")
 WEIGHTING_SCHEMES = ("logit_normal", "uniform", "mode")
@@ -60,10 +61,6 @@ class TrainingTarget:
     target: torch.Tensor  # (B, C, H, W)
     weights: torch.Tensor  # (B,)
     noise_to_signal: torch.Tensor  # (B,)
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.dim() - 1)))  # (B,) -> (B, 1, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------ DDPM: ε and v
@@ -140,8 +137,8 @@ class EDMObjective:
     def __call__(self, latents: torch.Tensor, noise: torch.Tensor) -> TrainingTarget:
         sigma = (self.p_mean + self.p_std * torch.randn(len(latents), device=latents.device)).exp()  # ln σ ~ N
         coefficients = edm_preconditioning(sigma, self.sigma_data)
-        c_skip, c_out, c_in = (_per_sample(coefficients[name], latents) for name in ("c_skip", "c_out", "c_in"))
-        noisy_latents = latents + _per_sample(sigma, latents) * noise  # x = x_0 + σ ε
+        c_skip, c_out, c_in = (per_sample(coefficients[name], latents.dim()) for name in ("c_skip", "c_out", "c_in"))
+        noisy_latents = latents + per_sample(sigma, latents.dim()) * noise  # x = x_0 + σ ε
         return TrainingTarget(
             model_input=c_in * noisy_latents,
             timesteps=coefficients["c_noise"],
@@ -203,7 +200,7 @@ class FlowMatchingObjective:
         t = sample_flow_timesteps(
             self.weighting_scheme, len(latents), self.logit_mean, self.logit_std, self.mode_scale, latents.device
         )
-        t_ = _per_sample(t, latents)
+        t_ = per_sample(t, latents.dim())
         return TrainingTarget(
             model_input=(1 - t_) * latents + t_ * noise,
             timesteps=t * self.num_train_timesteps,
@@ -254,7 +251,7 @@ def per_sample_loss(
     if loss_type == "l2":
         return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
     if loss_type == "huber":
-        c = _per_sample(huber_c, prediction)
+        c = per_sample(huber_c, prediction.dim())
         difference = prediction.float() - target.float()
         return (2 * c * ((difference**2 + c**2).sqrt() - c)).flatten(1).mean(dim=1)
     raise ValueError(f"--loss_type={loss_type!r} is not one of {list(LOSS_TYPES)}")
