@@ -283,12 +283,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 metadata.add_text("parameters", format_parameters(settings))
                 image.save(path, pnginfo=metadata if path.suffix.lower() == ".png" else None)
                 rank = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
-                print(f"{rank}{prompt!r} -> {path}")
+                # flush=True: the line leaves in one write, so lines of two ranks sharing a pipe do not interleave.
+                print(f"{rank}{prompt!r} -> {path}", flush=True)
                 if args.upscale > 1:
                     large = path.with_name(f"{path.stem}-x{args.upscale}{path.suffix}")
                     size = (image.width * args.upscale, image.height * args.upscale)
                     image.resize(size, resample=Image.Resampling.NEAREST).save(large)
-                    print(f"{rank}{prompt!r} -> {large} (x{args.upscale}, nearest neighbour)")
+                    print(f"{rank}{prompt!r} -> {large} (x{args.upscale}, nearest neighbour)", flush=True)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
