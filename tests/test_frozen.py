@@ -11,7 +11,7 @@ import torch
 from _tiny import UNET_CONFIG, twin_pipelines
 
 from hf_scratch.fast import freeze_for_inference, unfreeze
-from hf_scratch.fast.frozen import FrozenForward
+from hf_scratch.fast.frozen import FrozenForward, onednn_enabled
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 
 
@@ -46,7 +46,7 @@ def test_frozen_unet_equals_eager_per_shape_and_against_diffusers(onednn):
 
     # Eager on the graph's convolution backend: the same kernels in the same order.
     def same_kernels():
-        return contextlib.nullcontext() if onednn else torch.backends.mkldnn.flags(enabled=False)
+        return contextlib.nullcontext() if onednn else onednn_enabled(False)
 
     # Two shapes (the second odd-sized, so the U-Net takes its other upsampling branch): a graph each.
     for inputs in (_inputs(2, 16), _inputs(1, 10, seed=1)):
@@ -74,7 +74,7 @@ def test_updated_weights_are_traced_again(unet_pair):
         model.conv_in.weight.mul_(1.5)  # in place, as an optimiser step or load_state_dict would
     after = frozen(*inputs).sample
     assert not torch.equal(after, before)
-    with torch.backends.mkldnn.flags(enabled=False):
+    with onednn_enabled(False):
         assert torch.equal(after, eager(*inputs).sample)
     assert len(frozen.forward.graphs) == 1  # the stale graph was dropped
 

@@ -18,10 +18,24 @@ gradients enabled, in training mode, or with extra arguments (`cross_attention_k
 """
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def onednn_enabled(enabled: bool) -> Iterator[None]:
+    """Switches oneDNN (mkldnn) kernels on or off for the block, and nothing else: `torch.backends.mkldnn.flags`
+    also sets `allow_tf32`, which warns on a CPU build."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 class _ForwardOnly(nn.Module):
@@ -68,7 +82,7 @@ class FrozenForward:
             return self.eager_forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         # As the eager forward reads it: a Python number becomes a tensor of its own dtype (int64 or float32).
         timestep = torch.as_tensor(timestep, device=sample.device)
-        with torch.backends.mkldnn.flags(enabled=self.onednn):
+        with onednn_enabled(self.onednn):
             output = self.graph(sample, timestep, encoder_hidden_states)(sample, timestep, encoder_hidden_states)
         if not return_dict:
             return (output,)
