@@ -75,7 +75,9 @@ def freeze_for_inference(target: Target, *, onednn: bool = False) -> Target:
 
     Each new input signature (shapes, dtypes, device) is traced and frozen on first use, about 0.1 s for the shipped
     `emoji32`. Calls with gradients, in training mode or with extra arguments (`cross_attention_kwargs`) run
-    eagerly, and an in-place change of the weights traces again. `unfreeze` undoes it.
+    eagerly, and an in-place change of the weights (or new parameters, such as LoRA adapters) traces again. Python
+    attributes are frozen with the graph: after `set_adapters` changes adapter scales, call it again. `unfreeze`
+    undoes it.
 
     Args:
         target: a pipeline with `unet` and `vae`, or a U-Net whose forward is (sample, timestep,
