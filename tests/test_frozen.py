@@ -22,7 +22,7 @@ def _inputs(batch: int = 2, size: int = 16, seed: int = 0) -> tuple:
     return sample, torch.tensor(321), context
 
 
-def _pair(onednn: bool = False) -> tuple:
+def _pair(onednn: bool | None = None) -> tuple:
     torch.manual_seed(0)
     eager = ScratchUNet2DConditionModel(**UNET_CONFIG).eval()
     frozen = ScratchUNet2DConditionModel(**UNET_CONFIG).eval()
@@ -35,7 +35,7 @@ def unet_pair():
     return _pair()
 
 
-@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("onednn", [None, True])
 @torch.no_grad()
 def test_frozen_unet_equals_eager_per_shape_and_against_diffusers(onednn):
     from diffusers import UNet2DConditionModel
@@ -130,3 +130,15 @@ def test_rejects_what_it_cannot_freeze():
 
     with pytest.raises(ValueError, match=r"U-Net whose forward is \(sample, timestep, encoder_hidden_states"):
         freeze_for_inference(ScratchAutoencoderKL())
+
+
+@torch.no_grad()
+def test_default_keeps_onednn_on_latents_larger_than_gemm_max_side(unet_pair):
+    from hf_scratch.fast.frozen import GEMM_MAX_SIDE
+
+    eager, frozen = unet_pair
+    small, large = _inputs(1, GEMM_MAX_SIDE), _inputs(1, GEMM_MAX_SIDE + 8)
+    assert torch.equal(frozen(*large).sample, eager(*large).sample)  # oneDNN, as eager
+    with onednn_enabled(False):
+        assert torch.equal(frozen(*small).sample, eager(*small).sample)
+    assert sorted(onednn for _, onednn in frozen.forward.graphs.values()) == [False, True]

@@ -70,7 +70,7 @@ def compile_for_inference(target: Target, *, freeze: bool = True, dynamic: bool 
     return target
 
 
-def freeze_for_inference(target: Target, *, onednn: bool = False) -> Target:
+def freeze_for_inference(target: Target, *, onednn: bool | None = None) -> Target:
     """Runs the U-Net of `target` (a pipeline, or a U-Net itself) as frozen TorchScript graphs; in place.
 
     Each new input signature (shapes, dtypes, device) is traced and frozen on first use, about 0.1 s for the shipped
@@ -83,9 +83,9 @@ def freeze_for_inference(target: Target, *, onednn: bool = False) -> Target:
         target: a pipeline with `unet` and `vae`, or a U-Net whose forward is (sample, timestep,
             encoder_hidden_states, ...).
         onednn: run the graph's convolutions through oneDNN, as eager PyTorch does (outputs then equal eager ones
-            bit for bit). The default, ATen's im2col-and-GEMM convolutions, was faster for the small U-Nets this is
-            for (maps up to 32x32, 64-128 channels) and is within float32 rounding of eager; large models on large
-            maps want oneDNN.
+            bit for bit), or not (ATen's im2col and GEMM, within float32 rounding of eager). The default, `None`,
+            leaves oneDNN off for latents of at most 32 a side, where it was slower for the shipped model's
+            64-128 channels, and on for larger ones.
     """
     from . import frozen
 

@@ -5,10 +5,11 @@ the dispatcher, between about 1,900 small ops a call, than in arithmetic. `torch
 as a graph, and `torch.jit.freeze` folds the weights and the module attributes into it as constants, so a call runs
 the graph's ops without Python.
 
-Convolutions go through ATen's own path (im2col and a GEMM) rather than oneDNN by default: on 8x8 to 32x32 maps of
-the shipped model's 64-128 channels it was faster on a 2-core AVX-512 CPU (U-Net call 14.1 ms against 17.8 ms at
-8x8, 80.8 against 84.2 ms at 32x32; oneDNN won at 64x64), and outputs stay within float32 rounding of eager (about
-1e-6). With `onednn=True` the graph holds the same kernels as eager in the same order, and outputs are equal.
+On latents of at most `GEMM_MAX_SIDE` a side, convolutions go through ATen's own path (im2col and a GEMM) rather than
+oneDNN by default: on 8x8 to 32x32 maps of the shipped model's 64-128 channels it was faster on a 2-core AVX-512 CPU
+(U-Net call 14.1 ms against 17.8 ms at 8x8, 80.8 against 84.2 ms at 32x32; oneDNN won at 64x64), and outputs stay
+within float32 rounding of eager (about 1e-6). Larger latents keep oneDNN, and with `onednn=True` every graph does:
+it then holds the same kernels as eager in the same order, and outputs are equal.
 
 A trace records one path through `forward`, fixed by the input shapes (the U-Net's odd-size branch, its skip
 bookkeeping), so one graph is kept per signature: shapes, dtypes and device of the inputs, and the parameters'
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+GEMM_MAX_SIDE = 32  # latent sides up to this run their convolutions as im2col + GEMM unless onednn=True
 
 
 @contextmanager
@@ -53,11 +56,11 @@ class _ForwardOnly(nn.Module):
 class FrozenForward:
     """Stands in for `module.forward`: a frozen graph per signature when it can, the eager forward otherwise."""
 
-    def __init__(self, module: nn.Module, onednn: bool = False) -> None:
+    def __init__(self, module: nn.Module, onednn: bool | None = None) -> None:
         self.module = module
         self.eager_forward = module.forward
-        self.onednn = onednn
-        self.graphs: dict[tuple, torch.jit.ScriptModule] = {}
+        self.onednn = onednn  # None: by the latent's size
+        self.graphs: dict[tuple, tuple[torch.jit.ScriptModule, bool]] = {}
 
     def _signature(self, *tensors: torch.Tensor) -> tuple:
         inputs = tuple((tuple(t.shape), t.dtype, t.device, t.is_contiguous()) for t in tensors)
@@ -65,15 +68,17 @@ class FrozenForward:
         return inputs, weights
 
     def graph(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        """The frozen graph for these inputs, traced on first use (a stale one, of older weights, is dropped)."""
+        """(the frozen graph for these inputs, whether it runs oneDNN), traced on first use (a stale one, of older
+        weights, is dropped)."""
         key = self._signature(sample, timestep, encoder_hidden_states)
         if key not in self.graphs:
             self.graphs = {k: g for k, g in self.graphs.items() if k[1] == key[1]}
+            onednn = max(sample.shape[-2:]) > GEMM_MAX_SIDE if self.onednn is None else self.onednn
             wrapper = _ForwardOnly(self.module, self.eager_forward).eval()
-            with warnings.catch_warnings():  # the shape-dependent branches the key above pins down
+            with warnings.catch_warnings(), onednn_enabled(onednn):  # the shape-dependent branches the key pins down
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 traced = torch.jit.trace(wrapper, (sample, timestep, encoder_hidden_states), check_trace=False)
-            self.graphs[key] = torch.jit.freeze(traced)
+            self.graphs[key] = torch.jit.freeze(traced), onednn
         return self.graphs[key]
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args: Any, return_dict: bool = True, **kwargs: Any):
@@ -82,8 +87,9 @@ class FrozenForward:
             return self.eager_forward(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         # As the eager forward reads it: a Python number becomes a tensor of its own dtype (int64 or float32).
         timestep = torch.as_tensor(timestep, device=sample.device)
-        with onednn_enabled(self.onednn):
-            output = self.graph(sample, timestep, encoder_hidden_states)(sample, timestep, encoder_hidden_states)
+        graph, onednn = self.graph(sample, timestep, encoder_hidden_states)
+        with onednn_enabled(onednn):
+            output = graph(sample, timestep, encoder_hidden_states)
         if not return_dict:
             return (output,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -91,7 +97,7 @@ class FrozenForward:
         return UNet2DConditionOutput(sample=output)
 
 
-def freeze(unet: nn.Module, onednn: bool = False) -> nn.Module:
+def freeze(unet: nn.Module, onednn: bool | None = None) -> nn.Module:
     """Installs a `FrozenForward` as `unet.forward` (the instance attribute shadows the class's); returns `unet`."""
     unfreeze(unet)
     unet.forward = FrozenForward(unet, onednn)
