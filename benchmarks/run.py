@@ -95,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     machine = machine_info(args.device)
     recorded = {**asdict(settings), "size": args.size, "dtype": args.dtype, "threads": args.threads}
-    previous = json.loads(args.json.read_text())["rows"] if args.update and args.json and args.json.exists() else []
+    kept = json.loads(args.json.read_text()) if args.update and args.json and args.json.exists() else {}
+    previous = kept.get("rows", [])
+    # Kept rows may come from packages this run lacks (the peers): their versions stay in the header.
+    for package, version in kept.get("machine", {}).get("versions", {}).items():
+        if machine["versions"].get(package) is None:
+            machine["versions"][package] = version
     rows: list[Row] = []
     for index, name in enumerate(args.cases):
         logger.info("case %s (load average %.1f)", name, os.getloadavg()[0])

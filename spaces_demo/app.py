@@ -49,8 +49,8 @@ def allowed_models() -> dict[str, str]:
 @lru_cache(maxsize=2)
 def load_pipeline(folder: str) -> ScratchStableDiffusionPipeline:
     """The pipeline of `folder`, kept between requests; `own_scheduler` keeps the scheduler it was saved with, since
-    each request sets `pipe.scheduler` to the one asked for. Its U-Net runs as frozen graphs, equal to eager
-    (`hf_scratch.fast.freeze_for_inference`): a small model's step is bound by per-op cost."""
+    each request sets `pipe.scheduler` to the one asked for. Its U-Net runs as frozen graphs, within float32
+    rounding of eager (`hf_scratch.fast.freeze_for_inference`): a small model's step is bound by per-op cost."""
     pipe = freeze_for_inference(ScratchStableDiffusionPipeline.from_pretrained(folder))
     pipe.set_progress_bar_config(disable=True)
     pipe.own_scheduler = pipe.scheduler

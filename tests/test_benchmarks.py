@@ -97,6 +97,14 @@ def test_update_keeps_rows_not_measured_again(tmp_path: Path) -> None:
     assert [row["case"] for row in payload["rows"]] == ["unet_256", "text_encoder"]
 
 
+def test_update_keeps_the_versions_of_packages_this_run_lacks(tmp_path: Path) -> None:
+    payload, _ = _run(tmp_path, "--no-fast", "--no-peers", "--cases", "text_encoder")
+    payload["machine"]["versions"]["some-peer"] = "1.2.3"  # as if an earlier run had a peer installed
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    payload, markdown = _run(tmp_path, "--no-fast", "--no-peers", "--cases", "text_encoder", "--update")
+    assert payload["machine"]["versions"]["some-peer"] == "1.2.3" and "some-peer 1.2.3" in markdown
+
+
 @pytest.mark.slow
 def test_fast_variants_and_peers_at_tiny_size(tmp_path: Path) -> None:
     """Compiles the tiny models with `hf_scratch.fast` (minutes on a small CPU) and runs the optional peers."""
