@@ -72,7 +72,7 @@ Weights are stored in fp16 ({size_mb:.1f} MB in all) and load as fp32 on the CPU
 
 ## Limitations
 
-A {unet_params:.1f}M-parameter U-Net trained for {unet_minutes:.0f} minutes on one CPU core: shapes and colours follow
+A {unet_params:.1f}M-parameter U-Net trained for {unet_minutes:.0f} minutes ({unet_machine}): shapes and colours follow
 the caption far more often than fine detail does, and prompts unlike the emoji captions give unrelated emoji-like blobs.
 """
 
@@ -147,6 +147,7 @@ def pack(args: argparse.Namespace) -> None:
     )
     timings = read_timings(Path(args.eval).parent / "timings.tsv")
     unet_seconds = sum(seconds for stage, seconds, _ in timings if stage == "unet")
+    unet_machine = next((machine for stage, _, machine in timings if stage == "unet"), "machine not recorded")
     # The card goes in last, so the size printed in it covers every weight file.
     card = CARD.format(
         resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor,
@@ -158,6 +159,7 @@ def pack(args: argparse.Namespace) -> None:
         metrics=metrics_path.read_text(encoding="utf-8").strip(),
         unet_params=parameter_count(pipe.unet),
         unet_minutes=unet_seconds / 60,
+        unet_machine=unet_machine,
     )
     (out / "README.md").write_text(card, encoding="utf-8")
     size = folder_bytes(out)

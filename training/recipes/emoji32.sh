@@ -26,7 +26,7 @@ VAE_STEPS=${VAE_STEPS:-2400}
 DECODER_STEPS=${DECODER_STEPS:-4000}
 LATENT_CHANNELS=${LATENT_CHANNELS:-8}
 CLIP_STEPS=${CLIP_STEPS:-300}
-UNET_STEPS=${UNET_STEPS:-3600}
+UNET_STEPS=${UNET_STEPS:-7200}
 # One process with two threads: the U-Net stage's trainer ran at 89.7 samples/s on one thread, 141.4 on two, and
 # 134.9 as two DDP processes of one thread each (BENCHMARKS.md).
 THREADS=${THREADS:-2}
@@ -81,7 +81,7 @@ if has_stage unet; then
   else
     TEXT="--text_encoder_path $RUN/clip/text_encoder --tokenizer_path $RUN/clip/tokenizer"
   fi
-  # The objectives study's winner (docs/study.md, arm A5), trained for 6x the study's 600 steps.
+  # The objectives study's winner (docs/study.md, arm A5), trained for 12x the study's 600 steps (v3 had 6x).
   timed unet $LAUNCH training/train_unet.py $COMMON --output_dir "$RUN/unet" --vae_path "$RUN/vae-decoder" $TEXT \
     --cache_latents --block_out_channels 64 128 128 --layers_per_block 1 --cross_attention_levels 0 1 2 \
     --objective flow_matching --weighting_scheme logit_normal --logit_mean 0 --logit_std 1 --immiscible_noise \
