@@ -1,10 +1,11 @@
 """The model shipped inside the package: it loads with no network, stays within 25 MB, and draws recognisable emoji.
 
 The quality floor comes from a measured run: with the fp16 weights of emoji32 v2, 8 of the first 32 hashed `train`
-captions (0.25; its 128-caption run gave 0.297, the shipped v4's gives 0.367) put their own caption in the judge's top 5 among all 10,946 train captions, where chance is 5/10,946 ≈ 0.05%. The floor, 3 of 32, is below half
-the measured rate and still 205x chance, so it fails on a broken model rather than on a small numerical drift between
-machines. v2's VAE measured 25.7 dB on the same 64 validation images (v3's decoder: 28.2 dB on the whole split); the
-floor is 22 dB (v1's VAE reached 22.9).
+captions (0.25; its 128-caption run gave 0.297, the shipped v4's gives 0.367) put their own caption in the judge's
+top 5 among all 10,946 train captions, where chance is 5/10,946 ≈ 0.05%. The floor, 3 of 32, is below half the
+measured rate and still 205x chance, so it fails on a broken model rather than on a small numerical drift between
+machines. v2's VAE measured 25.7 dB on the same 64 validation images (v3's decoder, which v4 keeps: 28.2 dB on the
+whole split); the floor is 22 dB (v1's VAE reached 22.9).
 """
 
 import subprocess
