@@ -221,6 +221,15 @@ def _picture(path: Path, mode: str = "RGB", box: tuple | None = None) -> Path:
     return path
 
 
+def assert_same_image(written: Image.Image, expected: Image.Image, label: str = "") -> None:
+    """The CLI's frozen U-Net (its CPU default) equals the eager pipeline to float32 rounding, which can move a pixel
+    across a uint8 rounding boundary: at most one level apart."""
+    ours = np.asarray(written.convert("RGB"), dtype=np.int16)
+    theirs = np.asarray(expected, dtype=np.int16)
+    assert ours.shape == theirs.shape, label
+    assert np.abs(ours - theirs).max() <= 1, label
+
+
 def test_img2img_and_inpaint_subcommands_match_their_pipelines(model_dir, tmp_path):
     import torch
 
@@ -242,7 +251,7 @@ def test_img2img_and_inpaint_subcommands_match_their_pipelines(model_dir, tmp_pa
         pipe.set_progress_bar_config(disable=True)
         expected = pipe("a cat", image=Image.open(image), num_inference_steps=4, guidance_scale=5.0,
                         generator=torch.Generator().manual_seed(7), **inputs).images[0]  # fmt: skip
-        assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected)), command
+        assert_same_image(Image.open(out), expected, command)
     # inpainting keeps the unmasked pixels close to the input (up to the VAE), img2img at 0.5 changes them more
     source = np.asarray(Image.open(image), dtype=np.float32)
     inpainted = np.asarray(Image.open(tmp_path / "inpaint.png").convert("RGB"), dtype=np.float32)
@@ -328,7 +337,7 @@ def test_lora_and_embedding_flags_give_the_pipelines_images(model_dir, tmp_path)
     pipe.load_textual_inversion(str(embedding))
     expected = pipe("a <new> cat", num_inference_steps=3, guidance_scale=5.0,
                     generator=torch.Generator().manual_seed(2)).images[0]  # fmt: skip
-    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+    assert_same_image(Image.open(out), expected)
     pipe.unload_lora_weights()
     assert main(["generate", "a cat", *common[1:], "--output", str(plain)]) == 0
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))
