@@ -96,6 +96,12 @@ def build_parser(description: str, captions: bool = True) -> argparse.ArgumentPa
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument(
+        "--adam_fused",
+        action="store_true",
+        help="torch.optim.AdamW(fused=True): one fused kernel over all parameters instead of a loop of ops per tensor "
+        "(the same update)",
+    )
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides epochs")
     optim.add_argument("--num_train_epochs", type=int, default=1)
@@ -336,6 +342,7 @@ def create_optimizer(
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
+        fused=True if args.adam_fused else None,  # None: torch's default, the multi-tensor (foreach) loop
     )
     # A prepared scheduler steps once per process for every optimizer step, hence the factor.
     lr_scheduler = get_scheduler(

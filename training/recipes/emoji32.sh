@@ -28,7 +28,8 @@ LATENT_CHANNELS=${LATENT_CHANNELS:-8}
 CLIP_STEPS=${CLIP_STEPS:-300}
 UNET_STEPS=${UNET_STEPS:-7200}
 # One process with two threads: the U-Net stage's trainer ran at 89.7 samples/s on one thread, 141.4 on two, and
-# 134.9 as two DDP processes of one thread each (BENCHMARKS.md).
+# 134.9 as two DDP processes of one thread each; train_unet.py's --adam_fused and --channels_last were no faster in
+# it (BENCHMARKS.md), so the stage runs without them.
 THREADS=${THREADS:-2}
 PACK_TO=${PACK_TO:-hf_scratch/pretrained/emoji32}
 TEXT_FROM=${TEXT_FROM-hf_scratch/pretrained/emoji32}
