@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unet.add_argument(
         "--channels_last",
         action="store_true",
-        help="train in channels-last (NHWC) weights and activations, where oneDNN's convolution backward is faster on "
-        "CPU; the same model, saved in the usual layout",
+        help="train in channels-last (NHWC) weights and activations, where oneDNN's convolution backward can be "
+        "faster on CPU; the same model, saved in the usual layout",
     )
 
     diffusion = parser.add_argument_group("diffusion objective (hf_scratch.objectives)")
