@@ -311,7 +311,6 @@ def test_fusing_qkv_projections_over_an_unfused_lora_is_refused(lora):
 
 
 # --------------------------------------------------------------------------------------------- training
-sys.path.insert(0, str(REPO / "training"))
 
 
 def write_images(root: Path) -> Path:
@@ -454,7 +453,7 @@ def test_a_unet_only_lora_run_loads_into_diffusers(tmp_path, base_folder, data_f
     ],
 )
 def test_incompatible_lora_flags_are_refused(extra, message, base_folder, data_folder, tmp_path):
-    import train_unet
+    from hf_scratch.training import train_unet
 
     args = ["--pretrained_model_name_or_path", str(base_folder), "--train_data_dir", str(data_folder),
             "--output_dir", str(tmp_path / "out"), *extra]  # fmt: skip
@@ -463,7 +462,7 @@ def test_incompatible_lora_flags_are_refused(extra, message, base_folder, data_f
 
 
 def test_a_lora_needs_a_pipeline_folder(data_folder, tmp_path):
-    import train_unet
+    from hf_scratch.training import train_unet
 
     args = ["--train_data_dir", str(data_folder), "--output_dir", str(tmp_path / "out"), "--lora_rank", "4",
             "--vae_path", "v", "--text_encoder_path", "t", "--tokenizer_path", "k"]  # fmt: skip

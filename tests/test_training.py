@@ -33,8 +33,7 @@ RESOLUTION = 32
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
 
-sys.path.insert(0, str(TRAINING))
-import common  # noqa: E402  (the scripts import it as a sibling module)
+from hf_scratch.training import arguments, checkpoints, data  # noqa: E402
 
 
 def draw(colour: str, shape: str, offset: int) -> Image.Image:
@@ -142,7 +141,7 @@ def run(script: str, args: list[str], launcher: list[str] | None = None, timeout
 
 
 def losses(output_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (output_dir / common.TRAIN_LOG).read_text().splitlines()]
+    rows = [json.loads(line) for line in (output_dir / checkpoints.TRAIN_LOG).read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
@@ -254,7 +253,7 @@ def test_train_vae(tmp_path, data_dir):
         ],
     )
     assert_loss_falls(output_dir)
-    log = [json.loads(line) for line in (output_dir / common.TRAIN_LOG).read_text().splitlines()]
+    log = [json.loads(line) for line in (output_dir / checkpoints.TRAIN_LOG).read_text().splitlines()]
     assert "discriminator_loss" not in log[3] and "discriminator_loss" in log[4]  # the GAN joins at --disc_start
     psnr = [json.loads(line)["psnr"] for line in (output_dir / "validation" / "psnr.jsonl").read_text().splitlines()]
     assert len(psnr) == 2 and psnr[1] > psnr[0]
@@ -289,7 +288,7 @@ def test_decoder_only_fine_tuning_keeps_the_encoder_and_its_latent_scale(tmp_pat
 
 
 def test_decoder_only_needs_a_pretrained_vae(tmp_path, data_dir):
-    import train_vae
+    from hf_scratch.training import train_vae
 
     with pytest.raises(ValueError, match="--train_decoder_only needs --pretrained_vae"):
         train_vae.parse_args([*vae_argv(data_dir, tmp_path / "out"), "--train_decoder_only"])
@@ -362,7 +361,7 @@ def test_train_unet_ends_with_a_loadable_pipeline(unet_run):
 
     assert_loss_falls(unet_run)
     assert sorted(losses(unet_run)) == list(range(1, 9))
-    assert [p.name for p in common.list_checkpoints(unet_run)] == ["checkpoint-6", "checkpoint-8"]  # total limit 2
+    assert [p.name for p in checkpoints.list_checkpoints(unet_run)] == ["checkpoint-6", "checkpoint-8"]  # total limit 2
     assert (unet_run / "validation" / "step-000008.png").is_file()
     assert list((unet_run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     card = (unet_run / "README.md").read_text()
@@ -424,7 +423,7 @@ def test_every_objective_trains_saves_and_samples(case, tmp_path, data_dir, comp
 
 
 def test_objective_flags_are_checked(tmp_path, data_dir, components):
-    import train_unet
+    from hf_scratch.training import train_unet
 
     base = unet_args(data_dir, components, tmp_path / "run")
     with pytest.raises(ValueError, match="--snr_gamma belongs to the DDPM chain"):
@@ -439,14 +438,14 @@ def test_kill_after_checkpoint_and_resume_is_bit_identical(tmp_path, data_dir, c
     args = unet_args(data_dir, components, output_dir)
     process = launch("train_unet.py", args)
     deadline = time.monotonic() + 300
-    while not common.list_checkpoints(output_dir):
+    while not checkpoints.list_checkpoints(output_dir):
         assert process.poll() is None, f"the run ended before its first checkpoint:\n{process.stdout.read()[-4000:]}"
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
     assert not (output_dir / "model_index.json").exists(), "the run finished before it was killed"
-    killed_at = int(common.list_checkpoints(output_dir)[-1].name.split("-")[1])
+    killed_at = int(checkpoints.list_checkpoints(output_dir)[-1].name.split("-")[1])
     assert killed_at < 8
     (output_dir / ".checkpoint-99.partial").mkdir()  # what a kill during a save leaves behind
 
@@ -536,7 +535,7 @@ def vae_argv(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
 
 
 def test_missing_dataset_folder(tmp_path):
-    import train_vae
+    from hf_scratch.training import train_vae
 
     args = train_vae.parse_args(vae_argv(tmp_path / "nowhere", tmp_path / "out"))
     with pytest.raises(ValueError, match=r"--train_data_dir='.*nowhere' is not an existing folder"):
@@ -544,7 +543,7 @@ def test_missing_dataset_folder(tmp_path):
 
 
 def test_missing_caption_column(tmp_path, data_dir):
-    import train_clip
+    from hf_scratch.training import train_clip
 
     args = train_clip.parse_args(vae_argv(data_dir, tmp_path / "out", "--caption_column", "prompt"))
     with pytest.raises(
@@ -556,8 +555,8 @@ def test_missing_caption_column(tmp_path, data_dir):
 def test_corrupt_image_is_skipped_and_counted(tmp_path, data_dir):
     from accelerate import Accelerator
 
-    args = common.build_parser("test").parse_args(vae_argv(data_dir, tmp_path / "out"))
-    dataset = common.load_image_text_dataset(args, "train", Accelerator())
+    args = arguments.build_parser("test").parse_args(vae_argv(data_dir, tmp_path / "out"))
+    dataset = data.load_image_text_dataset(args, "train", Accelerator())
     assert (len(dataset), dataset.num_skipped) == (47, 1)
     example = dataset[0]
     assert example["pixel_values"].shape == (3, RESOLUTION, RESOLUTION) and example["caption"] == "a red circle"
@@ -565,14 +564,14 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, data_dir):
 
 
 def test_resolution_must_be_a_multiple_of_8(tmp_path, data_dir):
-    import train_vae
+    from hf_scratch.training import train_vae
 
     with pytest.raises(ValueError, match=r"--resolution=30 is not a positive multiple of 8"):
         train_vae.parse_args([*vae_argv(data_dir, tmp_path / "out"), "--resolution", "30"])
 
 
 def test_resume_path_that_does_not_exist(tmp_path, data_dir):
-    import train_vae
+    from hf_scratch.training import train_vae
 
     missing = tmp_path / "out" / "checkpoint-7"
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint='.*checkpoint-7' does not exist"):
@@ -582,19 +581,19 @@ def test_resume_path_that_does_not_exist(tmp_path, data_dir):
 def test_latest_ignores_partial_checkpoints(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", ".checkpoint-12.partial", "checkpoint-x"):
         (tmp_path / name).mkdir()
-    (tmp_path / "checkpoint-2" / common.CHECKPOINT_STATE).write_text('{"global_step": 2}')
-    (tmp_path / "checkpoint-10" / common.CHECKPOINT_STATE).write_text('{"global_step": 10}')
-    assert common.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
-    assert common.find_resume_checkpoint(tmp_path / "empty", "latest") is None
+    (tmp_path / "checkpoint-2" / checkpoints.CHECKPOINT_STATE).write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-10" / checkpoints.CHECKPOINT_STATE).write_text('{"global_step": 10}')
+    assert checkpoints.find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
+    assert checkpoints.find_resume_checkpoint(tmp_path / "empty", "latest") is None
     with pytest.raises(ValueError, match="is not a complete checkpoint"):
-        common.find_resume_checkpoint(tmp_path, str(tmp_path / ".checkpoint-12.partial"))
+        checkpoints.find_resume_checkpoint(tmp_path, str(tmp_path / ".checkpoint-12.partial"))
 
 
 def test_epoch_batches_are_a_seeded_function_of_the_epoch():
     class FakeAccelerator:
         num_processes, process_index, gradient_accumulation_steps = 2, 1, 2
 
-    batches = common.EpochBatches(num_examples=21, batch_size=2, accelerator=FakeAccelerator(), seed=3)
+    batches = data.EpochBatches(num_examples=21, batch_size=2, accelerator=FakeAccelerator(), seed=3)
     assert batches.updates_per_epoch == 2  # 21 // (2 per rank x 2 ranks x 2 micro-batches)
     epoch = batches.batches(epoch=1)
     assert len(epoch) == 4 and all(len(b) == 2 for b in epoch)
@@ -609,7 +608,7 @@ def copy_run(source: Path, destination: Path) -> Path:
 
 
 def test_a_fresh_run_into_a_used_output_dir_is_refused(tmp_path, data_dir, components, unet_run):
-    import train_unet
+    from hf_scratch.training import train_unet
 
     used = copy_run(unet_run, tmp_path / "used")
     with pytest.raises(ValueError, match="holds a run .*--resume_from_checkpoint latest.*--overwrite_output_dir"):
@@ -621,15 +620,15 @@ def test_a_fresh_run_into_a_used_output_dir_is_refused(tmp_path, data_dir, compo
 def test_overwrite_output_dir_removes_the_old_checkpoints(tmp_path, data_dir, components, unet_run):
     used = copy_run(unet_run, tmp_path / "used")
     (used / "checkpoint-100").mkdir()  # a checkpoint of the old run that "latest" must never find again
-    (used / "checkpoint-100" / common.CHECKPOINT_STATE).write_text('{"global_step": 100}')
+    (used / "checkpoint-100" / checkpoints.CHECKPOINT_STATE).write_text('{"global_step": 100}')
     args = unet_args(data_dir, components, used, steps=2)
     run("train_unet.py", [*args, "--overwrite_output_dir"])
-    assert [p.name for p in common.list_checkpoints(used)] == ["checkpoint-2"]
+    assert [p.name for p in checkpoints.list_checkpoints(used)] == ["checkpoint-2"]
     assert sorted(losses(used)) == [1, 2]
 
 
 def test_output_dir_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
-    from checkpoints import LOCK_FILE, OutputDirLock
+    from hf_scratch.training.checkpoints import LOCK_FILE, OutputDirLock
 
     first = OutputDirLock(tmp_path)
     first.acquire()
@@ -674,7 +673,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp
      ("--train_batch_size", "0", "--train_batch_size=0 must be at least 1")],
 )  # fmt: skip
 def test_impossible_numbers_are_refused(flag, value, message, tmp_path, data_dir, components):
-    import train_unet
+    from hf_scratch.training import train_unet
 
     args = unet_args(data_dir, components, tmp_path / "run")
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -694,7 +693,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_good_checkpoints(tm
     assert match, output[-3000:]
     step = int(match.group(1))
     assert not (output_dir / "model_index.json").exists(), "a diverged run must not save a final model"
-    kept = common.list_checkpoints(output_dir)
+    kept = checkpoints.list_checkpoints(output_dir)
     assert kept and int(kept[-1].name.split("-")[1]) == step - 1  # the limit of 2 kept the last good ones
     weights = load_file(kept[-1] / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
@@ -702,9 +701,9 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_good_checkpoints(tm
 
 def _rewrite_manifest(checkpoint: Path) -> None:
     """Make the manifest agree with the files, as an attacker who replaces files could."""
-    state = json.loads((checkpoint / common.CHECKPOINT_STATE).read_text())
+    state = json.loads((checkpoint / checkpoints.CHECKPOINT_STATE).read_text())
     state["files"] = {name: (checkpoint / name).stat().st_size for name in state["files"]}
-    (checkpoint / common.CHECKPOINT_STATE).write_text(json.dumps(state))
+    (checkpoint / checkpoints.CHECKPOINT_STATE).write_text(json.dumps(state))
 
 
 class _Payload:
@@ -721,7 +720,7 @@ class _Payload:
 def test_payloads_planted_in_every_checkpoint_file_never_run(tmp_path, data_dir, components, unet_run):
     import pickle
 
-    source = common.list_checkpoints(unet_run)[-1]
+    source = checkpoints.list_checkpoints(unet_run)[-1]
     names = sorted(path.name for path in source.iterdir()) + ["custom_checkpoint_0.pkl"]
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "ema.safetensors"} <= set(names)
     for name in names:
@@ -729,8 +728,8 @@ def test_payloads_planted_in_every_checkpoint_file_never_run(tmp_path, data_dir,
         checkpoint = run_dir / source.name
         marker = tmp_path / f"ran-{name}"
         (checkpoint / name).write_bytes(pickle.dumps(_Payload(marker)))
-        if name != common.CHECKPOINT_STATE:
-            if name in json.loads((checkpoint / common.CHECKPOINT_STATE).read_text())["files"]:
+        if name != checkpoints.CHECKPOINT_STATE:
+            if name in json.loads((checkpoint / checkpoints.CHECKPOINT_STATE).read_text())["files"]:
                 _rewrite_manifest(checkpoint)
         process = launch("train_unet.py", [*unet_args(data_dir, components, run_dir, steps=9),
                                            "--resume_from_checkpoint", str(checkpoint)])  # fmt: skip
@@ -738,7 +737,9 @@ def test_payloads_planted_in_every_checkpoint_file_never_run(tmp_path, data_dir,
         assert not marker.exists(), f"unpickling {name} ran code:\n{output[-3000:]}"
         if name == "random_states_0.pkl":  # unreadable random states: the run goes on, and says so
             assert process.returncode == 0 and "random states were not restored" in output
-            assert any("warning" in json.loads(line) for line in (run_dir / common.TRAIN_LOG).read_text().splitlines())
+            assert any(
+                "warning" in json.loads(line) for line in (run_dir / checkpoints.TRAIN_LOG).read_text().splitlines()
+            )
         elif name == "custom_checkpoint_0.pkl":  # accelerate's EMA pickle of older checkpoints is refused unread
             assert process.returncode != 0 and "which is never loaded because unpickling can run code" in output
         else:
@@ -748,7 +749,7 @@ def test_payloads_planted_in_every_checkpoint_file_never_run(tmp_path, data_dir,
 @pytest.mark.slow
 def test_latest_skips_a_truncated_checkpoint_for_the_previous_good_one(tmp_path, data_dir, components, unet_run):
     run_dir = copy_run(unet_run, tmp_path / "damaged")
-    newest = common.list_checkpoints(run_dir)[-1]
+    newest = checkpoints.list_checkpoints(run_dir)[-1]
     optimizer = newest / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     (run_dir / "model_index.json").unlink()
@@ -759,14 +760,14 @@ def test_latest_skips_a_truncated_checkpoint_for_the_previous_good_one(tmp_path,
 
 
 def test_checkpoint_problems_name_the_file(tmp_path):
-    from checkpoints import checkpoint_problem
+    from hf_scratch.training.checkpoints import checkpoint_problem
 
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
     assert "training_state.json is missing" in checkpoint_problem(folder)
-    (folder / common.CHECKPOINT_STATE).write_text("{not json")
+    (folder / checkpoints.CHECKPOINT_STATE).write_text("{not json")
     assert "is not a valid training state" in checkpoint_problem(folder)
-    (folder / common.CHECKPOINT_STATE).write_text(json.dumps({"global_step": 3, "files": {"optimizer.bin": 10}}))
+    (folder / checkpoints.CHECKPOINT_STATE).write_text(json.dumps({"global_step": 3, "files": {"optimizer.bin": 10}}))
     assert f"{folder / 'optimizer.bin'} is missing" in checkpoint_problem(folder)
     (folder / "optimizer.bin").write_bytes(b"")
     assert "has 0 bytes, 10 were written" in checkpoint_problem(folder)
@@ -777,7 +778,7 @@ def test_resuming_from_non_finite_weights_is_refused(tmp_path, data_dir, compone
     from safetensors.torch import save_file
 
     run_dir = copy_run(unet_run, tmp_path / "nan")
-    checkpoint = common.list_checkpoints(run_dir)[-1]
+    checkpoint = checkpoints.list_checkpoints(run_dir)[-1]
     weights = load_file(checkpoint / "model.safetensors")
     first = next(iter(weights))
     weights[first] = torch.full_like(weights[first], float("nan"))
@@ -791,14 +792,14 @@ def test_resuming_from_non_finite_weights_is_refused(tmp_path, data_dir, compone
 
 @pytest.mark.parametrize("row", [{"file_name": "000.png", "text": None}, {"file_name": "000.png"}])
 def test_a_row_without_a_caption_fails_at_load_naming_the_row(row, tmp_path, data_dir):
-    import train_unet
+    from hf_scratch.training import train_unet
 
-    data = tmp_path / "data"
-    shutil.copytree(data_dir, data)
-    lines = (data / "train" / "metadata.jsonl").read_text().splitlines()
+    copied = tmp_path / "data"
+    shutil.copytree(data_dir, copied)
+    lines = (copied / "train" / "metadata.jsonl").read_text().splitlines()
     lines[3] = json.dumps({**row, "file_name": "003.png"})
-    (data / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    args = train_unet.parse_args(["--train_data_dir", str(data), "--output_dir", str(tmp_path / "out"),
+    (copied / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    args = train_unet.parse_args(["--train_data_dir", str(copied), "--output_dir", str(tmp_path / "out"),
                                   "--pretrained_model_name_or_path", str(tmp_path)])  # fmt: skip
 
     class MainProcess:
@@ -806,4 +807,4 @@ def test_a_row_without_a_caption_fails_at_load_naming_the_row(row, tmp_path, dat
             return contextlib.nullcontext()
 
     with pytest.raises(ValueError, match=r"row 3 of split 'train' .*003\.png.* has caption None"):
-        common.load_image_text_dataset(args, "train", MainProcess())
+        data.load_image_text_dataset(args, "train", MainProcess())

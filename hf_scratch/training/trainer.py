@@ -1,31 +1,24 @@
-"""What the three training scripts share: arguments, data, the update loop, checkpoints, EMA and logging.
+"""The update loop every training script shares, under Accelerate: optimizer, accumulation, EMA, progress, logs,
+checkpoints and resume.
 
-`train_vae.py`, `train_clip.py` and `train_unet.py` each define a model, a loss and a validation; everything around
-them lives here, in the order a run meets it:
+`train_vae.py`, `train_clip.py` and `train_unet.py` each define a model, a loss and a validation; the loop around them
+lives here:
 
-1. `build_parser` adds the data, optimisation, checkpointing and logging argument groups; `check_args` validates them
-   before anything heavy is loaded.
-2. `load_image_text_dataset` reads a local `datasets` folder, checks its columns, and drops (and counts) images that do
-   not decode, so one bad file never stops a run.
-3. `EpochBatches` fixes the data order: one seeded permutation per epoch, cut into global batches and sharded by rank.
-   The order is a pure function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
-4. `Trainer` runs the update loop under Accelerate: gradient accumulation, EMA, a tqdm bar with loss and samples/s,
-   one JSON line per optimizer step in `<output_dir>/train_log.jsonl`, TensorBoard scalars, and checkpoints; and the
-   run's ending: the script's `validate(step)` every --validation_steps steps and after the last, the rank report, and
-   the script's `save()` on the main process.
-5. Checkpoints (`checkpoints.py`) are `accelerator.save_state` folders written to `.checkpoint-N.partial` and renamed
-   to `checkpoint-N` once complete, so a kill during a save never leaves a broken `checkpoint-N` for
-   `--resume_from_checkpoint latest`, which also skips a checkpoint damaged later. Accelerate stores every rank's RNG
-   state with the weights, the optimizer and the LR schedule, which makes a resumed run bit-identical to an
-   uninterrupted one; the EMA is stored as safetensors, and nothing on the resume path unpickles code.
-6. A run owns its output folder (a lock file, and no fresh run on top of an old one), and a non-finite loss, gradient
-   or weight stops it with a `TrainingDiverged` error naming the step, before anything non-finite is saved.
+1. `create_accelerator` claims the output folder (a lock, and no fresh run on top of an old one) and sets up logging;
+   `create_optimizer` builds AdamW and the LR schedule.
+2. `Trainer.resume` seeds the run, or restores a checkpoint's full state (RNG included): a resumed run is
+   bit-identical to an uninterrupted one, and resuming a finished run trains nothing.
+3. `Trainer.run` trains to --max_train_steps: gradient accumulation, EMA, a tqdm bar with loss and samples/s, one JSON
+   line per optimizer step in `<output_dir>/train_log.jsonl`, TensorBoard scalars, and checkpoints
+   (`checkpoints.py`); then the script's `validate(step)`, the rank report, and the script's `save()` on the main
+   process.
+4. A non-finite loss, gradient or weight stops the run with a `TrainingDiverged` error naming the step, before
+   anything non-finite is saved.
 """
 
 import argparse
 import atexit
 import hashlib
-import io
 import json
 import logging
 import math
@@ -44,13 +37,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from checkpoints import (
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from hf_scratch.training.checkpoints import (
     CHECKPOINT_STATE,
     TRAIN_LOG,
     OutputDirLock,
     TrainingDiverged,
     check_finite,
-    check_output_dir,
     clear_run,
     find_resume_checkpoint,
     list_checkpoints,
@@ -59,251 +55,11 @@ from checkpoints import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
-from PIL import Image
-from tqdm.auto import tqdm
-
-from hf_scratch.metrics import image_to_tensor
+from hf_scratch.training.data import EpochBatches, collate
 
 logger = get_logger(__name__)
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
-
-# ----------------------------------------------------------------------------------------------------------- arguments
-def build_parser(description: str, captions: bool = True) -> argparse.ArgumentParser:
-    """A parser holding the shared argument groups; each script adds its model and loss arguments to it."""
-    parser = argparse.ArgumentParser(description=description)
-    data = parser.add_argument_group("data")
-    source = data.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train_data_dir", help="an image folder (split folders, each with metadata.jsonl)")
-    source.add_argument("--dataset_name", help="a local folder that datasets.load_dataset reads (no hub access)")
-    data.add_argument("--image_column", default="image")
-    if captions:
-        data.add_argument("--caption_column", default="text")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--validation_split", default="validation", help='a split name, or "none" to skip it')
-    data.add_argument("--resolution", type=int, default=64, help="images are resized and center-cropped to this")
-    data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training images")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=int, default=16, help="per process")
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    optim.add_argument(
-        "--adam_fused",
-        action="store_true",
-        help="torch.optim.AdamW(fused=True): one fused kernel over all parameters instead of a loop of ops per tensor "
-        "(the same update)",
-    )
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
-    optim.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides epochs")
-    optim.add_argument("--num_train_epochs", type=int, default=1)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate's")
-    optim.add_argument("--gradient_checkpointing", action="store_true")
-    optim.add_argument("--use_ema", action="store_true", help="keep an EMA of the weights and save it")
-    optim.add_argument("--ema_decay", type=float, default=0.9999)
-    optim.add_argument("--seed", type=int, default=0)
-
-    ckpt = parser.add_argument_group("checkpointing")
-    ckpt.add_argument("--output_dir", required=True)
-    ckpt.add_argument("--checkpointing_steps", type=int, default=500)
-    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N")
-    ckpt.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder, or "latest"')
-    ckpt.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="start afresh in an --output_dir that holds a run, removing its checkpoints and logs",
-    )
-
-    logs = parser.add_argument_group("logging")
-    logs.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"))
-    logs.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
-    logs.add_argument("--validation_steps", type=int, default=500)
-    return parser
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Reject argument values that would fail later, naming the flag, the value and what is allowed."""
-    if args.resolution < 8 or args.resolution % 8:
-        raise ValueError(
-            f"--resolution={args.resolution} is not a positive multiple of 8; the VAE halves the image size in each "
-            "down block, so pass e.g. 32, 64 or 512"
-        )
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name}={getattr(args, name)} must be at least 1")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise ValueError(f"--max_train_steps={args.max_train_steps} must be at least 1 (or unset, to train epochs)")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise ValueError(f"--learning_rate={args.learning_rate} must be a positive number, e.g. 1e-4")
-    if args.lr_warmup_steps < 0 or (args.max_train_steps is not None and args.lr_warmup_steps > args.max_train_steps):
-        raise ValueError(
-            f"--lr_warmup_steps={args.lr_warmup_steps} must be between 0 and --max_train_steps={args.max_train_steps}"
-        )
-    if not 0 < args.ema_decay < 1:
-        raise ValueError(f"--ema_decay={args.ema_decay} must lie strictly between 0 and 1, e.g. 0.999")
-    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
-        raise ValueError(f"--max_grad_norm={args.max_grad_norm} must be a non-negative number (0 turns clipping off)")
-    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit={args.checkpoints_total_limit} must be at least 1 (or unset)")
-    if args.max_train_steps is None and args.num_train_epochs < 1:
-        raise ValueError(
-            f"--num_train_epochs={args.num_train_epochs} must be at least 1 when --max_train_steps is unset"
-        )
-    if args.resume_from_checkpoint != "latest":  # "latest" is resolved (and broken checkpoints reported) at resume
-        find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-
-
-# ---------------------------------------------------------------------------------------------------------------- data
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Paste equally sized images into a grid, row by row."""
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
-
-
-def _decode(cell: dict[str, Any]) -> Image.Image:
-    """Open an undecoded `datasets.Image` cell ({"bytes", "path"}) and force the pixels to load."""
-    image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
-    image.load()
-    return image
-
-
-class ImageTextDataset(torch.utils.data.Dataset):
-    """A split whose images all decode: items are {"pixel_values": (3, R, R) in [-1, 1], "caption": str}, the pixels
-    those of `hf_scratch.metrics.image_to_tensor` mapped to the models' range by 2x − 1."""
-
-    def __init__(
-        self, split: datasets.Dataset, image_column: str, caption_column: str | None, resolution: int, num_skipped: int
-    ) -> None:
-        self.images = list(split[image_column])
-        self.captions = list(split[caption_column]) if caption_column else [""] * len(self.images)
-        self.resolution = resolution
-        self.num_skipped = num_skipped
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        pixel_values = image_to_tensor(_decode(self.images[index]), self.resolution) * 2 - 1
-        return {"pixel_values": pixel_values, "caption": self.captions[index]}
-
-
-def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors and keep strings as lists."""
-    return {
-        key: torch.stack([e[key] for e in examples])
-        if torch.is_tensor(examples[0][key])
-        else [e[key] for e in examples]
-        for key in examples[0]
-    }
-
-
-def load_image_text_dataset(
-    args: argparse.Namespace, split: str, accelerator: Accelerator, limit: int | None = None
-) -> ImageTextDataset:
-    """Load `split` of --train_data_dir or --dataset_name, check its columns, and skip images that do not decode."""
-    source_flag = "train_data_dir" if args.train_data_dir else "dataset_name"
-    source = getattr(args, source_flag)
-    if not os.path.isdir(source):
-        raise ValueError(
-            f"--{source_flag}={source!r} is not an existing folder; training reads local datasets only (for example "
-            "one written by `hf-scratch data emoji`)"
-        )
-    with accelerator.main_process_first():
-        if args.train_data_dir:
-            dataset = datasets.load_dataset("imagefolder", data_dir=source)
-        else:
-            dataset = datasets.load_dataset(source)
-    if split not in dataset:
-        raise ValueError(
-            f"split {split!r} is not in --{source_flag}={source!r}; available splits: {', '.join(dataset)}"
-        )
-    data = dataset[split]
-    caption_column = getattr(args, "caption_column", None)
-    for flag, column in (("image_column", args.image_column), ("caption_column", caption_column)):
-        if column is not None and column not in data.column_names:
-            raise ValueError(
-                f"--{flag}={column!r} is not a column of split {split!r} of {source!r}; "
-                f"available columns: {', '.join(data.column_names)}"
-            )
-    if limit is not None:
-        data = data.select(range(min(limit, len(data))))
-    data = data.cast_column(args.image_column, datasets.Image(decode=False))
-    if caption_column is not None:
-        for index, caption in enumerate(data[caption_column]):
-            if not isinstance(caption, str):
-                image = data[index][args.image_column]
-                raise ValueError(
-                    f"row {index} of split {split!r} of --{source_flag}={source!r} ({image.get('path') or 'no file'}) "
-                    f'has caption {caption!r} in column {caption_column!r}; every row needs a text caption (use "" '
-                    "for none)"
-                )
-
-    decodable = []
-    for index, cell in enumerate(data[args.image_column]):
-        try:
-            _decode(cell)
-            decodable.append(index)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            logger.warning(f"skipping image {cell.get('path') or index} of split {split!r}: {error}")
-    skipped = len(data) - len(decodable)
-    if skipped:
-        logger.warning(f"skipped {skipped} of {len(data)} images of split {split!r} that do not decode")
-        data = data.select(decodable)
-    if len(data) == 0:
-        raise ValueError(f"split {split!r} of --{source_flag}={source!r} has no decodable image")
-    return ImageTextDataset(data, args.image_column, caption_column, args.resolution, skipped)
-
-
-class EpochBatches:
-    """The data order: per epoch a permutation seeded by (seed, epoch), cut into global batches, sharded by rank.
-
-    A global batch holds `batch_size * num_processes` examples; rank r takes the r-th slice. Each epoch is truncated
-    to a whole number of optimizer updates (`gradient_accumulation_steps` batches each), so every update sees the
-    same number of examples and step k always consumes the same examples, however the run was interrupted.
-    """
-
-    def __init__(self, num_examples: int, batch_size: int, accelerator: Accelerator, seed: int) -> None:
-        self.batch_size = batch_size
-        self.num_processes = accelerator.num_processes
-        self.process_index = accelerator.process_index
-        self.accumulation = accelerator.gradient_accumulation_steps
-        self.num_examples = num_examples
-        self.seed = seed
-        self.updates_per_epoch = num_examples // (batch_size * self.num_processes * self.accumulation)
-        if self.updates_per_epoch == 0:
-            raise ValueError(
-                f"the training split has {num_examples} images, fewer than one optimizer update needs "
-                f"(--train_batch_size {batch_size} x {self.num_processes} processes x "
-                f"--gradient_accumulation_steps {self.accumulation}); lower --train_batch_size"
-            )
-
-    def batches(self, epoch: int, skip_updates: int = 0) -> list[list[int]]:
-        """This rank's index batches for `epoch`, leaving out the first `skip_updates` updates."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.num_examples, generator=generator).tolist()
-        global_batch = self.batch_size * self.num_processes
-        batches = []
-        for start in range(skip_updates * self.accumulation, self.updates_per_epoch * self.accumulation):
-            offset = start * global_batch + self.process_index * self.batch_size
-            batches.append(order[offset : offset + self.batch_size])
-        return batches
-
-
-# ---------------------------------------------------------------------------------------------------------- accelerate
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
     """An Accelerator logging to <output_dir>/<logging_dir>, with INFO logs on the main process only."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

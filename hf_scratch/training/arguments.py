@@ -1,0 +1,104 @@
+"""The arguments every training script shares: data, optimisation, checkpointing and logging.
+
+Each script (`train_vae.py`, `train_clip.py`, `train_unet.py`) adds its model and loss arguments to `build_parser`'s
+parser; `check_args` validates the shared ones before anything heavy is loaded.
+"""
+
+import argparse
+import math
+
+from hf_scratch.training.checkpoints import check_output_dir, find_resume_checkpoint
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+# ----------------------------------------------------------------------------------------------------------- arguments
+def build_parser(description: str, captions: bool = True) -> argparse.ArgumentParser:
+    """A parser holding the shared argument groups; each script adds its model and loss arguments to it."""
+    parser = argparse.ArgumentParser(description=description)
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train_data_dir", help="an image folder (split folders, each with metadata.jsonl)")
+    source.add_argument("--dataset_name", help="a local folder that datasets.load_dataset reads (no hub access)")
+    data.add_argument("--image_column", default="image")
+    if captions:
+        data.add_argument("--caption_column", default="text")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--validation_split", default="validation", help='a split name, or "none" to skip it')
+    data.add_argument("--resolution", type=int, default=64, help="images are resized and center-cropped to this")
+    data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training images")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=16, help="per process")
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument(
+        "--adam_fused",
+        action="store_true",
+        help="torch.optim.AdamW(fused=True): one fused kernel over all parameters instead of a loop of ops per tensor "
+        "(the same update)",
+    )
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides epochs")
+    optim.add_argument("--num_train_epochs", type=int, default=1)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate's")
+    optim.add_argument("--gradient_checkpointing", action="store_true")
+    optim.add_argument("--use_ema", action="store_true", help="keep an EMA of the weights and save it")
+    optim.add_argument("--ema_decay", type=float, default=0.9999)
+    optim.add_argument("--seed", type=int, default=0)
+
+    ckpt = parser.add_argument_group("checkpointing")
+    ckpt.add_argument("--output_dir", required=True)
+    ckpt.add_argument("--checkpointing_steps", type=int, default=500)
+    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N")
+    ckpt.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder, or "latest"')
+    ckpt.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start afresh in an --output_dir that holds a run, removing its checkpoints and logs",
+    )
+
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"))
+    logs.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    logs.add_argument("--validation_steps", type=int, default=500)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject argument values that would fail later, naming the flag, the value and what is allowed."""
+    if args.resolution < 8 or args.resolution % 8:
+        raise ValueError(
+            f"--resolution={args.resolution} is not a positive multiple of 8; the VAE halves the image size in each "
+            "down block, so pass e.g. 32, 64 or 512"
+        )
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)} must be at least 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps={args.max_train_steps} must be at least 1 (or unset, to train epochs)")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise ValueError(f"--learning_rate={args.learning_rate} must be a positive number, e.g. 1e-4")
+    if args.lr_warmup_steps < 0 or (args.max_train_steps is not None and args.lr_warmup_steps > args.max_train_steps):
+        raise ValueError(
+            f"--lr_warmup_steps={args.lr_warmup_steps} must be between 0 and --max_train_steps={args.max_train_steps}"
+        )
+    if not 0 < args.ema_decay < 1:
+        raise ValueError(f"--ema_decay={args.ema_decay} must lie strictly between 0 and 1, e.g. 0.999")
+    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
+        raise ValueError(f"--max_grad_norm={args.max_grad_norm} must be a non-negative number (0 turns clipping off)")
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit={args.checkpoints_total_limit} must be at least 1 (or unset)")
+    if args.max_train_steps is None and args.num_train_epochs < 1:
+        raise ValueError(
+            f"--num_train_epochs={args.num_train_epochs} must be at least 1 when --max_train_steps is unset"
+        )
+    if args.resume_from_checkpoint != "latest":  # "latest" is resolved (and broken checkpoints reported) at resume
+        find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)

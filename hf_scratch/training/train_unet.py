@@ -1,0 +1,404 @@
+"""Train a text-conditioned U-Net in the latent space of a frozen VAE: latent diffusion (Rombach et al. 2022,
+arXiv:2112.10752).
+
+Each step samples clean latents z_0 = E(x) · scaling_factor and noise ε ~ N(0, I), and `--objective` turns them into
+the network's input, timestep, target and per-sample weight (`hf_scratch.objectives` has each objective's equations):
+
+| --objective | network output | reference |
+|---|---|---|
+| epsilon | ε, from z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε | Ho et al. 2020, arXiv:2006.11239, Eq. 14 |
+| v_prediction | v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 | Salimans & Ho 2022, arXiv:2202.00512, Sec. 4 |
+| edm | F of D = c_skip x + c_out F(c_in x; c_noise), x = z_0 + σ ε | Karras et al. 2022, arXiv:2206.00364, Table 1 |
+| flow_matching | ε − z_0, from z_t = (1 − t) z_0 + t ε | Esser et al. 2024, arXiv:2403.03206, Sec. 2–3 |
+
+Options: min-SNR-γ loss weights (Hang et al. 2023, arXiv:2303.09556) for ε and v, zero-terminal-SNR betas (Lin et al.
+2023, arXiv:2305.08891, which needs v-prediction), immiscible noise assignment (Li et al. 2024, arXiv:2406.12303),
+the scheduled pseudo-Huber loss (Khrapov & Kotov 2024, arXiv:2403.16728), offset noise, and caption dropout, which
+trains the unconditional model that classifier-free guidance needs (Ho & Salimans 2022, arXiv:2207.12598).
+
+The VAE and the text encoder come from a pipeline folder (ours or an official diffusers one) or from the folders
+that `train_vae.py` and `train_clip.py` write. The run ends with a complete `ScratchStableDiffusionPipeline` folder in
+--output_dir, with the scheduler that samples the objective (DDPM for ε and v, diffusers'
+`EDMDPMSolverMultistepScheduler` for EDM, `ScratchFlowMatchEulerScheduler` for flow matching), loadable by
+`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`, and a model card. `--snapshot_steps` also saves the
+EMA pipeline at chosen steps under `snapshots/step-N`.
+
+`--lora_rank r` trains a LoRA instead (Hu et al. 2021, arXiv:2106.09685): the pipeline folder's U-Net stays frozen and
+each attention projection W of it (`to_q`, `to_k`, `to_v`, `to_out.0`) learns W' = W + (α/r)·B·A, with α =
+`--lora_alpha` (default r), A Gaussian and B zero at the start (so training starts from the base model). With
+`--train_text_encoder_lora` the text encoder's `q_proj`, `k_proj`, `v_proj`, `out_proj` get adapters too. The run ends
+with `pytorch_lora_weights.safetensors` in --output_dir, in diffusers' layout: our pipelines' and diffusers'
+`StableDiffusionPipeline.load_lora_weights` both load it. The objective is the base model's (from its scheduler).
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from diffusers.training_utils import cast_training_params
+from transformers import CLIPTokenizer
+
+from hf_scratch import objectives
+from hf_scratch.models.clip import ScratchCLIPTextModel
+from hf_scratch.models.unet import ScratchUNet2DConditionModel
+from hf_scratch.models.vae import ScratchAutoencoderKL, downsampling_factor
+from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
+from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
+from hf_scratch.training.arguments import build_parser, check_args
+from hf_scratch.training.cards import write_lora_model_card, write_model_card
+from hf_scratch.training.data import EpochBatches, cache_latents, image_grid, load_image_text_dataset
+from hf_scratch.training.lora import add_lora_adapters, check_lora_args, save_lora_weights
+from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step, tracker_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(__doc__.splitlines()[0])
+    source = parser.add_argument_group("frozen components")
+    source.add_argument("--pretrained_model_name_or_path", help="a local pipeline folder with vae/, text_encoder/, ...")
+    source.add_argument("--vae_path", help="a VAE folder (train_vae.py's --output_dir); overrides the pipeline's")
+    source.add_argument("--text_encoder_path", help="a CLIP text model folder (train_clip.py writes text_encoder/)")
+    source.add_argument("--tokenizer_path", help="a CLIPTokenizer folder (train_clip.py writes tokenizer/)")
+
+    unet = parser.add_argument_group("U-Net (from scratch unless --unet_from_pretrained)")
+    unet.add_argument("--unet_from_pretrained", action="store_true", help="start from the pipeline folder's unet/")
+    unet.add_argument("--unet_config", help="a JSON file of ScratchUNet2DConditionModel config keys")
+    unet.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 256])
+    unet.add_argument("--layers_per_block", type=int, default=2)
+    unet.add_argument("--attention_head_dim", type=int, default=8, help="heads per block (diffusers' naming)")
+    unet.add_argument("--norm_num_groups", type=int, default=32)
+    unet.add_argument(
+        "--cross_attention_levels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="indices of the resolution levels with cross-attention; default all but the deepest (as in SD)",
+    )
+    unet.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="train in channels-last (NHWC) weights and activations, where oneDNN's convolution backward can be "
+        "faster on CPU; the same model, saved in the usual layout",
+    )
+
+    diffusion = parser.add_argument_group("diffusion objective (hf_scratch.objectives)")
+    diffusion.add_argument(
+        "--objective",
+        choices=objectives.OBJECTIVES,
+        default=None,
+        help="default: the pipeline scheduler's prediction type, or epsilon",
+    )
+    diffusion.add_argument(
+        "--prediction_type",
+        choices=("epsilon", "v_prediction"),
+        default=None,
+        help="the older spelling of --objective epsilon|v_prediction",
+    )
+    diffusion.add_argument("--rescale_betas_zero_snr", action="store_true", help="ε/v: zero terminal SNR, trailing")
+    diffusion.add_argument("--snr_gamma", type=float, default=None, help="ε/v: min-SNR-γ weighting; 5.0 is the paper's")
+    diffusion.add_argument("--sigma_data", type=float, default=0.5, help="edm: σ_data, the std of the latents")
+    diffusion.add_argument("--edm_p_mean", type=float, default=-1.2, help="edm: mean of ln σ (EDM2 latents: -0.4)")
+    diffusion.add_argument("--edm_p_std", type=float, default=1.2, help="edm: std of ln σ (EDM2 latents: 1.0)")
+    diffusion.add_argument("--edm_sigma_min", type=float, default=0.002, help="edm: the sampler's smallest σ")
+    diffusion.add_argument("--edm_sigma_max", type=float, default=80.0, help="edm: the sampler's largest σ")
+    diffusion.add_argument(
+        "--weighting_scheme",
+        choices=objectives.WEIGHTING_SCHEMES,
+        default="logit_normal",
+        help="flow_matching: the density of t",
+    )
+    diffusion.add_argument("--logit_mean", type=float, default=0.0, help="flow_matching, logit_normal: m")
+    diffusion.add_argument("--logit_std", type=float, default=1.0, help="flow_matching, logit_normal: s")
+    diffusion.add_argument("--mode_scale", type=float, default=1.29, help="flow_matching, mode: s")
+    diffusion.add_argument(
+        "--immiscible_noise",
+        action="store_true",
+        help="pair each batch's noise with its latents by linear assignment (Li et al. 2024)",
+    )
+    diffusion.add_argument("--loss_type", choices=objectives.LOSS_TYPES, default="l2")
+    diffusion.add_argument("--huber_schedule", choices=objectives.HUBER_SCHEDULES, default="snr")
+    diffusion.add_argument("--huber_c", type=float, default=0.1, help="c_0 of the pseudo-Huber loss")
+    diffusion.add_argument("--noise_offset", type=float, default=0.0)
+    diffusion.add_argument("--caption_dropout_prob", type=float, default=0.1)
+    diffusion.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="encode the dataset once and sample latents from the cached posteriors",
+    )
+
+    lora = parser.add_argument_group("LoRA (Hu et al. 2021): adapt the pipeline folder's U-Net instead of training one")
+    lora.add_argument("--lora_rank", type=int, default=None, help="r, the rank of each low-rank update B·A")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="α, which scales B·A by α/r (default: r)")
+    lora.add_argument("--train_text_encoder_lora", action="store_true", help="adapt the text encoder's attention too")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--validation_prompts", nargs="+", default=[])
+    validation.add_argument("--num_validation_images", type=int, default=4, help="per prompt")
+    validation.add_argument("--validation_inference_steps", type=int, default=50)
+    validation.add_argument("--guidance_scale", type=float, default=4.0)
+    validation.add_argument(
+        "--snapshot_steps",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also save the (EMA) pipeline, or the LoRA, at these steps, to snapshots/step-N",
+    )
+    args = parser.parse_args(argv)
+    check_args(args)
+    if args.prediction_type and args.objective and args.prediction_type != args.objective:
+        raise ValueError(f"--prediction_type={args.prediction_type} contradicts --objective={args.objective}; pass one")
+    args.objective = args.objective or args.prediction_type
+    if args.lora_rank is not None:
+        check_lora_args(args)
+    else:
+        for flag in ("lora_alpha", "train_text_encoder_lora"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} sets up a LoRA run; add --lora_rank R (e.g. 4) or drop --{flag}")
+    if args.objective in ("edm", "flow_matching"):
+        for flag in ("snr_gamma", "rescale_betas_zero_snr"):
+            if getattr(args, flag):
+                raise ValueError(
+                    f"--{flag} belongs to the DDPM chain of --objective epsilon|v_prediction, "
+                    f"not to --objective {args.objective}"
+                )
+    if args.loss_type == "huber" and not 0 < args.huber_c <= 1:
+        raise ValueError(f"--huber_c={args.huber_c} must be in (0, 1]")
+    if not args.pretrained_model_name_or_path and not (
+        args.vae_path and args.text_encoder_path and args.tokenizer_path
+    ):
+        raise ValueError(
+            "pass --pretrained_model_name_or_path (a pipeline folder), or all of --vae_path, --text_encoder_path and "
+            "--tokenizer_path"
+        )
+    if args.unet_from_pretrained and not args.pretrained_model_name_or_path:
+        raise ValueError("--unet_from_pretrained needs --pretrained_model_name_or_path, whose unet/ it loads")
+    if not 0.0 <= args.caption_dropout_prob < 1.0:
+        raise ValueError(f"--caption_dropout_prob={args.caption_dropout_prob} must be in [0, 1)")
+    return args
+
+
+def load_frozen_components(
+    args: argparse.Namespace,
+) -> tuple[ScratchAutoencoderKL, ScratchCLIPTextModel, CLIPTokenizer]:
+    """The VAE, text encoder and tokenizer: explicit paths first, then the pipeline folder's subfolders."""
+    root = args.pretrained_model_name_or_path
+
+    def location(path: str | None, subfolder: str) -> dict[str, Any]:
+        if path:
+            return {"pretrained_model_name_or_path": path}
+        return {"pretrained_model_name_or_path": root, "subfolder": subfolder}
+
+    vae = ScratchAutoencoderKL.from_pretrained(**location(args.vae_path, "vae"))
+    text_encoder = ScratchCLIPTextModel.from_pretrained(**location(args.text_encoder_path, "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(**location(args.tokenizer_path, "tokenizer"))
+    return vae, text_encoder, tokenizer
+
+
+def build_objective(args: argparse.Namespace) -> Any:
+    """The training objective of `--objective` with its flags (see `hf_scratch.objectives`)."""
+    if args.objective == "edm":
+        return objectives.EDMObjective(
+            args.sigma_data, args.edm_p_mean, args.edm_p_std, args.edm_sigma_min, args.edm_sigma_max
+        )
+    if args.objective == "flow_matching":
+        return objectives.FlowMatchingObjective(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+    return objectives.DDPMObjective(build_scheduler(args), args.snr_gamma)
+
+
+def build_scheduler(args: argparse.Namespace) -> ScratchDDPMScheduler:
+    """The pipeline's scheduler with the requested options, or SD's training schedule (scaled-linear β, T=1000)."""
+    overrides = {"rescale_betas_zero_snr": args.rescale_betas_zero_snr} if args.rescale_betas_zero_snr else {}
+    if args.objective:
+        overrides["prediction_type"] = args.objective
+    if args.rescale_betas_zero_snr:
+        overrides["timestep_spacing"] = "trailing"  # Lin et al. Sec. 3.3: sampling must start at t = T
+    scheduler_folder = Path(args.pretrained_model_name_or_path or "", "scheduler")
+    if args.pretrained_model_name_or_path and scheduler_folder.is_dir():
+        config = ScratchDDPMScheduler.load_config(scheduler_folder)
+        scheduler = ScratchDDPMScheduler.from_config(config, **overrides)
+    else:
+        scheduler = ScratchDDPMScheduler(**STABLE_DIFFUSION_BETAS, clip_sample=False, **overrides)
+    if scheduler.config.rescale_betas_zero_snr and scheduler.config.prediction_type == "epsilon":
+        raise ValueError(
+            "--rescale_betas_zero_snr gives ᾱ_T = 0, where ε-prediction carries no information about the image; "
+            "add --prediction_type v_prediction (Lin et al. 2023, Sec. 3.2)"
+        )
+    return scheduler
+
+
+def build_unet(
+    args: argparse.Namespace, vae: ScratchAutoencoderKL, text_encoder: ScratchCLIPTextModel
+) -> ScratchUNet2DConditionModel:
+    if args.unet_from_pretrained:
+        unet = ScratchUNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet")
+    elif args.unet_config:
+        unet = ScratchUNet2DConditionModel.from_config(json.loads(Path(args.unet_config).read_text()))
+    else:
+        levels = len(args.block_out_channels)
+        attention = args.cross_attention_levels if args.cross_attention_levels is not None else range(levels - 1)
+        down = ["CrossAttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels)]
+        unet = ScratchUNet2DConditionModel(
+            sample_size=args.resolution // vae_scale_factor(vae),
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels,
+            down_block_types=tuple(down),
+            up_block_types=tuple(block.replace("Down", "Up") for block in reversed(down)),
+            block_out_channels=tuple(args.block_out_channels),
+            layers_per_block=args.layers_per_block,
+            attention_head_dim=args.attention_head_dim,
+            norm_num_groups=args.norm_num_groups,
+            cross_attention_dim=text_encoder.config.hidden_size,
+        )
+    for key, expected, source in (
+        ("in_channels", vae.config.latent_channels, "the VAE's latent_channels"),
+        ("cross_attention_dim", text_encoder.config.hidden_size, "the text encoder's hidden_size"),
+    ):
+        if unet.config[key] != expected:
+            raise ValueError(f"the U-Net's {key}={unet.config[key]} does not match {source} ({expected})")
+    return unet
+
+
+def vae_scale_factor(vae: ScratchAutoencoderKL) -> int:
+    return downsampling_factor(vae.config.block_out_channels)
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = create_accelerator(args)
+    set_seed(args.seed)
+    vae, text_encoder, tokenizer = load_frozen_components(args)
+    objective = build_objective(args)
+    scheduler = objective.sampling_scheduler()
+    unet = build_unet(args, vae, text_encoder)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (vae, text_encoder):
+        frozen.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    lora = args.lora_rank is not None
+    if lora:
+        unet.to(accelerator.device, dtype=weight_dtype)
+        add_lora_adapters(args, unet, text_encoder)
+        # The adapters train in float32 under mixed precision too; the frozen weights may stay in half precision.
+        cast_training_params([unet, text_encoder], dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)  # before the optimizer, so its moments take the same layout
+
+    images = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
+    dataset = cache_latents(images, vae, accelerator, args.train_batch_size) if args.cache_latents else images
+    batches = EpochBatches(len(dataset), args.train_batch_size, accelerator, args.seed)
+    trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
+    optimizer, lr_scheduler = create_optimizer(args, trainable, batches.updates_per_epoch, accelerator)
+    if args.train_text_encoder_lora:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        # One module holding both, for the trainer's checksums and finiteness checks and for gradient clipping.
+        trained = torch.nn.ModuleDict(
+            {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
+        )
+        accumulated = (unet, text_encoder)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        trained, accumulated = unet, (unet,)
+    trainer = Trainer(accelerator, args, dataset, batches, trained, lr_scheduler)
+    trainer.resume()
+    accelerator.init_trackers("train_unet", config=tracker_config(args))
+
+    def encode_prompts(captions: list[str]) -> torch.Tensor:
+        input_ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return text_encoder(input_ids.to(accelerator.device))[0]
+
+    def train_step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        with accelerator.accumulate(*accumulated):
+            with torch.no_grad():
+                if args.cache_latents:
+                    std = (0.5 * batch["latent_logvar"]).exp()
+                    latents = batch["latent_mean"] + std * torch.randn_like(std)
+                else:
+                    pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+                    latents = vae.encode(pixels).latent_dist.sample()
+                latents = latents.to(accelerator.device, torch.float32) * vae.config.scaling_factor
+                dropped = torch.rand(len(batch["caption"])) < args.caption_dropout_prob
+                captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
+                with torch.set_grad_enabled(args.train_text_encoder_lora):
+                    encoder_hidden_states = encode_prompts(captions)
+
+                noise = torch.randn_like(latents)
+                if args.noise_offset:
+                    noise += args.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
+                if args.immiscible_noise:
+                    noise = objectives.immiscible_noise(latents, noise)
+                batch_target = objective(latents, noise)
+
+            model_input = batch_target.model_input
+            if args.channels_last:
+                model_input = model_input.contiguous(memory_format=torch.channels_last)
+            prediction = unet(model_input, batch_target.timesteps, encoder_hidden_states).sample
+            huber_c = None
+            if args.loss_type == "huber":
+                discrete = batch_target.timesteps if isinstance(objective, objectives.DDPMObjective) else None
+                huber_c = objectives.huber_c(
+                    batch_target.noise_to_signal, args.huber_schedule, args.huber_c, timesteps=discrete
+                )
+            loss = objectives.per_sample_loss(prediction, batch_target.target, args.loss_type, huber_c)
+            loss = (loss * batch_target.weights).mean()
+            optimizer_step(accelerator, loss, trained, optimizer, lr_scheduler, args.max_grad_norm)
+        return {"loss": loss}
+
+    def pipeline() -> ScratchStableDiffusionPipeline:
+        return ScratchStableDiffusionPipeline(
+            vae=vae,
+            text_encoder=accelerator.unwrap_model(text_encoder),
+            tokenizer=tokenizer,
+            unet=accelerator.unwrap_model(unet),
+            scheduler=scheduler,
+        )
+
+    def save_result(folder: Path) -> None:
+        """The LoRA file of a LoRA run, else the whole (EMA) pipeline."""
+        if lora:
+            adapted_text_encoder = accelerator.unwrap_model(text_encoder) if args.train_text_encoder_lora else None
+            save_lora_weights(folder, accelerator.unwrap_model(unet), adapted_text_encoder)
+        else:
+            with trainer.ema_weights():
+                pipeline().save_pretrained(folder)
+
+    def validate(step: int) -> None:
+        with trainer.ema_weights():
+            pipe = pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            result = pipe(
+                args.validation_prompts,
+                height=args.resolution,
+                width=args.resolution,
+                num_inference_steps=args.validation_inference_steps,
+                guidance_scale=args.guidance_scale,
+                num_images_per_prompt=args.num_validation_images,
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+        grid = image_grid(result.images, columns=args.num_validation_images)  # one row per prompt
+        folder = Path(args.output_dir, "validation")
+        folder.mkdir(exist_ok=True)
+        grid.save(folder / f"step-{step:06d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+
+    def save_snapshot(step: int) -> None:
+        if step in args.snapshot_steps:
+            trainer.on_main_process(save_result, Path(args.output_dir, "snapshots", f"step-{step}"))
+
+    def save() -> None:
+        save_result(Path(args.output_dir))
+        write_card = write_lora_model_card if lora else write_model_card
+        write_card(args, trainer, len(dataset), images.num_skipped, scheduler)
+
+    trainer.run(train_step, save, validate if args.validation_prompts else None, on_update=save_snapshot)
+
+
+if __name__ == "__main__":
+    main(parse_args())
