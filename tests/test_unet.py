@@ -196,7 +196,11 @@ def test_rejects_wrong_channel_count(tiny_pair):
 @pytest.mark.parametrize(
     "option, message",
     [
-        ({"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported"),
+        ({"class_embed_type": "learned"}, "class_embed_type='learned' is not supported; allowed"),
+        ({"addition_embed_type": "text_image"}, "addition_embed_type='text_image' is not supported"),
+        ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier' is not supported"),
+        ({"class_embed_type": "projection"}, "needs projection_class_embeddings_input_dim"),
+        ({"addition_embed_type": "text_time"}, "needs addition_time_embed_dim"),
         ({"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"]}, "must list 3 entries"),
         ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D"]}, "up_block_types="),
         ({"attention_head_dim": [2, 2]}, r"attention_head_dim=\[2, 2\] must have one entry per down block \(3\)"),

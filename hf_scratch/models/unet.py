@@ -6,16 +6,25 @@ embeddings. The layout, config keys and parameter names match `diffusers.UNet2DC
 (`CrossAttnDownBlock2D`, `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D`, `CrossAttnUpBlock2D`,
 `Transformer2DModel`, `BasicTransformerBlock`), so a folder saved by either class loads into the other. The adapter
 and attention-processor API (LoRA through peft, `set_attn_processor`, FreeU, ...) comes from `adapters.py`.
+
+`forward` takes what diffusers' U-Net takes, so diffusers' pipelines and loaders drive it unchanged: ControlNet
+residuals (Zhang et al. 2023, arXiv:2302.05543) added to the skips and the bottleneck, T2I-Adapter features (Mou et
+al. 2023, arXiv:2302.08453) added inside the contracting path, IP-Adapter image tokens (Ye et al. 2023,
+arXiv:2308.06721) beside the text through `encoder_hid_proj`, attention masks, class labels, LCM's `timestep_cond`
+(Luo et al. 2023, arXiv:2310.04378) and SDXL's added conditions (Podell et al. 2023, arXiv:2307.01952, Sec. 2.2).
+The contracting path and the time embedding are shared with the ControlNet (`controlnet.py`), which copies them.
 """
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin  # diffusers looks these names up in this module when loading
 from diffusers.configuration_utils import FrozenDict, register_to_config
-from diffusers.utils import BaseOutput, apply_lora_scale
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils import BaseOutput, apply_lora_scale, logging
 from diffusers.utils.torch_utils import apply_freeu
 from torch import nn
 
@@ -26,6 +35,7 @@ from .layers import (
     Downsample2D,
     ResnetBlock2D,
     RespectUmaskOnSaveMixin,
+    ScratchAttnProcessor,
     StrictFromPretrainedMixin,
     TimestepEmbedding,
     Timesteps,
@@ -33,24 +43,21 @@ from .layers import (
     get_activation,
 )
 
+logger = logging.get_logger(__name__)
+
 # Constants that diffusers and LDM fix rather than configure.
 TIME_EMBED_MULT = 4  # time embedding width = 4 x block_out_channels[0] (DDPM)
 FEED_FORWARD_MULT = 4  # transformer MLP width = 4 x model width (Vaswani et al.)
 TRANSFORMER_GROUP_NORM_EPS = 1e-6
 TRANSFORMER_LAYER_NORM_EPS = 1e-5
+MASKED_OUT_BIAS = -10000.0  # the score bias diffusers gives a token its mask discards
 
 # Config keys of diffusers' UNet2DConditionModel that SD 1.x / 2.x leave at these values; other values build
-# architectures (SDXL add-embeddings, class conditioning, ...) this file does not implement.
+# architectures (Kandinsky and IF embeddings, GLIGEN, Fourier time, ...) this file does not implement.
 FIXED_OPTIONS: dict[str, Any] = {
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "num_attention_heads": None,
     "dual_cross_attention": False,
-    "class_embed_type": None,
-    "num_class_embeds": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -58,13 +65,16 @@ FIXED_OPTIONS: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
-    "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
     "reverse_transformer_layers_per_block": None,
+}
+# Config keys with more than one value built here, and the values allowed.
+CHOICES: dict[str, tuple] = {
+    "class_embed_type": (None, "timestep", "identity", "projection", "simple_projection"),
+    "addition_embed_type": (None, "text_time"),
+    "encoder_hid_dim_type": (None, "text_proj"),
 }
 
 
@@ -73,6 +83,50 @@ class UNet2DConditionOutput(BaseOutput):
     """sample: the predicted noise ε (or v, or x_0, as the model was trained), shaped like the input latent."""
 
     sample: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AttentionExtras:
+    """What the attention layers take besides the tokens, as diffusers' U-Net hands it to its attention processors.
+
+    The masks are additive biases on the attention scores (0 to keep a token, `MASKED_OUT_BIAS` to drop it), shaped
+    (B, 1, key tokens); `processor_kwargs` is the rest of `cross_attention_kwargs` (IP-Adapter's `ip_adapter_masks`,
+    ...), each passed to the processors that name it. With none of them set the U-Net passes `None` instead, and every
+    attention layer runs its plain `forward`.
+    """
+
+    attention_mask: torch.Tensor | None = None  # on self-attention (attn1)
+    encoder_attention_mask: torch.Tensor | None = None  # on cross-attention to the text (attn2)
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def attend(
+        self,
+        attention: Attention,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | tuple | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`attention(hidden_states, context)` with `mask` and the processor arguments. `ScratchAttnProcessor` takes
+        no mask, so a masked call goes through diffusers' `AttnProcessor2_0` (SDPA with the bias), as it would on
+        diffusers' U-Net."""
+        if mask is None and not self.processor_kwargs:
+            return attention(hidden_states, context)
+        processor = attention.processor
+        if mask is not None and isinstance(processor, ScratchAttnProcessor):
+            processor = AttnProcessor2_0()
+        accepted = inspect.signature(processor.__call__).parameters
+        kwargs = {name: value for name, value in self.processor_kwargs.items() if name in accepted}
+        return processor(attention, hidden_states, context, attention_mask=mask, **kwargs)
+
+
+NO_EXTRAS = AttentionExtras()
+
+
+def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A keep (1) / discard (0) mask (B, tokens) as the score bias diffusers' processors add, (B, 1, tokens)."""
+    if mask is None:
+        return None
+    return ((1 - mask.to(dtype)) * MASKED_OUT_BIAS).unsqueeze(1)
 
 
 class GEGLU(nn.Module):
@@ -122,10 +176,17 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
         self.ff = FeedForward(dim, dropout)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, extras: AttentionExtras | None = None
+    ) -> torch.Tensor:
+        extras = NO_EXTRAS if extras is None else extras
         self_context = encoder_hidden_states if self.only_cross_attention else None
-        hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), self_context)
-        hidden_states = hidden_states + self.attn2(self.norm2(hidden_states), encoder_hidden_states)
+        attended = extras.attend(self.attn1, self.norm1(hidden_states), self_context, extras.attention_mask)
+        hidden_states = hidden_states + attended
+        attended = extras.attend(
+            self.attn2, self.norm2(hidden_states), encoder_hidden_states, extras.encoder_attention_mask
+        )
+        hidden_states = hidden_states + attended
         return hidden_states + self.ff(self.norm3(hidden_states))
 
 
@@ -165,7 +226,9 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)
         )
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, extras: AttentionExtras | None = None
+    ) -> torch.Tensor:
         batch, _, height, width = hidden_states.shape
         residual = hidden_states
         hidden_states = self.norm(hidden_states)
@@ -176,7 +239,7 @@ class Transformer2DModel(nn.Module):
         if self.use_linear_projection:
             hidden_states = self.proj_in(hidden_states)
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states)
+            hidden_states = block(hidden_states, encoder_hidden_states, extras)
         if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)
         # Back to (B, C, H, W): a free view for a channels-last input, else one copy to keep the convolutions NCHW.
@@ -200,12 +263,23 @@ class LevelConfig:
     only_cross_attention: bool  # only_cross_attention: attn1 attends to the text as well
 
 
+def time_embed_dim(config: FrozenDict) -> int:
+    """Width of the time embedding: 4 x the first level's channels (DDPM)."""
+    return config.block_out_channels[0] * TIME_EMBED_MULT
+
+
+def blocks_time_embed_dim(config: FrozenDict) -> int:
+    """Width of the embedding the ResNet blocks take: twice the time embedding's when the class embedding is
+    concatenated to it (`class_embeddings_concat`) rather than added."""
+    return time_embed_dim(config) * (2 if config.get("class_embeddings_concat") else 1)
+
+
 def _resnet(in_channels: int, out_channels: int, config: FrozenDict, output_scale_factor: float = 1.0) -> ResnetBlock2D:
     """A ResNet block that adds the time embedding, with the U-Net's norm, activation and dropout."""
     return ResnetBlock2D(
         in_channels,
         out_channels,
-        temb_channels=config.block_out_channels[0] * TIME_EMBED_MULT,
+        temb_channels=blocks_time_embed_dim(config),
         groups=config.norm_num_groups,
         eps=config.norm_eps,
         act_fn=config.act_fn,
@@ -251,17 +325,28 @@ class DownBlock2D(CheckpointedBlock):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        extras: AttentionExtras | None = None,
+        adapter_residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`adapter_residual`, a T2I-Adapter feature map, joins where diffusers adds it: after the last transformer
+        of a cross-attention block (before the downsample), else after the block, to its output and last skip."""
         skips = []
         for i, resnet in enumerate(self.resnets):
             hidden_states = self.run_layer(resnet, hidden_states, temb)
             if self.has_cross_attention:
-                hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states)
+                hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states, extras)
+                if adapter_residual is not None and i == len(self.resnets) - 1:
+                    hidden_states = hidden_states + adapter_residual
             skips.append(hidden_states)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)  # (B, C, H/2, W/2)
             skips.append(hidden_states)
+        if adapter_residual is not None and not self.has_cross_attention:
+            hidden_states = skips[-1] = hidden_states + adapter_residual
         return hidden_states, skips
 
 
@@ -284,10 +369,14 @@ class UNetMidBlock2DCrossAttn(CheckpointedBlock):
         self.attentions = nn.ModuleList([_spatial_transformer(level, False, config)])
 
     def forward(
-        self, hidden_states: torch.Tensor, temb: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        extras: AttentionExtras | None = None,
     ) -> torch.Tensor:
         hidden_states = self.run_layer(self.resnets[0], hidden_states, temb)
-        hidden_states = self.run_layer(self.attentions[0], hidden_states, encoder_hidden_states)
+        hidden_states = self.run_layer(self.attentions[0], hidden_states, encoder_hidden_states, extras)
         return self.run_layer(self.resnets[1], hidden_states, temb)
 
 
@@ -335,6 +424,7 @@ class UpBlock2D(CheckpointedBlock):
         temb: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         upsample_size: tuple[int, int] | None = None,
+        extras: AttentionExtras | None = None,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             skip = skips.pop()
@@ -343,7 +433,7 @@ class UpBlock2D(CheckpointedBlock):
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
             hidden_states = self.run_layer(resnet, hidden_states, temb)
             if self.has_cross_attention:
-                hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states)
+                hidden_states = self.run_layer(self.attentions[i], hidden_states, encoder_hidden_states, extras)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)  # (B, C, 2H, 2W) or the next skip's size
         return hidden_states
@@ -369,17 +459,113 @@ def _per_block(name: str, value: Any, num_blocks: int) -> list:
     return list(value)
 
 
+class ConditionedTimestepEmbedding(TimestepEmbedding):
+    """`TimestepEmbedding` that first adds a projected condition to the sinusoidal embedding: LCM's embedding of the
+    guidance scale (Luo et al. 2023, Sec. 4.2), built when the config sets `time_cond_proj_dim`."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, cond_proj_dim: int | None) -> None:
+        super().__init__(in_channels, time_embed_dim, act_fn)
+        self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
+
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError(
+                    "timestep_cond was given, but this model has time_cond_proj_dim=None; pass timestep_cond=None, "
+                    "or use a model configured with time_cond_proj_dim (an LCM-distilled U-Net)"
+                )
+            sample = sample + self.cond_proj(condition)
+        return super().forward(sample)
+
+
+def _class_embedding(config: FrozenDict, embed_dim: int, act_fn: str) -> nn.Module | None:
+    """The layer that embeds `class_labels` into the time embedding's space, by `class_embed_type`: a table of
+    `num_class_embeds` rows (None), the sinusoid and an MLP ("timestep"), the labels themselves ("identity"), an MLP
+    ("projection") or a linear map ("simple_projection") of `projection_class_embeddings_input_dim` features."""
+    kind, input_dim = config.class_embed_type, config.projection_class_embeddings_input_dim
+    if kind is None:
+        return None if config.num_class_embeds is None else nn.Embedding(config.num_class_embeds, embed_dim)
+    if kind == "timestep":
+        return TimestepEmbedding(config.block_out_channels[0], embed_dim, act_fn)
+    if kind == "identity":
+        return nn.Identity()
+    if input_dim is None:
+        raise ValueError(f"class_embed_type={kind!r} needs projection_class_embeddings_input_dim; it is None")
+    return TimestepEmbedding(input_dim, embed_dim) if kind == "projection" else nn.Linear(input_dim, embed_dim)
+
+
+class TimeEmbeddingMixin:
+    """The embedding every ResNet block adds: the timestep's sinusoid through an MLP (DDPM), plus the class-label
+    embedding and SDXL's added conditions when the config asks for them. The U-Net and the ControlNet both use it,
+    under diffusers' module names (`time_proj`, `time_embedding`, `class_embedding`, `add_time_proj`,
+    `add_embedding`)."""
+
+    def build_time_embedding(self, config: FrozenDict, class_act_fn: str) -> None:
+        width, embed_dim = config.block_out_channels[0], time_embed_dim(config)
+        self.time_proj = Timesteps(width, config.flip_sin_to_cos, config.freq_shift)
+        self.time_embedding = ConditionedTimestepEmbedding(
+            width, embed_dim, config.act_fn, config.get("time_cond_proj_dim")
+        )
+        self.class_embedding = _class_embedding(config, embed_dim, class_act_fn)
+        if config.addition_embed_type == "text_time":
+            if config.addition_time_embed_dim is None or config.projection_class_embeddings_input_dim is None:
+                raise ValueError(
+                    "addition_embed_type='text_time' needs addition_time_embed_dim and "
+                    "projection_class_embeddings_input_dim, the widths of SDXL's size embedding and of its input"
+                )
+            self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, embed_dim)
+
+    def embed_time(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        timestep_cond: torch.Tensor | None,
+        class_labels: torch.Tensor | None,
+        added_cond_kwargs: dict[str, Any] | None,
+    ) -> torch.Tensor:
+        """emb(t) [+ or ⊕ emb(class)] [+ emb(SDXL text and sizes)], shaped (B, width of the blocks' embedding)."""
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
+        temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype), timestep_cond)  # (B, time_embed_dim)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(
+                    f"class_labels is None, but this model embeds class labels (class_embed_type="
+                    f"{self.config.class_embed_type!r}, num_class_embeds={self.config.num_class_embeds!r}); pass them"
+                )
+            if self.config.class_embed_type == "timestep":
+                class_labels = self.time_proj(class_labels).to(sample.dtype)
+            class_emb = self.class_embedding(class_labels).to(sample.dtype)  # (B, time_embed_dim)
+            concat = self.config.get("class_embeddings_concat")
+            temb = torch.cat([temb, class_emb], dim=-1) if concat else temb + class_emb
+        if self.config.addition_embed_type == "text_time":
+            missing = {"text_embeds", "time_ids"} - set(added_cond_kwargs or {})
+            if missing:
+                raise ValueError(
+                    f"added_cond_kwargs lacks {sorted(missing)}: addition_embed_type='text_time' (SDXL) needs the "
+                    "pooled text embedding `text_embeds` and the size conditions `time_ids`"
+                )
+            text_embeds = added_cond_kwargs["text_embeds"]
+            time_embeds = self.add_time_proj(added_cond_kwargs["time_ids"].flatten())  # (B * n_ids, add_time_dim)
+            time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, n_ids * add_time_dim)
+            temb = temb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(temb.dtype))
+        return temb
+
+
 class ScratchUNet2DConditionModel(
-    RespectUmaskOnSaveMixin, StrictFromPretrainedMixin, ModelMixin, UNetAdapterMixin, ConfigMixin
+    RespectUmaskOnSaveMixin, StrictFromPretrainedMixin, ModelMixin, UNetAdapterMixin, TimeEmbeddingMixin, ConfigMixin
 ):
     """ε_θ(z_t, t, c): conv_in, contracting path, bottleneck, expanding path with skips, conv_out (LDM Appendix E).
 
     Config keys and their defaults are those of `diffusers.UNet2DConditionModel`. As there, `attention_head_dim` is
     the number of attention heads per resolution (a historical misnomer kept for checkpoint compatibility); each head
-    has `channels // attention_head_dim` dimensions. The keys in `FIXED_OPTIONS` must keep their SD values, and
-    `addition_embed_type_num_heads` is inert without `addition_embed_type`.
+    has `channels // attention_head_dim` dimensions. The keys in `FIXED_OPTIONS` must keep their SD values, those in
+    `CHOICES` take the values listed there, and `addition_embed_type_num_heads` is inert (it sizes embeddings that
+    are not built here).
 
-    LoRA and other peft adapters, attention processors and FreeU work as on diffusers' U-Net (`UNetAdapterMixin`).
+    LoRA and other peft adapters, attention processors and FreeU work as on diffusers' U-Net (`UNetAdapterMixin`), and
+    so does IP-Adapter loading (`UNet2DConditionLoadersMixin._load_ip_adapter_weights` sets `encoder_hid_proj` and
+    installs diffusers' IP-Adapter attention processors).
     """
 
     _supports_gradient_checkpointing = True
@@ -419,16 +605,16 @@ class ScratchUNet2DConditionModel(
         cross_attention_dim: int = 1280,
         transformer_layers_per_block: int | tuple[int, ...] = 1,
         reverse_transformer_layers_per_block: None = None,
-        encoder_hid_dim: None = None,
-        encoder_hid_dim_type: None = None,
+        encoder_hid_dim: int | None = None,
+        encoder_hid_dim_type: Literal[None, "text_proj"] = None,
         attention_head_dim: int | tuple[int, ...] = 8,
         num_attention_heads: None = None,
         dual_cross_attention: bool = False,
         use_linear_projection: bool = False,
-        class_embed_type: None = None,
-        addition_embed_type: None = None,
-        addition_time_embed_dim: None = None,
-        num_class_embeds: None = None,
+        class_embed_type: Literal[None, "timestep", "identity", "projection", "simple_projection"] = None,
+        addition_embed_type: Literal[None, "text_time"] = None,
+        addition_time_embed_dim: int | None = None,
+        num_class_embeds: int | None = None,
         upcast_attention: bool = False,
         resnet_time_scale_shift: Literal["default"] = "default",
         resnet_skip_time_act: bool = False,
@@ -437,10 +623,10 @@ class ScratchUNet2DConditionModel(
         time_embedding_dim: None = None,
         time_embedding_act_fn: None = None,
         timestep_post_act: None = None,
-        time_cond_proj_dim: None = None,
+        time_cond_proj_dim: int | None = None,
         conv_in_kernel: int = 3,
         conv_out_kernel: int = 3,
-        projection_class_embeddings_input_dim: None = None,
+        projection_class_embeddings_input_dim: int | None = None,
         attention_type: Literal["default"] = "default",
         class_embeddings_concat: bool = False,
         mid_block_only_cross_attention: None = None,
@@ -454,6 +640,16 @@ class ScratchUNet2DConditionModel(
                     f"{key}={self.config[key]!r} is not supported: this U-Net implements SD 1.x / 2.x, which use "
                     f"{key}={supported!r}"
                 )
+        for key, allowed in CHOICES.items():
+            if self.config[key] not in allowed:
+                raise ValueError(f"{key}={self.config[key]!r} is not supported; allowed: {allowed}")
+        if encoder_hid_dim is not None and encoder_hid_dim_type is None:
+            self.register_to_config(encoder_hid_dim_type="text_proj")  # as diffusers infers it
+        if (encoder_hid_dim is None) != (self.config.encoder_hid_dim_type is None):
+            raise ValueError(
+                f"encoder_hid_dim={encoder_hid_dim!r} and encoder_hid_dim_type={encoder_hid_dim_type!r}: set both "
+                "(a linear map of the text from encoder_hid_dim to cross_attention_dim) or neither"
+            )
         num_blocks = len(block_out_channels)
         for name, types, blocks in (
             ("down", down_block_types, DOWN_BLOCKS),
@@ -475,10 +671,10 @@ class ScratchUNet2DConditionModel(
             for i in range(num_blocks)
         ]
 
-        time_embed_dim = block_out_channels[0] * TIME_EMBED_MULT
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
-        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
-        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_embed_dim, act_fn)
+        self.build_time_embedding(self.config, class_act_fn=act_fn)
+        # The text's projection to cross_attention_dim ("text_proj"); IP-Adapter loading puts its image projection here.
+        self.encoder_hid_proj = None if encoder_hid_dim is None else nn.Linear(encoder_hid_dim, cross_attention_dim)
 
         self.down_blocks = nn.ModuleList(
             DOWN_BLOCKS[block_type](
@@ -520,59 +716,138 @@ class ScratchUNet2DConditionModel(
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
-        cross_attention_kwargs: dict | None = None,
-        added_cond_kwargs: dict | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         """Predict the noise in `sample` (B, in_channels, H, W) at `timestep` given text tokens (B, L, cross_dim).
 
-        `cross_attention_kwargs={"scale": s}` scales every LoRA update by s for this call (`apply_lora_scale` takes
-        the key out). `timestep_cond` and `added_cond_kwargs` exist so that diffusers' own pipelines can call this
-        model; SD 1.x/2.x pass them empty, and anything else raises (LCM and SDXL conditioning are not built).
+        The other arguments are diffusers' (`UNet2DConditionModel.forward`), with its meaning:
+        - `class_labels`, `timestep_cond`, `added_cond_kwargs` ("text_embeds" and "time_ids" for SDXL's added
+          embedding, "image_embeds" for a loaded IP-Adapter) join the time embedding or the tokens (`embed_time`,
+          `_tokens`);
+        - `attention_mask` and `encoder_attention_mask`, (B, tokens) with 1 = keep, 0 = discard, mask self- and
+          cross-attention scores; `cross_attention_kwargs={"scale": s}` scales every LoRA update by s for this call,
+          and its other keys go to the attention processors that take them;
+        - `down_block_additional_residuals` (one per skip) and `mid_block_additional_residual` are a ControlNet's,
+          added to the skips and to the bottleneck's output; `down_intrablock_additional_residuals` are a
+          T2I-Adapter's, one per level from the finest, added inside the contracting path (`DownBlock2D.forward`).
         """
-        for name, value in (
-            ("timestep_cond", timestep_cond),
-            ("cross_attention_kwargs", cross_attention_kwargs),
-            ("added_cond_kwargs", added_cond_kwargs),
-        ):
-            if value is not None and not (isinstance(value, dict) and not value):
-                allowed = '{"scale": s}, the LoRA scale, or None' if name == "cross_attention_kwargs" else "None"
-                raise ValueError(f"{name}={value!r} is not supported by ScratchUNet2DConditionModel; pass {allowed}")
-        self._check_inputs(sample, encoder_hidden_states)
+        self._check_inputs(sample, encoder_hidden_states, cross_attention_kwargs)
+        control_residuals, adapter_residuals = self._split_residuals(
+            down_block_additional_residuals, mid_block_additional_residual, down_intrablock_additional_residuals
+        )
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
-        temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))  # (B, time_embed_dim)
+        temb = self.embed_time(sample, timestep, timestep_cond, class_labels, added_cond_kwargs)  # (B, temb width)
+        encoder_hidden_states = self._tokens(encoder_hidden_states, added_cond_kwargs)
+        extras = None
+        if attention_mask is not None or encoder_attention_mask is not None or cross_attention_kwargs:
+            masks = (mask_to_bias(mask, sample.dtype) for mask in (attention_mask, encoder_attention_mask))
+            extras = AttentionExtras(*masks, processor_kwargs=cross_attention_kwargs or {})
 
         sample = self.conv_in(sample)  # (B, C0, H, W)
         skips = [sample]
         for down_block in self.down_blocks:
-            sample, block_skips = down_block(sample, temb, encoder_hidden_states)
+            adapter_residual = adapter_residuals.pop(0) if adapter_residuals else None
+            sample, block_skips = down_block(sample, temb, encoder_hidden_states, extras, adapter_residual)
             skips.extend(block_skips)
-        sample = self.mid_block(sample, temb, encoder_hidden_states)
+        if control_residuals is not None:
+            skips = [skip + residual for skip, residual in zip(skips, control_residuals[0])]
+        sample = self.mid_block(sample, temb, encoder_hidden_states, extras)
+        if adapter_residuals and adapter_residuals[0].shape == sample.shape:  # an adapter with a map for the bottleneck
+            sample = sample + adapter_residuals.pop(0)
+        if control_residuals is not None:
+            sample = sample + control_residuals[1]
         # A size that is not a multiple of 2^(levels − 1) shrinks by rounding up on the way down; the way up then
         # upsamples to each skip's size instead of doubling, as diffusers' U-Net does.
         odd_size = any(size % self.downsampling_factor for size in skips[0].shape[-2:])
         for up_block in self.up_blocks:
             remaining = len(skips) - len(up_block.resnets)  # the skips left for the blocks above this one
             upsample_size = skips[remaining - 1].shape[-2:] if odd_size and remaining > 0 else None
-            sample = up_block(sample, skips, temb, encoder_hidden_states, upsample_size)
+            sample = up_block(sample, skips, temb, encoder_hidden_states, upsample_size, extras)
         sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, out_channels, H, W)
 
         if not return_dict:
             return (sample,)
         return UNet2DConditionOutput(sample=sample)
 
-    def _check_inputs(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
+    def _tokens(
+        self, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict[str, Any] | None
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The tokens cross-attention reads: the text, through `encoder_hid_proj` for "text_proj"; once diffusers has
+        loaded an IP-Adapter (`encoder_hid_dim_type` "ip_image_proj"), the pair (text, [image tokens per adapter])
+        that its attention processors take, the image tokens projected from `added_cond_kwargs["image_embeds"]`."""
+        if self.encoder_hid_proj is None:
+            return encoder_hidden_states
+        if self.config.encoder_hid_dim_type == "text_proj":
+            return self.encoder_hid_proj(encoder_hidden_states)  # (B, L, cross_attention_dim)
+        if "image_embeds" not in (added_cond_kwargs or {}):
+            raise ValueError(
+                "added_cond_kwargs has no 'image_embeds', but an IP-Adapter is loaded (encoder_hid_dim_type="
+                f"{self.config.encoder_hid_dim_type!r}); pass the image embeddings, or unload the IP-Adapter"
+            )
+        if getattr(self, "text_encoder_hid_proj", None) is not None:  # a "text_proj" the IP-Adapter loader moved
+            encoder_hidden_states = self.text_encoder_hid_proj(encoder_hidden_states)
+        return encoder_hidden_states, self.encoder_hid_proj(added_cond_kwargs["image_embeds"])
+
+    def _split_residuals(
+        self,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None,
+        mid_block_additional_residual: torch.Tensor | None,
+        down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None,
+    ) -> tuple[tuple[list[torch.Tensor], torch.Tensor] | None, list[torch.Tensor]]:
+        """((ControlNet's skip residuals, its bottleneck residual) or None, T2I-Adapter residuals to take in order).
+
+        As in diffusers, skip residuals without a bottleneck residual are an older T2I-Adapter call and count as
+        adapter residuals."""
+        adapter = down_intrablock_additional_residuals
+        if adapter is None and mid_block_additional_residual is None:
+            adapter = down_block_additional_residuals
+        if down_block_additional_residuals is None or mid_block_additional_residual is None:
+            return None, list(adapter or [])
+        skips = sum(
+            len(block.resnets) + (getattr(block, "downsamplers", None) is not None) for block in self.down_blocks
+        )
+        if len(down_block_additional_residuals) != skips + 1:
+            raise ValueError(
+                f"down_block_additional_residuals has {len(down_block_additional_residuals)} tensors; this U-Net has "
+                f"{skips + 1} skip connections (conv_in's output and each down-block layer's), one residual each"
+            )
+        return (list(down_block_additional_residuals), mid_block_additional_residual), list(adapter or [])
+
+    def _check_inputs(
+        self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, cross_attention_kwargs: dict | None
+    ) -> None:
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"sample has shape {tuple(sample.shape)}; expected (batch, {self.config.in_channels}, height, width)"
             )
         if min(sample.shape[-2:]) < 1:
             raise ValueError(f"sample has spatial size {tuple(sample.shape[-2:])}; height and width must be positive")
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != self.config.cross_attention_dim:
+        text_dim = self.config.encoder_hid_dim or self.config.cross_attention_dim
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != text_dim:
+            name = "encoder_hid_dim" if self.config.encoder_hid_dim else "cross_attention_dim"
             raise ValueError(
                 f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; expected "
-                f"(batch, sequence_length, {self.config.cross_attention_dim}) to match cross_attention_dim"
+                f"(batch, sequence_length, {text_dim}) to match {name}"
             )
+        if cross_attention_kwargs:
+            taken = {
+                name
+                for processor in self.attn_processors.values()
+                for name in inspect.signature(processor.__call__).parameters
+            }
+            if set(cross_attention_kwargs) - taken:
+                raise ValueError(
+                    f"cross_attention_kwargs={cross_attention_kwargs!r} has keys that no attention processor of this "
+                    f"U-Net takes ({sorted(set(cross_attention_kwargs) - taken)}); pass {{'scale': s}}, the LoRA "
+                    "scale, the arguments of the installed processors (such as IP-Adapter's ip_adapter_masks), or None"
+                )
