@@ -419,7 +419,7 @@ BAD_IMAGE_TO_IMAGE_INPUTS = {
     "strength zero": (dict(strength=0.0), r"`strength` must be in \(0, 1\]"),
     "strength above one": (dict(strength=1.5), r"`strength` must be in \(0, 1\]"),
     "strength too small for steps": (dict(strength=0.1, num_inference_steps=5), "leaves no denoising step"),
-    "no image": (dict(image=None), "`image` must be a PIL image"),
+    "no image": (dict(image=None), "`image` is required"),
     "image too small": (dict(image=torch.rand(1, 3, 6, 32)), "`image` is 6x32 pixels; it must be at least 8"),
     "image dimensions": (dict(image=torch.rand(32, 32)), r"got shape \(32, 32\)"),
     "image count": (dict(prompt=["a", "b", "c"], image=init_image(2)), "pass one image or one per prompt"),

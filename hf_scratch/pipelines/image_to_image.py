@@ -7,12 +7,11 @@ scheduler and seed, the images equal those of diffusers' `StableDiffusionImg2Img
 
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers.image_processor import PipelineImageInput
 from diffusers.utils.torch_utils import randn_tensor
 
+from hf_scratch.images import batch_of, read_images
 from hf_scratch.pipelines.loaders import scales_lora
 from hf_scratch.pipelines.text_to_image import (
     ScratchPipelineOutput,
@@ -22,111 +21,36 @@ from hf_scratch.pipelines.text_to_image import (
 )
 
 
-def _rgb_pil(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode as RGB; transparent pixels (RGBA, LA, PA, palette transparency) are laid on white."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _rgb_array(image: np.ndarray | torch.Tensor, channel_axis: int) -> np.ndarray | torch.Tensor:
-    """Floats in [0, 1] (or the caller's [-1, 1]) with 3 channels: uint8 is read as 0–255, grey is repeated, and an
-    alpha channel is laid on white."""
-    is_tensor = isinstance(image, torch.Tensor)
-    if image.dtype in (np.uint8, torch.uint8):
-        image = image.float() / 255 if is_tensor else image.astype(np.float32) / 255
-    elif not (image.is_floating_point() if is_tensor else np.issubdtype(image.dtype, np.floating)):
-        raise TypeError(f"`image` arrays must hold floats in [0, 1] or uint8 in 0–255, got dtype {image.dtype}.")
-    finite = torch.isfinite(image).all() if is_tensor else np.isfinite(image).all()
-    if not finite:
-        raise ValueError("`image` contains NaN or infinite values.")
-    channels = image.shape[channel_axis]
-    if channels == 4:
-        index = [slice(None)] * image.ndim
-        index[channel_axis] = slice(0, 3)
-        colour = image[tuple(index)]
-        index[channel_axis] = slice(3, 4)
-        alpha = image[tuple(index)]
-        image = colour * alpha + (1 - alpha)  # over white
-    elif channels == 1:
-        repeats = [1] * image.ndim
-        repeats[channel_axis] = 3
-        image = image.repeat(*repeats) if is_tensor else np.tile(image, repeats)
-    return image
-
-
-def as_rgb_images(image: PipelineImageInput) -> PipelineImageInput:
-    """The image(s) as people pass them, made into what the VAE reads: RGB PIL images, or float arrays (H, W, 3) /
-    tensors (3, H, W) with a leading batch axis optional. Grey numpy (H, W) arrays become (H, W, 3). A list mixing PIL
-    images and arrays becomes a list of PIL images."""
-    if isinstance(image, list):
-        converted = [as_rgb_images(item) for item in image]
-        if any(isinstance(item, PIL.Image.Image) for item in converted) and not all(
-            isinstance(item, PIL.Image.Image) for item in converted
-        ):
-            converted = [item if isinstance(item, PIL.Image.Image) else _to_pil(item) for item in converted]
-        return converted
-    if isinstance(image, PIL.Image.Image):
-        return _rgb_pil(image)
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = image[..., None]
-        return _rgb_array(image, channel_axis=-1) if image.ndim in (3, 4) else image
-    if isinstance(image, torch.Tensor):  # (C, H, W) or (N, C, H, W); a 2-D tensor is refused by `check_image`
-        return _rgb_array(image, channel_axis=-3) if image.ndim in (3, 4) else image
-    return image
-
-
-def _to_pil(image: np.ndarray | torch.Tensor) -> PIL.Image.Image:
-    """One float image, (H, W, 3) array in [0, 1] or (3, H, W) tensor in [-1, 1] or [0, 1], as an RGB PIL image."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu()
-        image = ((image + 1) / 2 if image.min() < 0 else image).permute(*range(image.ndim - 3), -2, -1, -3).numpy()
-    if image.ndim == 4:
-        if image.shape[0] != 1:
-            raise ValueError("`image` lists that mix PIL images and arrays need one image per array.")
-        image = image[0]
-    return PIL.Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-
-
 class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
     """Stable Diffusion image-to-image: text-to-image's components and loop, started from a noised input image."""
 
-    def check_image(self, image: PipelineImageInput, strength: float, num_inference_steps: int) -> tuple[int, int]:
-        """Raise `ValueError` for a bad `image` or a `strength` that leaves no denoising step; return the size
-        (height, width) the image is resized to: its own, rounded down to a multiple of `self.size_multiple`."""
-        images = image if isinstance(image, list) else [image]
-        if not images or not all(isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)) for item in images):
-            raise ValueError(
-                "`image` must be a PIL image, a numpy array, a torch tensor or a non-empty list of them, got "
-                f"{type(image).__name__}."
-            )
-        first = images[0]
-        if not isinstance(first, PIL.Image.Image) and first.ndim not in (3, 4):
-            raise ValueError(
-                f"`image` arrays must be (H, W, C) or (N, H, W, C) and tensors (C, H, W) or (N, C, H, W), got shape "
-                f"{tuple(first.shape)}."
-            )
+    def check_image(
+        self, pixels: list[torch.Tensor], strength: float, num_steps: int, schedule: str
+    ) -> tuple[int, int]:
+        """Raise `ValueError` for images (`read_images`' tensors) smaller than `self.size_multiple` or a `strength`
+        that leaves none of the `num_steps` steps (`schedule` says where that count comes from); return the size
+        (height, width) the images are resized to: the first one's, rounded down to a multiple of
+        `self.size_multiple`."""
         if check_real("strength", strength) <= 0 or strength > 1:
             raise ValueError(f"`strength` must be in (0, 1], got {strength!r}.")
-        if int(num_inference_steps * strength) < 1:
+        if int(num_steps * strength) < 1:
             raise ValueError(
-                f"`strength` {strength} x `num_inference_steps` {num_inference_steps} leaves no denoising step; "
-                "raise either so that their product is at least 1."
+                f"`strength` {strength} x {num_steps} steps ({schedule}) leaves no denoising step; raise either so "
+                "that their product is at least 1."
             )
-        if isinstance(first, PIL.Image.Image):
-            height, width = first.height, first.width
-        elif isinstance(first, torch.Tensor):
-            height, width = first.shape[-2:]
-        else:
-            height, width = first.shape[-3:-1]
+        height, width = pixels[0].shape[-2:]
         if min(height, width) < self.size_multiple:
             raise ValueError(
                 f"`image` is {height}x{width} pixels; it must be at least {self.size_multiple} pixels on each side."
             )
         return height - height % self.size_multiple, width - width % self.size_multiple
+
+    @staticmethod
+    def schedule_source(timesteps: list | None, sigmas: list | None) -> str:
+        """Where the step count comes from, for `check_image`'s message."""
+        if timesteps is not None:
+            return "the length of `timesteps`"
+        return "the length of `sigmas`" if sigmas is not None else "`num_inference_steps`"
 
     def get_timesteps(self, num_inference_steps: int, strength: float) -> torch.Tensor:
         """The last `strength` fraction of the scheduler's timesteps (call after `scheduler.set_timesteps`)."""
@@ -134,7 +58,13 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         t_start = (num_inference_steps - init_timestep) * self.scheduler.order
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(t_start)
-        return self.scheduler.timesteps[t_start:]
+        timesteps = self.scheduler.timesteps[t_start:]
+        if len(timesteps) == 0:
+            raise ValueError(
+                f"`strength` {strength} leaves none of the scheduler's {len(self.scheduler.timesteps)} timesteps; "
+                "raise `strength` or the number of steps."
+            )
+        return timesteps
 
     def prepare_image_latents(
         self,
@@ -195,9 +125,11 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         """Transform `image` guided by text.
 
         Args:
-            image: a PIL image, an `(H, W, 3)` / `(N, H, W, 3)` array in [0, 1], an `(N, 3, H, W)` tensor in [-1, 1]
-                or [0, 1], or a list of them: one image, or one per prompt. Images are resized to the first one's size
-                rounded down to a multiple of 8 (and of the VAE's downsampling factor).
+            image: a PIL image of any mode, a numpy array `(H, W[, C])` / `(N, H, W, C)` or a tensor `(C, H, W)` /
+                `(N, C, H, W)` of uint8, uint16 or floats in [0, 1] (or [-1, 1]), or a list of them: one image, or
+                one per prompt, read by `hf_scratch.images.read_image` (which refuses ambiguous ranges by name).
+                Images are resized to the first one's size rounded down to a multiple of 8 (and of the VAE's
+                downsampling factor).
             strength: how far into the noise schedule to start, in (0, 1]; 1 ignores the image's content, and
                 `int(num_inference_steps * strength)` steps are run.
             The other arguments (`guidance_rescale`, `timesteps`, `sigmas`, `cross_attention_kwargs` among them) are
@@ -210,14 +142,14 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         )  # fmt: skip
         num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
         check_real("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
-        image = as_rgb_images(image)
-        height, width = self.check_image(image, strength, num_inference_steps)
+        pixels = read_images(image, "image")
+        num_steps = self.check_timesteps(num_inference_steps, timesteps, sigmas)
+        height, width = self.check_image(pixels, strength, num_steps, self.schedule_source(timesteps, sigmas))
         self.check_memory(batch_size * num_images_per_prompt, height, width)
-        image = self.image_processor.preprocess(image, height=height, width=width)
-        if image.shape[0] not in (1, batch_size) or image.shape[1] != self.vae.config.in_channels:
+        image = 2 * batch_of(pixels, height, width) - 1  # [0, 1] -> the VAE's [-1, 1]
+        if image.shape[0] not in (1, batch_size):
             raise ValueError(
-                f"`image` gives a batch of shape {tuple(image.shape)}; pass one image or one per prompt "
-                f"({batch_size}), each with {self.vae.config.in_channels} channels."
+                f"`image` gives a batch of {image.shape[0]} images; pass one image or one per prompt ({batch_size})."
             )
         num_images = batch_size * num_images_per_prompt
 

@@ -15,13 +15,13 @@ pure noise. Given the same components, scheduler and seed, the images equal diff
 
 from typing import Any
 
-import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.image_processor import PipelineImageInput
 from diffusers.utils.torch_utils import randn_tensor
 
-from hf_scratch.pipelines.image_to_image import ScratchStableDiffusionImg2ImgPipeline, as_rgb_images
+from hf_scratch.images import batch_of, read_images
+from hf_scratch.pipelines.image_to_image import ScratchStableDiffusionImg2ImgPipeline
 from hf_scratch.pipelines.loaders import scales_lora
 from hf_scratch.pipelines.text_to_image import ScratchPipelineOutput, StepCallback, check_real, check_tensor
 
@@ -31,13 +31,6 @@ MASK_CHANNELS = 1
 
 class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipeline):
     """Stable Diffusion inpainting on a 9-channel inpainting U-Net or, by latent blending, any 4-channel one."""
-
-    @property
-    def mask_processor(self) -> VaeImageProcessor:
-        """Reads masks as grey, resized like the image, binarised at ½ and kept in [0, 1] (1 = repaint)."""
-        return VaeImageProcessor(
-            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
-        )
 
     # ------------------------------------------------------------------ checks
 
@@ -55,17 +48,6 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
             f"blended) or {latent_channels} latents + {MASK_CHANNELS} mask + {masked_image_channels} masked-image "
             "latent channels (an inpainting U-Net such as SD 1.5 inpainting's)."
         )
-
-    @staticmethod
-    def check_mask(mask_image: Any) -> None:
-        masks = mask_image if isinstance(mask_image, list) else [mask_image]
-        if mask_image is None or not masks:
-            raise ValueError("`mask_image` is required: white (1) where the image is repainted, black (0) elsewhere.")
-        if not all(isinstance(mask, (PIL.Image.Image, torch.Tensor)) or hasattr(mask, "shape") for mask in masks):
-            raise ValueError(
-                "`mask_image` must be a PIL image, a numpy array, a torch tensor or a list of them, got "
-                f"{type(masks[0]).__name__}."
-            )
 
     # ------------------------------------------------------------------ latents
 
@@ -112,8 +94,8 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
 
         Args:
             image: the image to repaint, as for image-to-image; it is resized to `height` x `width`.
-            mask_image: white (≥ ½) where the image is repainted: a PIL image, an array or tensor in [0, 1], or a
-                list of them (one, or one per prompt).
+            mask_image: white (≥ ½) where the image is repainted: a PIL image, an array or tensor as for `image` but
+                in [0, 1] (colour is read as its luma), or a list of them (one, or one per prompt).
             masked_image_latents: the scaled VAE latents of the masked image, to skip encoding it (9-channel U-Nets).
             height, width: output size in pixels, a multiple of 8; default `unet.config.sample_size * vae_scale_factor`.
             strength: how far into the noise schedule to start, in (0, 1]; 1 (the default) starts from pure noise.
@@ -133,9 +115,12 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
         check_real("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
         height, width = int(height), int(width)
         num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
-        image = as_rgb_images(image)
-        self.check_image(image, strength, num_inference_steps)
-        self.check_mask(mask_image)
+        pixels = read_images(image, "image")
+        if mask_image is None:
+            raise ValueError("`mask_image` is required: white (1) where the image is repainted, black (0) elsewhere.")
+        masks = read_images(mask_image, "mask_image", grey=True)
+        num_steps = self.check_timesteps(num_inference_steps, timesteps, sigmas)
+        self.check_image(pixels, strength, num_steps, self.schedule_source(timesteps, sigmas))
         num_images = batch_size * num_images_per_prompt
         self.check_memory(num_images, height, width)
         f = self.vae_scale_factor
@@ -160,7 +145,7 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
 
         _, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
         timesteps = self.get_timesteps(num_inference_steps, strength)
-        init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        init_image = 2 * batch_of(pixels, height, width) - 1  # [0, 1] -> the VAE's [-1, 1]
         if init_image.shape[0] not in (1, num_images) and num_images % init_image.shape[0]:
             raise ValueError(f"`image` gives {init_image.shape[0]} images; pass one or one per prompt ({batch_size}).")
 
@@ -181,7 +166,7 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
             noise = latents.to(device)
             latents = noise * self.scheduler.init_noise_sigma
 
-        mask = self.mask_processor.preprocess(mask_image, height=height, width=width)
+        mask = (batch_of(masks, height, width) >= 0.5).to(torch.float32)  # binarised, 1 = repaint
         masked_image = init_image * (mask < 0.5) if masked_image_latents is None else masked_image_latents
         mask = F.interpolate(mask, size=latent_shape[2:]).to(device, dtype)
         masked_image = masked_image.to(device, dtype)

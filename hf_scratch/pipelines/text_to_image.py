@@ -34,7 +34,8 @@ import hf_scratch.schedulers.ddim  # noqa: F401  isort: skip
 import hf_scratch.schedulers.ddpm  # noqa: F401  isort: skip
 import hf_scratch.schedulers.dpm_solver  # noqa: F401  isort: skip
 import hf_scratch.schedulers.flow_match  # noqa: F401  isort: skip
-from hf_scratch.schedulers.schedule import original_sample_of_step  # isort: skip
+from hf_scratch.schedulers import scheduler_family  # isort: skip
+from hf_scratch.schedulers.schedule import check_custom_schedule, original_sample_of_step  # isort: skip
 from hf_scratch.pipelines.loaders import ScratchLoadersMixin, scales_lora  # isort: skip
 
 logger = logging.get_logger(__name__)
@@ -96,6 +97,23 @@ def check_tensor(name: str, value: Any, ndim: int) -> None:
         raise ValueError(f"`{name}` contains NaN or infinite values.")
 
 
+def checked_callback_tensor(outputs: dict, name: str, current: torch.Tensor, step_index: int) -> torch.Tensor:
+    """`outputs[name]` when a step callback returned it, else `current`; refused unless it is a tensor of the same
+    shape and dtype as `current`."""
+    if name not in outputs:
+        return current
+    value = outputs[name]
+    if not isinstance(value, torch.Tensor) or value.shape != current.shape or value.dtype != current.dtype:
+        got = (
+            f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        )
+        raise ValueError(
+            f"`callback_on_step_end` returned `{name}` as {got} at step {step_index}; it must be a tensor of the "
+            f"shape {tuple(current.shape)} and dtype {current.dtype} it was given."
+        )
+    return value.to(current.device)
+
+
 @dataclass
 class ScratchPipelineOutput(BaseOutput):
     """Generated images: a list of PIL images, an `(N, H, W, 3)` array in [0, 1], an `(N, 3, H, W)` tensor in [0, 1],
@@ -140,6 +158,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
         # Pixel sizes must be a multiple of 8 (as in diffusers) and of the VAE's downsampling factor.
         self.size_multiple = math.lcm(8, self.vae_scale_factor)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # What the U-Net was trained as ("ddpm", "edm" or "flow"): the family of the scheduler it came with (of the
+        # folder's own scheduler when loaded by `from_pretrained`). A scheduler of another family set later is named.
+        self.model_family = scheduler_family(scheduler.config) if scheduler is not None else None
+        self._family_warnings: set[str] = set()
 
     @property
     def components(self) -> dict[str, Any]:
@@ -192,7 +214,15 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
         folder = Path(pretrained_model_name_or_path)
         if (folder / "model_index.json").is_file():
             # diffusers quietly builds some components (a 2-token CLIPTokenizer, say) from a missing subfolder.
-            index = json.loads((folder / "model_index.json").read_text())
+            index = cls.read_json(folder / "model_index.json")
+            for name, value in index.items():
+                if name.startswith("_") or not isinstance(value, list):
+                    continue  # pipeline config values such as requires_safety_checker
+                if len(value) != 2 or not all(isinstance(part, (str, type(None))) for part in value):
+                    raise ValueError(
+                        f"{str(folder / 'model_index.json')!r}: the entry {name!r} must be [library, class name], as "
+                        f'diffusers writes it (e.g. ["diffusers", "DDIMScheduler"]), got {value!r}.'
+                    )
             missing = [
                 name for name, value in index.items()
                 if not name.startswith("_") and isinstance(value, list) and value[0] is not None
@@ -204,7 +234,22 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
                     f"({', '.join(str(folder / name) for name in missing)}); copy the whole pipeline folder, or pass "
                     "the components as arguments."
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        saved_scheduler = folder / "scheduler" / "scheduler_config.json"
+        if isinstance(pipe, ScratchStableDiffusionPipeline) and saved_scheduler.is_file():
+            pipe.model_family = scheduler_family(cls.read_json(saved_scheduler))
+        return pipe
+
+    @staticmethod
+    def read_json(path: str | os.PathLike) -> dict:
+        """A JSON object from `path`; ValueError naming the file when it is not one."""
+        try:
+            loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{str(path)!r} is not valid JSON ({error}).") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(loaded).__name__}.")
+        return loaded
 
     @classmethod
     def from_official(cls, folder: str | os.PathLike, **kwargs: Any) -> "ScratchStableDiffusionPipeline":
@@ -394,32 +439,48 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
                     f'{name}.from_config(pipe.scheduler.config, timestep_spacing="trailing").'
                 )
 
-    def retrieve_timesteps(
-        self, num_inference_steps: int, device: torch.device, timesteps: Sequence[float] | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> tuple[torch.Tensor, int]:  # fmt: skip
-        """Set the scheduler's timesteps, `num_inference_steps` of them or the custom `timesteps` / `sigmas` (for
-        schedulers whose `set_timesteps` takes them, as diffusers' `retrieve_timesteps`); return them and their
-        count."""
+    def check_timesteps(
+        self, num_inference_steps: int, timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None
+    ) -> int:
+        """Refuse, by name, custom `timesteps` / `sigmas` the scheduler cannot take or that are not finite, strictly
+        decreasing and in range for its family (`check_custom_schedule`); name, once per pipeline, a scheduler of
+        another family than the model's. Return the number of steps the call will run."""
+        family = scheduler_family(self.scheduler.config)
+        if self.model_family is not None and family != self.model_family and family not in self._family_warnings:
+            self._family_warnings.add(family)
+            logger.warning(
+                f"{type(self.scheduler).__name__} samples {family}-family models, but this pipeline's U-Net came with "
+                f"a {self.model_family}-family scheduler; its images will be wrong. Set a {self.model_family}-family "
+                "scheduler (hf_scratch.schedulers.make_scheduler names them)."
+            )
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass at most one of `timesteps` and `sigmas`, got both.")
         for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
             if values is None:
                 continue
-            numbers = isinstance(values, (list, tuple, np.ndarray, torch.Tensor)) and len(values) > 0
-            if not numbers or not all(
-                isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-                for v in (values.tolist() if hasattr(values, "tolist") else values)
-            ):
-                raise TypeError(f"`{name}` must be a non-empty list of numbers, got {values!r}.")  # fmt: skip
+            values = check_custom_schedule(name, values, family, self.scheduler.config.get("num_train_timesteps"))
             if name not in inspect.signature(self.scheduler.set_timesteps).parameters:
                 raise ValueError(
                     f"`{name}` is not supported by {type(self.scheduler).__name__}, whose `set_timesteps` takes no "
                     f"custom {name}; use a scheduler that does (diffusers' DDPMScheduler or EulerDiscreteScheduler, "
                     "or a flow-matching scheduler)."
                 )
-            self.scheduler.set_timesteps(device=device, **{name: list(values)})
-            return self.scheduler.timesteps, len(self.scheduler.timesteps)
+            return len(values)
+        return num_inference_steps
+
+    def retrieve_timesteps(
+        self, num_inference_steps: int, device: torch.device, timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, int]:  # fmt: skip
+        """Set the scheduler's timesteps, `num_inference_steps` of them or the custom `timesteps` / `sigmas` (checked
+        by `check_timesteps`, for schedulers whose `set_timesteps` takes them, as diffusers' `retrieve_timesteps`);
+        return them and their count."""
+        self.check_timesteps(num_inference_steps, timesteps, sigmas)
+        for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if values is not None:
+                values = values.tolist() if hasattr(values, "tolist") else list(values)
+                self.scheduler.set_timesteps(device=device, **{name: values})
+                return self.scheduler.timesteps, len(self.scheduler.timesteps)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps, num_inference_steps
 
@@ -604,8 +665,10 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
                             "`callback_on_step_end` must return a dict of tensors (or None), got "
                             f"{type(callback_outputs).__name__} at step {step_index}."
                         )
-                    latents = callback_outputs.get("latents", latents)
-                    prompt_embeds = callback_outputs.get("prompt_embeds", prompt_embeds)
+                    latents = checked_callback_tensor(callback_outputs, "latents", latents, step_index)
+                    prompt_embeds = checked_callback_tensor(
+                        callback_outputs, "prompt_embeds", prompt_embeds, step_index
+                    )
 
                 if not torch.isfinite(latents).all():
                     raise ValueError(
@@ -696,6 +759,7 @@ class ScratchStableDiffusionPipeline(DiffusionPipeline, ScratchLoadersMixin):
         check_real("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
         height, width = int(height), int(width)
         num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
+        self.check_timesteps(num_inference_steps, timesteps, sigmas)
         num_images = batch_size * num_images_per_prompt
         self.check_memory(num_images, height, width)
         latent_shape = self.latent_shape(num_images, height, width)

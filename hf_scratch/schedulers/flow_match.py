@@ -28,6 +28,7 @@ from .schedule import (
     ScratchSchedulerOutput,
     StepIndexMixin,
     check_choice,
+    check_custom_schedule,
     check_num_inference_steps,
     flow_original_sample,
 )
@@ -117,6 +118,11 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerBase, SchedulerMix
         and then shifted, or the given `sigmas` / `timesteps`; a final σ = 0 is appended."""
         if self.config.use_dynamic_shifting and mu is None:
             raise ValueError("`mu` must be passed to `set_timesteps` when `use_dynamic_shifting=True`.")
+        T = self.config.num_train_timesteps
+        if sigmas is not None:
+            sigmas = check_custom_schedule("sigmas", sigmas, "flow", T)
+        if timesteps is not None:
+            timesteps = check_custom_schedule("timesteps", timesteps, "flow", T)
         custom = sigmas if sigmas is not None else timesteps
         if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
             raise ValueError(f"`sigmas` ({len(sigmas)}) and `timesteps` ({len(timesteps)}) differ in length.")
@@ -130,7 +136,6 @@ class ScratchFlowMatchEulerScheduler(StepIndexMixin, SchedulerBase, SchedulerMix
             )
         check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
-        T = self.config.num_train_timesteps
 
         given_timesteps = None if timesteps is None else np.array(timesteps).astype(np.float32)
         if sigmas is None:

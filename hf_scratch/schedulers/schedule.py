@@ -63,6 +63,35 @@ def check_num_inference_steps(num_inference_steps: int, num_train_timesteps: int
         )
 
 
+def check_custom_schedule(argument: str, values, family: str, num_train_timesteps: int | None) -> list[float]:
+    """A custom `timesteps` / `sigmas` list as floats, refused by name unless it is finite, strictly decreasing (noise
+    falls step by step) and in range for the scheduler's family: flow σ in [0, 1] and timesteps 1000·σ in
+    [0, num_train_timesteps]; DDPM-family timesteps whole numbers in [0, num_train_timesteps − 1]; σ >= 0 otherwise."""
+    listed = values.tolist() if hasattr(values, "tolist") else values
+    numbers = isinstance(listed, (list, tuple)) and len(listed) > 0
+    if not numbers or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in listed):
+        raise TypeError(f"`{argument}` must be a non-empty list of numbers, got {values!r}.")
+    listed = [float(v) for v in listed]
+    if not all(math.isfinite(v) for v in listed):
+        raise ValueError(f"`{argument}` must hold finite numbers, got {listed}.")
+    if any(later >= earlier for earlier, later in zip(listed, listed[1:])):
+        raise ValueError(
+            f"`{argument}` must be strictly decreasing (from the noisiest step to the cleanest), got {listed}."
+        )
+    if argument == "sigmas":
+        low, high = 0.0, 1.0 if family == "flow" else math.inf
+    elif family == "ddpm" and num_train_timesteps is not None:
+        low, high = 0.0, num_train_timesteps - 1.0
+        if not all(v.is_integer() for v in listed):
+            raise ValueError(f"`timesteps` of a {family}-family scheduler must be whole numbers, got {listed}.")
+    else:
+        low, high = 0.0, float(num_train_timesteps) if num_train_timesteps is not None else math.inf
+    if listed[-1] < low or listed[0] > high:
+        allowed = f"[{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+        raise ValueError(f"`{argument}` of a {family}-family scheduler must lie in {allowed}, got {listed}.")
+    return listed
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # β schedules: the forward process q(x_t | x_{t-1}) = N(√(1 − β_t) x_{t-1}, β_t I)
 # ---------------------------------------------------------------------------------------------------------------------
