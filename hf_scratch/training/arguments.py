@@ -18,16 +18,67 @@ def build_parser(description: str, captions: bool = True) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(description=description)
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group(required=True)
-    source.add_argument("--train_data_dir", help="an image folder (split folders, each with metadata.jsonl)")
-    source.add_argument("--dataset_name", help="a local folder that datasets.load_dataset reads (no hub access)")
-    data.add_argument("--image_column", default="image")
+    source_help = (
+        "local data, its kind found from the path: an image folder with metadata.jsonl (split subfolders optional), "
+        "images with a .txt caption beside each (kohya / DreamBooth), a save_to_disk folder, webdataset .tar shards "
+        "(a file, a folder or a pattern such as 'shards-{000..009}.tar'), or a .csv / .jsonl / .json / .parquet table "
+        "of image paths or bytes (see hf_scratch/training/sources.py)"
+    )
+    source.add_argument("--train_data_dir", "--data", help=source_help)
+    source.add_argument(
+        "--dataset_name",
+        help="the same as --train_data_dir (kept for diffusers' users; local data only, no hub access)",
+    )
+    data.add_argument("--image_column", default="image", help="the column holding the images (default: %(default)s)")
     if captions:
-        data.add_argument("--caption_column", default="text")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--validation_split", default="validation", help='a split name, or "none" to skip it')
-    data.add_argument("--resolution", type=int, default=64, help="images are resized and center-cropped to this")
-    data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training images")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+        data.add_argument(
+            "--caption_column",
+            default="text",
+            help="the column holding the captions (default: %(default)s; webdataset: the txt member, or this field "
+            "of the json member)",
+        )
+    data.add_argument("--train_split", default="train", help="the split to train on (default: %(default)s)")
+    data.add_argument(
+        "--validation_split",
+        default="validation",
+        help='the split to validate on, or "none" to skip validation (default: %(default)s)',
+    )
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=64,
+        help="images are resized (short side) and cropped to this square (default: %(default)s)",
+    )
+    data.add_argument(
+        "--center_crop",
+        dest="center_crop",
+        action="store_true",
+        default=True,
+        help="crop the centre of each resized training image (the default here; diffusers' train_text_to_image.py "
+        "crops at random unless this is given)",
+    )
+    data.add_argument(
+        "--random_crop",
+        dest="center_crop",
+        action="store_false",
+        help="crop training images at a random place, a new one each epoch, seeded by (--seed, epoch, image) so a "
+        "resumed run repeats it (default: off, the centre crop); not with --cache_latents",
+    )
+    data.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="mirror each training image left-right with probability 0.5, drawn from (--seed, epoch, image) so a "
+        "resumed run repeats it (default: off)",
+    )
+    data.add_argument(
+        "--max_train_samples", type=int, default=None, help="use only the first N training images (default: all)"
+    )
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="processes decoding images (default: %(default)s, decode in the main process)",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=16, help="per process")

@@ -1,17 +1,24 @@
 """Training data: a local dataset read as (image, caption) pairs, the epoch order, and the latent cache.
 
-1. `load_image_text_dataset` reads a local `datasets` folder, checks its columns, and drops (and counts) images that do
-   not decode, so one bad file never stops a run.
-2. `ImageTextDataset` turns a row into {"pixel_values" in [-1, 1], "caption"}; `collate` stacks rows into a batch.
+1. `load_image_text_dataset` reads a split of --train_data_dir / --dataset_name through `sources.load_splits` (which
+   knows the kinds of input), and `image_text_dataset` scans it, dropping (and counting) images that do not open, so
+   one bad file never stops a run. The scan reads the files' headers only, in small batches, and keeps no bytes.
+2. `ImageTextDataset` reads and decodes one row per item from the memory-mapped Arrow table: {"pixel_values" in
+   [-1, 1], "caption"}. Indexed by `(epoch, index)`, as `EpochBatches` does, it augments (--random_flip,
+   --random_crop) with a generator seeded by (seed, epoch, index): a resumed run sees the same flips and crops, and no
+   global RNG is drawn. Indexed by a plain int (validation, the latent cache) it gives the centre crop, unflipped.
+   `collate` stacks rows into a batch.
 3. `EpochBatches` fixes the data order: one seeded permutation per epoch, cut into global batches and sharded by rank.
    The order is a pure function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
-4. `cache_latents` encodes the images once with the frozen VAE, for the U-Net's training.
+4. `cache_latents` encodes the images once with the frozen VAE, for the U-Net's training (both orientations when
+   --random_flip is on).
 """
 
 import argparse
 import io
 import math
-import os
+import random
+import warnings
 from typing import Any
 
 import datasets
@@ -24,8 +31,12 @@ from tqdm.auto import tqdm
 
 from hf_scratch.metrics import image_to_tensor
 from hf_scratch.models.vae import ScratchAutoencoderKL
+from hf_scratch.training.sources import load_splits
 
 logger = get_logger(__name__)
+
+SCAN_BATCH = 64  # rows whose image cells the decodability scan holds at once
+Index = int | tuple[int, int]  # a row, or (epoch, row) for the augmented view
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
@@ -38,31 +49,99 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-def _decode(cell: dict[str, Any]) -> Image.Image:
-    """Open an undecoded `datasets.Image` cell ({"bytes", "path"}) and force the pixels to load."""
-    image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
-    image.load()
+def _open(cell: dict[str, Any] | None) -> Image.Image:
+    """Open an undecoded `datasets.Image` cell ({"bytes", "path"}), reading the header only; Pillow's
+    decompression-bomb warning is an error."""
+    if cell is None or not (cell.get("bytes") or cell.get("path")):
+        raise ValueError("the row has no image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
+
+
+def _decode(cell: dict[str, Any] | None) -> Image.Image:
+    """The cell's image with its pixels loaded."""
+    image = _open(cell)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image.load()
     return image
 
 
+def augmentation_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator of one item's augmentation: a pure function of (seed, epoch, index). Its first draw decides the
+    flip, the next ones the crop."""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+def is_flipped(seed: int, epoch: int, index: int) -> bool:
+    """Whether --random_flip mirrors item `index` in `epoch` (p = 0.5)."""
+    return augmentation_rng(seed, epoch, index).random() < 0.5
+
+
+def image_to_pixels(image: Image.Image, resolution: int, rng: random.Random | None = None, flip: bool = False):
+    """(3, R, R) in [-1, 1]: a square of the short side's length, the centre one (`rng` None) or one at a random place
+    drawn from `rng`, resized to R by `hf_scratch.metrics.image_to_tensor`, then mirrored left-right if `flip`.
+
+    Cropping the square before resizing takes the same window as diffusers' resize-then-`RandomCrop`, placed to the
+    source pixel."""
+    if rng is not None:
+        side = min(image.size)
+        left, top = rng.randint(0, image.width - side), rng.randint(0, image.height - side)
+        image = image.crop((left, top, left + side, top + side))
+    pixels = image_to_tensor(image, resolution) * 2 - 1  # (3, R, R)
+    return pixels.flip(-1) if flip else pixels
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
-    """A split whose images all decode: items are {"pixel_values": (3, R, R) in [-1, 1], "caption": str}, the pixels
-    those of `hf_scratch.metrics.image_to_tensor` mapped to the models' range by 2x − 1."""
+    """A split whose images all open: items are {"pixel_values": (3, R, R) in [-1, 1], "caption": str}, the pixels
+    those of `hf_scratch.metrics.image_to_tensor` mapped to the models' range by 2x − 1.
+
+    Holds the memory-mapped split and the captions (`captions`, a list of str), never the images: each item reads and
+    decodes its row. `dataset[i]` is the plain view (centre crop, unflipped); `dataset[(epoch, i)]` the training view,
+    augmented as --random_flip / --random_crop ask, seeded by (seed, epoch, i)."""
 
     def __init__(
-        self, split: datasets.Dataset, image_column: str, caption_column: str | None, resolution: int, num_skipped: int
+        self,
+        split: datasets.Dataset,
+        image_column: str,
+        caption_column: str | None,
+        resolution: int,
+        num_skipped: int = 0,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
     ) -> None:
-        self.images = list(split[image_column])
-        self.captions = list(split[caption_column]) if caption_column else [""] * len(self.images)
+        self.images = split.select_columns([image_column])
+        self.image_column = image_column
+        self.captions = list(split[caption_column]) if caption_column else [""] * len(split)
         self.resolution = resolution
         self.num_skipped = num_skipped
+        self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.captions)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        pixel_values = image_to_tensor(_decode(self.images[index]), self.resolution) * 2 - 1
-        return {"pixel_values": pixel_values, "caption": self.captions[index]}
+    def __getitem__(self, index: Index) -> dict[str, Any]:
+        epoch, index = index if isinstance(index, tuple) else (None, index)
+        image = self._decode_from(index)
+        rng = None if epoch is None else augmentation_rng(self.seed, epoch, index)
+        flip = rng is not None and rng.random() < 0.5 and self.random_flip
+        crop_rng = None if rng is None or self.center_crop else rng
+        return {
+            "pixel_values": image_to_pixels(image, self.resolution, crop_rng, flip),
+            "caption": self.captions[index],
+        }
+
+    def _decode_from(self, index: int) -> Image.Image:
+        """Row `index`'s image; should its pixels not decode (the scan reads headers only), the next row's that do."""
+        for offset in range(len(self)):
+            cell = self.images[(index + offset) % len(self)][self.image_column]
+            try:
+                return _decode(cell)
+            except Exception as error:  # Pillow's plugins raise many types for a broken file
+                logger.warning(f"image {cell.get('path') or index + offset} does not decode ({error}); using the next")
+        raise ValueError(f"no image of this split decodes (from row {index} on)")
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -75,61 +154,71 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def image_text_dataset(
+    split: datasets.Dataset,
+    image_column: str,
+    caption_column: str | None,
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    seed: int = 0,
+    name: str = "the split",
+) -> ImageTextDataset:
+    """An `ImageTextDataset` of the rows of `split` (from `sources.load_splits`) whose image opens; the others are
+    skipped with a warning and counted in `num_skipped`. `name` names the split in messages."""
+    decodable = []
+    for start in range(0, len(split), SCAN_BATCH):
+        cells = split[start : start + SCAN_BATCH][image_column]
+        for index, cell in enumerate(cells, start=start):
+            try:
+                with _open(cell) as image:
+                    image.verify()  # PNG: every chunk's CRC; other formats: the header; no pixel is decoded
+                decodable.append(index)
+            except Exception as error:  # Pillow's plugins raise many types for a broken file
+                where = (cell or {}).get("path") or f"row {index}"
+                logger.warning(f"skipping image {where} of {name}: {type(error).__name__}: {error}")
+    skipped = len(split) - len(decodable)
+    if skipped:
+        logger.warning(f"skipped {skipped} of {len(split)} images of {name} that do not open")
+        split = split.select(decodable)
+    if len(split) == 0:
+        raise ValueError(f"{name} has no decodable image")
+    return ImageTextDataset(split, image_column, caption_column, resolution, skipped, center_crop, random_flip, seed)
+
+
 def load_image_text_dataset(
     args: argparse.Namespace, split: str, accelerator: Accelerator, limit: int | None = None
 ) -> ImageTextDataset:
-    """Load `split` of --train_data_dir or --dataset_name, check its columns, and skip images that do not decode."""
+    """Load `split` of --train_data_dir or --dataset_name (any source `sources.load_splits` reads), check its columns
+    and rows, and skip images that do not open. The augmentations apply to the training split only."""
     source_flag = "train_data_dir" if args.train_data_dir else "dataset_name"
     source = getattr(args, source_flag)
-    if not os.path.isdir(source):
-        raise ValueError(
-            f"--{source_flag}={source!r} is not an existing folder; training reads local datasets only (for example "
-            "one written by `hf-scratch data emoji`)"
-        )
-    with accelerator.main_process_first():
-        if args.train_data_dir:
-            dataset = datasets.load_dataset("imagefolder", data_dir=source)
-        else:
-            dataset = datasets.load_dataset(source)
-    if split not in dataset:
-        raise ValueError(
-            f"split {split!r} is not in --{source_flag}={source!r}; available splits: {', '.join(dataset)}"
-        )
-    data = dataset[split]
     caption_column = getattr(args, "caption_column", None)
-    for flag, column in (("image_column", args.image_column), ("caption_column", caption_column)):
-        if column is not None and column not in data.column_names:
-            raise ValueError(
-                f"--{flag}={column!r} is not a column of split {split!r} of {source!r}; "
-                f"available columns: {', '.join(data.column_names)}"
-            )
+    with accelerator.main_process_first():
+        splits = load_splits(source, args.image_column, caption_column, flag=f"--{source_flag}")
+    if split not in splits:
+        which = "--validation_split" if split == getattr(args, "validation_split", None) else "--train_split"
+        advice = (
+            " (or pass --validation_split none to train without validation)" if which == "--validation_split" else ""
+        )
+        raise ValueError(
+            f"{which}={split!r} is not a split of --{source_flag}={source!r}; available splits: "
+            f"{', '.join(splits)}{advice}"
+        )
+    data = splits[split]
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
-    data = data.cast_column(args.image_column, datasets.Image(decode=False))
-    if caption_column is not None:
-        for index, caption in enumerate(data[caption_column]):
-            if not isinstance(caption, str):
-                image = data[index][args.image_column]
-                raise ValueError(
-                    f"row {index} of split {split!r} of --{source_flag}={source!r} ({image.get('path') or 'no file'}) "
-                    f'has caption {caption!r} in column {caption_column!r}; every row needs a text caption (use "" '
-                    "for none)"
-                )
-
-    decodable = []
-    for index, cell in enumerate(data[args.image_column]):
-        try:
-            _decode(cell)
-            decodable.append(index)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            logger.warning(f"skipping image {cell.get('path') or index} of split {split!r}: {error}")
-    skipped = len(data) - len(decodable)
-    if skipped:
-        logger.warning(f"skipped {skipped} of {len(data)} images of split {split!r} that do not decode")
-        data = data.select(decodable)
-    if len(data) == 0:
-        raise ValueError(f"split {split!r} of --{source_flag}={source!r} has no decodable image")
-    return ImageTextDataset(data, args.image_column, caption_column, args.resolution, skipped)
+    training = split == getattr(args, "train_split", "train")
+    return image_text_dataset(
+        data,
+        args.image_column,
+        caption_column,
+        args.resolution,
+        center_crop=getattr(args, "center_crop", True) or not training,
+        random_flip=getattr(args, "random_flip", False) and training,
+        seed=args.seed,
+        name=f"split {split!r} of --{source_flag}={source!r}",
+    )
 
 
 class EpochBatches:
@@ -155,49 +244,80 @@ class EpochBatches:
                 f"--gradient_accumulation_steps {self.accumulation}); lower --train_batch_size"
             )
 
-    def batches(self, epoch: int, skip_updates: int = 0) -> list[list[int]]:
-        """This rank's index batches for `epoch`, leaving out the first `skip_updates` updates."""
+    def batches(self, epoch: int, skip_updates: int = 0) -> list[list[tuple[int, int]]]:
+        """This rank's batches for `epoch`, leaving out the first `skip_updates` updates: each item an (epoch, index)
+        pair, so the dataset can seed the item's augmentation by the epoch."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.num_examples, generator=generator).tolist()
         global_batch = self.batch_size * self.num_processes
         batches = []
         for start in range(skip_updates * self.accumulation, self.updates_per_epoch * self.accumulation):
             offset = start * global_batch + self.process_index * self.batch_size
-            batches.append(order[offset : offset + self.batch_size])
+            batches.append([(epoch, index) for index in order[offset : offset + self.batch_size]])
         return batches
 
 
 class CachedLatents(torch.utils.data.Dataset):
     """The VAE posterior N(μ, σ²) of every training image, encoded once: items {"latent_mean", "latent_logvar",
-    "caption"}. Latents are still sampled afresh every step, so caching changes the cost, not the objective."""
+    "caption"}. Latents are still sampled afresh every step, so caching changes the cost, not the objective. With
+    --random_flip the mirrored images' posteriors are cached too, and item (epoch, i) takes the orientation that
+    `ImageTextDataset` would have drawn."""
 
-    def __init__(self, means: torch.Tensor, logvars: torch.Tensor, captions: list[str]) -> None:
+    def __init__(
+        self,
+        means: torch.Tensor,
+        logvars: torch.Tensor,
+        captions: list[str],
+        flipped: tuple[torch.Tensor, torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
         self.means, self.logvars, self.captions = means, logvars, captions
+        self.flipped, self.seed = flipped, seed
 
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"latent_mean": self.means[index], "latent_logvar": self.logvars[index], "caption": self.captions[index]}
+    def __getitem__(self, index: Index) -> dict[str, Any]:
+        epoch, index = index if isinstance(index, tuple) else (None, index)
+        means, logvars = self.means, self.logvars
+        if self.flipped is not None and epoch is not None and is_flipped(self.seed, epoch, index):
+            means, logvars = self.flipped
+        return {"latent_mean": means[index], "latent_logvar": logvars[index], "caption": self.captions[index]}
 
 
 @torch.no_grad()
 def cache_latents(
-    dataset: torch.utils.data.Dataset, vae: ScratchAutoencoderKL, accelerator: Accelerator, batch_size: int
+    dataset: ImageTextDataset, vae: ScratchAutoencoderKL, accelerator: Accelerator, batch_size: int
 ) -> CachedLatents:
     """Encode the dataset once, each process a contiguous share of it, and gather the posteriors on every process."""
-    means, logvars = [], []
+    if not dataset.center_crop:
+        raise ValueError(
+            "--random_crop draws a new crop every epoch, which latents cached once cannot hold; drop --cache_latents "
+            "or --random_crop"
+        )
+    orientations = (False, True) if dataset.random_flip else (False,)
+    means, logvars = {flip: [] for flip in orientations}, {flip: [] for flip in orientations}
     with accelerator.split_between_processes(list(range(len(dataset)))) as indices:
         starts = range(0, len(indices), batch_size)
         for start in tqdm(starts, desc="caching latents", disable=not accelerator.is_local_main_process):
             pixels = torch.stack([dataset[i]["pixel_values"] for i in indices[start : start + batch_size]])
-            posterior = vae.encode(pixels.to(accelerator.device, vae.dtype)).latent_dist
-            means.append(posterior.mean.float().cpu())
-            logvars.append(posterior.logvar.float().cpu())
-    # One tensor pair per process, in rank order. (Gathering per-sample rows, views of their batch, pickled each
-    # batch's whole storage once per row: 12 GB on one rank of a 2-process run at 32 px.) An empty share is a
-    # 1-D empty tensor, which torch.cat skips.
-    shares = gather_object([(torch.cat(means or [torch.empty(0)]), torch.cat(logvars or [torch.empty(0)]))])
-    return CachedLatents(
-        torch.cat([mean for mean, _ in shares]), torch.cat([logvar for _, logvar in shares]), list(dataset.captions)
+            for flip in orientations:
+                posterior = vae.encode((pixels.flip(-1) if flip else pixels).to(accelerator.device, vae.dtype))
+                means[flip].append(posterior.latent_dist.mean.float().cpu())
+                logvars[flip].append(posterior.latent_dist.logvar.float().cpu())
+    # One tensor pair per process and orientation, in rank order. (Gathering per-sample rows, views of their batch,
+    # pickled each batch's whole storage once per row: 12 GB on one rank of a 2-process run at 32 px.) An empty share
+    # is a 1-D empty tensor, which torch.cat skips.
+    shares = gather_object(
+        [
+            {
+                flip: (torch.cat(means[flip] or [torch.empty(0)]), torch.cat(logvars[flip] or [torch.empty(0)]))
+                for flip in orientations
+            }
+        ]
     )
+    gathered = {
+        flip: (torch.cat([share[flip][0] for share in shares]), torch.cat([share[flip][1] for share in shares]))
+        for flip in orientations
+    }
+    return CachedLatents(*gathered[False], list(dataset.captions), gathered.get(True), dataset.seed)
