@@ -808,3 +808,93 @@ def test_a_row_without_a_caption_fails_at_load_naming_the_row(row, tmp_path, dat
 
     with pytest.raises(ValueError, match=r"row 3 of split 'train' .*003\.png.* has caption None"):
         data.load_image_text_dataset(args, "train", MainProcess())
+
+
+def _file_digests(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_changes_nothing_and_an_unsaved_end_saves_the_uninterrupted_weights(
+    tmp_path, data_dir, components, unet_run
+):
+    """The reference run stops at step 8 with 5 updates per epoch (47 images, 8 per update): not a multiple of an
+    epoch. Re-running it with --resume_from_checkpoint latest trains nothing and writes nothing; a run killed after its
+    last checkpoint but before its final save (and whose last log line was cut short) resumes to the same weights."""
+    finished = tmp_path / "finished"
+    shutil.copytree(unet_run, finished)
+    before = _file_digests(finished)
+    output = run("train_unet.py", [*unet_args(data_dir, components, finished), "--resume_from_checkpoint", "latest"])
+    assert "already finished at step 8" in output
+    assert _file_digests(finished) == before
+
+    unsaved = tmp_path / "unsaved"
+    unsaved.mkdir()
+    shutil.copytree(unet_run / "checkpoint-8", unsaved / "checkpoint-8")
+    shutil.copy(unet_run / checkpoints.TRAIN_LOG, unsaved / checkpoints.TRAIN_LOG)
+    with open(unsaved / checkpoints.TRAIN_LOG, "a") as log:
+        log.write('{"step": 9, "lo')  # a write cut short by a kill
+    output = run("train_unet.py", [*unet_args(data_dir, components, unsaved), "--resume_from_checkpoint", "latest"])
+    assert "saving the result that was not saved" in output and "dropping its last line" in output
+    assert [path.name for path in checkpoints.list_checkpoints(unsaved)] == ["checkpoint-8"]
+    assert losses(unsaved) == losses(unet_run)
+    name = "unet/diffusion_pytorch_model.safetensors"
+    expected, resumed = load_file(unet_run / name), load_file(unsaved / name)
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert "8 optimizer steps" in (unsaved / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_resume_applies_a_new_learning_rate_and_refuses_a_flag_that_changes_the_run(
+    tmp_path, data_dir, components, unet_run
+):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(unet_run / "checkpoint-6", resumed / "checkpoint-6")
+    base = [*unet_args(data_dir, components, resumed), "--resume_from_checkpoint", "latest"]
+
+    process = launch("train_unet.py", [*base, "--train_batch_size", "2"])
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "--train_batch_size=2 (the run was started with 4)" in output and "Traceback" not in output.split("\n")[-3]
+    assert not (resumed / "checkpoint-8").exists()
+
+    output = run("train_unet.py", [*base, "--learning_rate", "5e-4"])
+    assert "with --learning_rate=0.0005 (it was 0.001)" in output
+    rows = {row["step"]: row for row in map(json.loads, (resumed / checkpoints.TRAIN_LOG).read_text().splitlines())}
+    reference = {
+        row["step"]: row for row in map(json.loads, (unet_run / checkpoints.TRAIN_LOG).read_text().splitlines())
+    }
+    assert reference[7]["lr"] == pytest.approx(1e-3) and rows[7]["lr"] == pytest.approx(5e-4)
+    assert rows[7]["loss"] == reference[7]["loss"]  # computed on the weights of step 6, before the new rate acts
+
+
+@pytest.mark.slow
+def test_latest_falls_back_past_a_checkpoint_with_a_flipped_bit(tmp_path, unet_run):
+    root = tmp_path / "run"
+    root.mkdir()
+    for name in ("checkpoint-6", "checkpoint-8"):
+        shutil.copytree(unet_run / name, root / name)
+    weights = root / "checkpoint-8" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # a weight's bit, past the header: the file still parses
+    weights.write_bytes(bytes(data))
+    assert "does not hash to the SHA-256" in checkpoints.checkpoint_problem(root / "checkpoint-8")
+    assert checkpoints.find_resume_checkpoint(root, "latest") == root / "checkpoint-6"
+
+
+def test_divergence_advice_names_the_last_checkpoint_whose_loss_was_sane(tmp_path):
+    """At a huge learning rate the newest checkpoint holds finite weights with an exploding loss: resuming from it
+    diverges again, so the advice goes back to the one saved while the loss was still near its start."""
+    from types import SimpleNamespace
+
+    from hf_scratch.training.trainer import Trainer
+
+    for step, loss in ((2, 0.9), (4, 0.4), (6, 3.0e4)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / checkpoints.CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, "loss": loss}))
+    run_state = SimpleNamespace(output_dir=tmp_path, global_step=6, _read_log=lambda: [{"step": 1, "loss": 1.0}])
+    advice = Trainer.divergence_advice(run_state, checkpoints.TrainingDiverged("the loss is inf"))
+    assert f"the last good checkpoint is {tmp_path / 'checkpoint-4'}" in advice
+    assert "training diverged at step 7: the loss is inf" in advice

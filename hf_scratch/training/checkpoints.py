@@ -5,18 +5,21 @@
   file (`.hf_scratch.lock`) that a second concurrent run cannot take; a lock whose process is gone is stale and taken
   over with a warning.
 - **Atomic, verified checkpoints.** `save_checkpoint` writes `accelerator.save_state` to `.checkpoint-N.partial`, adds
-  the EMA weights as safetensors and a manifest of every file's size to `training_state.json`, and renames the folder
-  to `checkpoint-N`; weights that are not finite are never saved, so `--checkpoints_total_limit` never deletes a good
-  checkpoint in favour of a bad one.
-- **`latest` skips what is broken.** `find_resume_checkpoint` checks the manifest (a missing, empty or truncated file,
-  a missing or unreadable `training_state.json`), warns once naming the file, and falls back to the previous good
-  checkpoint.
+  the EMA weights as safetensors and a manifest of every file's size and SHA-256 to `training_state.json` (with the
+  run's settings and its loss at that step), and renames the folder to `checkpoint-N`; weights that are not finite are
+  never saved, so `--checkpoints_total_limit` never deletes a good checkpoint in favour of a bad one.
+- **`latest` skips what is broken.** `find_resume_checkpoint` checks the manifest (a missing, empty, truncated or
+  altered file, a missing or unreadable `training_state.json`), warns once naming the file, and falls back to the
+  previous good checkpoint.
+- **A finished run is marked.** `mark_finished` writes `run_finished.json` after the final save, so that resuming a
+  finished run knows there is nothing left to do.
 - **No pickle executes.** accelerate reads model weights from safetensors and every other file with
   `torch.load(weights_only=True)`; the EMA, which accelerate would store as a custom-object pickle
   (`custom_checkpoint_0.pkl`, which it unpickles in full on load), is kept out of `save_state` and stored as
   `ema.safetensors` plus `ema.json` here.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -37,12 +40,13 @@ logger = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT_STATE = "training_state.json"
+RUN_FINISHED = "run_finished.json"
 LOCK_FILE = ".hf_scratch.lock"
 EMA_WEIGHTS, EMA_STATE = "ema.safetensors", "ema.json"
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 _PARTIAL_CHECKPOINT_NAME = re.compile(r"\.checkpoint-(\d+)\.partial")
 # What a finished or started run leaves in its output folder.
-RUN_MARKERS = ("model_index.json", TRAIN_LOG, "config.json")
+RUN_MARKERS = ("model_index.json", TRAIN_LOG, "config.json", RUN_FINISHED)
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,12 +165,15 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{state_file} is missing"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{state_file} is not a valid training state ({type(error).__name__}: {error})"
-    for name, size in state.get("files", {}).items():
+    for name, written in state.get("files", {}).items():
         file = path / name
+        size, digest = (written, None) if isinstance(written, int) else (written["size"], written["sha256"])
         if not file.is_file():
             return f"{file} is missing"
         if file.stat().st_size != size:
             return f"{file} has {file.stat().st_size} bytes, {size} were written (truncated or replaced)"
+        if digest is not None and file_sha256(file) != digest:
+            return f"{file} does not hash to the SHA-256 written with it (its bytes changed after the save)"
     for file in sorted(path.glob("custom_checkpoint_*.pkl")):
         return (
             f"{file} is a pickle (an EMA saved by an older hf-scratch through accelerate), which is never loaded "
@@ -205,6 +212,19 @@ def find_resume_checkpoint(output_dir: str | Path, resume_from_checkpoint: str |
     return path
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """`training_state.json` of a checkpoint: its step, its file manifest, and the run's settings and loss."""
+    return json.loads((path / CHECKPOINT_STATE).read_text())
+
+
 def check_finite(model: torch.nn.Module, what: str) -> None:
     """Raise TrainingDiverged naming the first parameter that holds NaN or infinity."""
     for name, parameter in model.named_parameters():
@@ -234,9 +254,11 @@ def load_ema(ema: Any, folder: Path) -> None:
 
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None, model: torch.nn.Module,
-    ema: Any = None,
+    ema: Any = None, record: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
-    """Write the full training state to `.checkpoint-N.partial`, then publish it by renaming it to `checkpoint-N`."""
+    """Write the full training state to `.checkpoint-N.partial`, then publish it by renaming it to `checkpoint-N`.
+
+    `record` (the run's settings, the loss) is stored beside the step in `training_state.json`."""
     check_finite(accelerator.unwrap_model(model), f"not saving checkpoint-{step}")
     root = Path(output_dir)
     staging, final = root / f".checkpoint-{step}.partial", root / f"checkpoint-{step}"
@@ -248,8 +270,12 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if ema is not None:
             save_ema(ema, staging)
-        files = {path.name: path.stat().st_size for path in sorted(staging.iterdir()) if path.is_file()}
-        (staging / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, "files": files}))
+        files = {
+            path.name: {"size": path.stat().st_size, "sha256": file_sha256(path)}
+            for path in sorted(staging.iterdir())
+            if path.is_file()
+        }
+        (staging / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, "files": files, **(record or {})}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -280,3 +306,19 @@ def remove_partial_checkpoints(accelerator: Accelerator, output_dir: str | Path)
                 logger.warning(f"removing {path}, an incomplete checkpoint left by an interrupted save")
                 shutil.rmtree(path)
     accelerator.wait_for_everyone()
+
+
+def mark_finished(output_dir: str | Path, step: int) -> None:
+    """Record, after the final save, that the run in `output_dir` finished at `step` (written atomically)."""
+    root = Path(output_dir)
+    staging = root / f".{RUN_FINISHED}.partial"
+    staging.write_text(json.dumps({"global_step": step}))
+    os.replace(staging, root / RUN_FINISHED)
+
+
+def finished_step(output_dir: str | Path) -> int | None:
+    """The step at which the run in `output_dir` finished and saved its result, or None."""
+    try:
+        return int(json.loads((Path(output_dir) / RUN_FINISHED).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

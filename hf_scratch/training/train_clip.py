@@ -28,7 +28,7 @@ from hf_scratch.models.clip import ScratchCLIPConfig, ScratchCLIPModel
 from hf_scratch.tokenization import train_clip_bpe_tokenizer
 from hf_scratch.training.arguments import build_parser, check_args
 from hf_scratch.training.data import EpochBatches, collate, load_image_text_dataset
-from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step, tracker_config
+from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -142,9 +142,8 @@ def main(args: argparse.Namespace) -> None:
     batches = EpochBatches(len(train), args.train_batch_size, accelerator, args.seed)
     optimizer, lr_scheduler = create_optimizer(args, clip.parameters(), batches.updates_per_epoch, accelerator)
     model, optimizer, lr_scheduler = accelerator.prepare(clip, optimizer, lr_scheduler)
-    trainer = Trainer(accelerator, args, train, batches, model, lr_scheduler)
+    trainer = Trainer(accelerator, args, train, batches, model, lr_scheduler, name="train_clip")
     trainer.resume()
-    accelerator.init_trackers("train_clip", config=tracker_config(args))
 
     def train_step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         tokens = tokenize(tokenizer, batch["caption"]).to(accelerator.device)

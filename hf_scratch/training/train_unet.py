@@ -53,7 +53,7 @@ from hf_scratch.training.arguments import build_parser, check_args
 from hf_scratch.training.cards import write_lora_model_card, write_model_card
 from hf_scratch.training.data import EpochBatches, cache_latents, image_grid, load_image_text_dataset
 from hf_scratch.training.lora import add_lora_adapters, check_lora_args, save_lora_weights
-from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step, tracker_config
+from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -302,9 +302,8 @@ def main(args: argparse.Namespace) -> None:
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         trained, accumulated = unet, (unet,)
-    trainer = Trainer(accelerator, args, dataset, batches, trained, lr_scheduler)
+    trainer = Trainer(accelerator, args, dataset, batches, trained, lr_scheduler, name="train_unet")
     trainer.resume()
-    accelerator.init_trackers("train_unet", config=tracker_config(args))
 
     def encode_prompts(captions: list[str]) -> torch.Tensor:
         input_ids = tokenizer(

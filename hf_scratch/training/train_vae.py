@@ -35,7 +35,7 @@ from hf_scratch.metrics import psnr, tensor_to_image
 from hf_scratch.models.vae import ScratchAutoencoderKL
 from hf_scratch.training.arguments import build_parser, check_args
 from hf_scratch.training.data import EpochBatches, collate, image_grid, load_image_text_dataset
-from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step, tracker_config
+from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -206,9 +206,8 @@ def main(args: argparse.Namespace) -> None:
         discriminator, disc_optimizer, disc_scheduler = accelerator.prepare(
             discriminator, disc_optimizer, disc_scheduler
         )
-    trainer = Trainer(accelerator, args, train, batches, autoencoder, lr_scheduler)
+    trainer = Trainer(accelerator, args, train, batches, autoencoder, lr_scheduler, name="train_vae")
     trainer.resume()
-    accelerator.init_trackers("train_vae", config=tracker_config(args))
     reconstruction_loss = F.l1_loss if args.reconstruction_loss == "l1" else F.mse_loss
 
     def train_step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:

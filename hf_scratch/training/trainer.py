@@ -42,22 +42,74 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from hf_scratch.training.checkpoints import (
-    CHECKPOINT_STATE,
     TRAIN_LOG,
     OutputDirLock,
     TrainingDiverged,
     check_finite,
     clear_run,
     find_resume_checkpoint,
+    finished_step,
     list_checkpoints,
     load_ema,
+    mark_finished,
     random_states_restorable,
+    read_checkpoint_state,
     remove_partial_checkpoints,
     save_checkpoint,
 )
 from hf_scratch.training.data import EpochBatches, collate
 
 logger = get_logger(__name__)
+
+# Flags a resumed run may change without changing its result: where things are written and read, how often it
+# checkpoints, validates and logs. Every other flag is recorded in each checkpoint and must match on resume.
+RESUME_FREE_FLAGS = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "logging_dir", "checkpointing_steps",
+    "checkpoints_total_limit", "dataloader_num_workers", "validation_steps", "validation_prompts",
+    "num_validation_images", "validation_inference_steps", "guidance_scale", "snapshot_steps", "train_data_dir",
+    "dataset_name", "pretrained_model_name_or_path", "vae_path", "text_encoder_path", "tokenizer_path",
+    "pretrained_vae", "validation_epochs",
+})  # fmt: skip
+# Flags a resumed run applies from the resume on (the advice after a divergence is to lower the learning rate).
+RESUME_APPLIED_FLAGS = ("learning_rate", "max_grad_norm")
+# A checkpoint whose loss exceeds this multiple of the run's first loss was saved while the run was diverging.
+DIVERGED_LOSS_RATIO = 10.0
+
+
+def check_same_settings(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume with a flag that changes the run's result, naming it (RESUME_APPLIED_FLAGS are applied)."""
+    if saved is None:  # a checkpoint written before settings were recorded
+        return
+    changed = [
+        key for key in sorted(set(saved) | set(current))
+        if key not in RESUME_APPLIED_FLAGS and saved.get(key) != current.get(key)
+    ]  # fmt: skip
+    constant_lr = current.get("lr_scheduler") in ("constant", "constant_with_warmup")
+    if constant_lr:  # a longer (or shorter) run of a constant schedule continues the same run
+        changed = [key for key in changed if key not in ("max_train_steps", "num_train_epochs")]
+    if changed:
+        differences = "; ".join(
+            f"--{key}={current.get(key)!r} (the run was started with {saved.get(key)!r})" for key in changed
+        )
+        raise ValueError(
+            f"cannot resume from {checkpoint} with other settings: {differences}. A resumed run continues the saved "
+            "weights, optimizer and data order, so pass the flags it was started with (only --learning_rate and "
+            "--max_grad_norm may change on resume), or start a new run in another --output_dir or with "
+            "--overwrite_output_dir"
+        )
+    for key in RESUME_APPLIED_FLAGS:
+        if key in saved and saved[key] != current.get(key):
+            logger.warning(f"resuming from {checkpoint} with --{key}={current.get(key)} (it was {saved[key]})")
+
+
+def set_learning_rate(lr_scheduler: Any, learning_rate: float) -> None:
+    """Make a restored LR schedule continue from `learning_rate` as its peak: lr = learning_rate · λ(step)."""
+    schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    schedule.base_lrs = [learning_rate] * len(schedule.base_lrs)
+    for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
 
 
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -170,8 +222,10 @@ class Trainer:
         model: torch.nn.Module,
         lr_scheduler: Any,
         collate_fn: Callable[[list], dict[str, Any]] = collate,
+        name: str = "train",
     ) -> None:
         self.accelerator = accelerator
+        self.name = name  # the trackers' project name
         self.args = args
         self.dataset = dataset
         self.epoch_batches = batches
@@ -190,7 +244,10 @@ class Trainer:
         self.initial_checksum = parameter_checksum(accelerator.unwrap_model(model))
 
     def resume(self) -> None:
-        """Seed this rank's RNG, then, if asked, restore the full state (RNG included) of a checkpoint."""
+        """Seed this rank's RNG, then, if asked, restore the full state (RNG included) of a checkpoint.
+
+        The checkpoint's run must have had the same settings: a flag that would change the result (the learning rate,
+        the batch, the objective, ...) is refused by name rather than silently overridden by the restored state."""
         set_seed(self.args.seed, device_specific=True)
         remove_partial_checkpoints(self.accelerator, self.output_dir)
         path = find_resume_checkpoint(self.output_dir, self.args.resume_from_checkpoint)
@@ -199,6 +256,13 @@ class Trainer:
                 logger.info(f"no checkpoint in {self.output_dir}; starting from scratch")
             kept = []
         else:
+            state = read_checkpoint_state(path)
+            check_same_settings(state.get("settings"), self.settings(), path)
+            if state["global_step"] > self.args.max_train_steps:
+                raise ValueError(
+                    f"{path} is at step {state['global_step']}, past --max_train_steps={self.args.max_train_steps}; "
+                    f"pass --max_train_steps {state['global_step']} or more, or resume from an earlier checkpoint"
+                )
             logger.info(f"resuming from {path}")
             self.accelerator.load_state(str(path))
             try:
@@ -207,7 +271,9 @@ class Trainer:
                 raise ValueError(f"{error}; resume from an earlier checkpoint-N folder") from None
             if self.ema is not None:
                 load_ema(self.ema, path)
-            self.global_step = json.loads((path / CHECKPOINT_STATE).read_text())["global_step"]
+            if state.get("settings", {}).get("learning_rate", self.args.learning_rate) != self.args.learning_rate:
+                set_learning_rate(self.lr_scheduler, self.args.learning_rate)
+            self.global_step = state["global_step"]
             kept = [row for row in self._read_log() if row["step"] <= self.global_step]
             problem = random_states_restorable(path, self.accelerator.process_index)
             if problem is not None:
@@ -218,9 +284,27 @@ class Trainer:
             with open(self.output_dir / TRAIN_LOG, "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in kept)
 
+    def settings(self) -> dict[str, Any]:
+        """What fixes this run's result, as recorded in each checkpoint: every flag but those in RESUME_FREE_FLAGS,
+        and the number of processes (which fixes the data order)."""
+        recorded = {k: v for k, v in tracker_config(self.args).items() if k not in RESUME_FREE_FLAGS}
+        return {**recorded, "num_processes": self.accelerator.num_processes}
+
     def _read_log(self) -> list[dict[str, Any]]:
+        """The rows of train_log.jsonl; a last line cut short by a kill is dropped, with a warning."""
         path = self.output_dir / TRAIN_LOG
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        rows = []
+        lines = path.read_text().splitlines() if path.exists() else []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"{path}, line {number}, is not JSON: {line[:80]!r}") from None
+                logger.warning(f"{path}: dropping its last line, cut short by an interrupted write: {line[:80]!r}")
+        return rows
 
     def _batches(self, epoch: int, skip_updates: int) -> Iterator[dict[str, Any]]:
         return iter(
@@ -256,6 +340,16 @@ class Trainer:
             if validate is not None and step % self.args.validation_steps == 0:
                 self.on_main_process(validate, step)
 
+        if self.global_step >= self.args.max_train_steps and finished_step(self.output_dir) == self.global_step:
+            logger.info(
+                f"the run in {self.output_dir} already finished at step {self.global_step} (--max_train_steps "
+                f"{self.args.max_train_steps}) and saved its result; nothing to do"
+            )
+            self.accelerator.end_training()
+            return
+        if self.global_step >= self.args.max_train_steps:
+            logger.info(f"training had finished at step {self.global_step}; saving the result that was not saved")
+        self.accelerator.init_trackers(self.name, config=tracker_config(self.args))
         self._update_loop(train_step, after_update)
         if validate is not None and self.global_step % self.args.validation_steps:
             self.on_main_process(validate, self.global_step)
@@ -263,6 +357,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save()
+            mark_finished(self.output_dir, self.global_step)
         self.accelerator.end_training()
 
     def on_main_process(self, work: Callable[..., None], *args: Any) -> None:
@@ -284,18 +379,16 @@ class Trainer:
         )
         start, start_step = time.perf_counter(), self.global_step
         window: dict[str, list[torch.Tensor]] = {}
+        if self.global_step >= args.max_train_steps:
+            progress.close()
+            return
         for epoch in range(self.global_step // updates_per_epoch, args.num_train_epochs):
             skip = self.global_step - epoch * updates_per_epoch if epoch == self.global_step // updates_per_epoch else 0
             for batch in self._batches(epoch, skip):
                 try:
                     outputs = train_step(batch)
                 except TrainingDiverged as error:
-                    last_good = list_checkpoints(self.output_dir)
-                    raise TrainingDiverged(
-                        f"training diverged at step {self.global_step + 1}: {error}. Nothing was saved from this step; "
-                        f"the last good checkpoint is {last_good[-1] if last_good else 'none'}. Lower --learning_rate, "
-                        "raise --lr_warmup_steps or set --max_grad_norm, then resume."
-                    ) from None
+                    raise TrainingDiverged(self.divergence_advice(error)) from None
                 for name, value in outputs.items():
                     window.setdefault(name, []).append(value.detach().float())
                 if not accelerator.sync_gradients:
@@ -316,13 +409,35 @@ class Trainer:
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", samples_per_s=f"{samples_per_s:.1f}")
                 if self.global_step % args.checkpointing_steps == 0 or self.global_step == args.max_train_steps:
                     limit = args.checkpoints_total_limit
-                    save_checkpoint(accelerator, self.output_dir, self.global_step, limit, self.model, self.ema)
+                    record = {"settings": self.settings(), "loss": logs["loss"]}
+                    save_checkpoint(accelerator, self.output_dir, self.global_step, limit, self.model, self.ema, record)
                 after_update(self.global_step)
                 if self.global_step >= args.max_train_steps:
                     break
             if self.global_step >= args.max_train_steps:
                 break
         progress.close()
+
+    def divergence_advice(self, error: TrainingDiverged) -> str:
+        """Why the run stopped, and the checkpoint to go back to: the newest one whose weights are finite and whose
+        loss was still sane (at most DIVERGED_LOSS_RATIO times the run's first logged loss), since a checkpoint
+        saved while the loss was already exploding holds weights that diverge again at once."""
+        first = next((row["loss"] for row in self._read_log() if "loss" in row), None)
+        good = None
+        for path in reversed(list_checkpoints(self.output_dir)):
+            loss = read_checkpoint_state(path).get("loss")
+            if loss is None or first is None or (math.isfinite(loss) and loss <= DIVERGED_LOSS_RATIO * first):
+                good = path
+                break
+        if good is None:
+            where = "no checkpoint of this run holds a sane loss, so start afresh with --overwrite_output_dir"
+        else:
+            where = f"the last good checkpoint is {good}: resume with --resume_from_checkpoint {good}"
+        return (
+            f"training diverged at step {self.global_step + 1}: {error}. Nothing was saved from this step; {where}, "
+            "after lowering --learning_rate, raising --lr_warmup_steps or setting --max_grad_norm (a run started "
+            "with other settings must use a new --output_dir or --overwrite_output_dir)."
+        )
 
     def _log(self, logs: dict[str, float]) -> None:
         self.accelerator.log(logs, step=self.global_step)
