@@ -17,6 +17,7 @@ _PUBLIC_NAMES = {
     "ScratchCLIPConfig": "hf_scratch.models.clip",
     "ScratchCLIPModel": "hf_scratch.models.clip",
     "ScratchUNet2DConditionModel": "hf_scratch.models.unet",
+    "ScratchControlNetModel": "hf_scratch.models.controlnet",
     "load_single_file": "hf_scratch.formats.single_file",
     "save_single_file": "hf_scratch.formats.single_file",
     "ScratchDDPMScheduler": "hf_scratch.schedulers.ddpm",

@@ -77,7 +77,37 @@ class AttentionProcessorsMixin(AttentionMixin):
         self.set_attn_processor(AttnProcessor())
 
 
-class UNetAdapterMixin(AttentionProcessorsMixin, UNet2DConditionLoadersMixin, PeftAdapterMixin):
+class AttentionSlicingMixin:
+    """`set_attention_slice` for a model built of our `Attention` layers (the U-Net and the ControlNet)."""
+
+    def set_attention_slice(self, slice_size: str | int | list[int] | None = "auto") -> None:
+        """Sliced attention: each attention layer computes its scores `slice_size` (batch x head) rows at a time with
+        diffusers' `SlicedAttnProcessor`, trading speed for a smaller peak of memory.
+
+        "auto" halves each layer's heads, "max" takes one row at a time, an int applies to every layer, and a list
+        gives one size per attention layer (in `attn_processors` order). None turns slicing off.
+        """
+        layers = [module for module in self.modules() if isinstance(module, AttentionModuleMixin)]
+        if slice_size == "auto":
+            sizes = [max(layer.sliceable_head_dim // 2, 1) for layer in layers]
+        elif slice_size == "max":
+            sizes = [1] * len(layers)
+        elif isinstance(slice_size, list):
+            if len(slice_size) != len(layers):
+                raise ValueError(
+                    f"slice_size is a list of {len(slice_size)} sizes, but the model has {len(layers)} attention "
+                    "layers; pass one size per layer, a single int, 'auto' or 'max'."
+                )
+            sizes = slice_size
+        elif slice_size is None or (isinstance(slice_size, int) and not isinstance(slice_size, bool)):
+            sizes = [slice_size] * len(layers)
+        else:
+            raise ValueError(f"slice_size={slice_size!r} must be 'auto', 'max', an int, a list of ints or None.")
+        for layer, size in zip(layers, sizes):
+            layer.set_attention_slice(size)
+
+
+class UNetAdapterMixin(AttentionProcessorsMixin, AttentionSlicingMixin, UNet2DConditionLoadersMixin, PeftAdapterMixin):
     """LoRA adapters, attention processors and FreeU for a U-Net laid out as diffusers' `UNet2DConditionModel`
     (`down_blocks`, `mid_block`, `up_blocks`, each block's `attentions`)."""
 
@@ -96,32 +126,6 @@ class UNetAdapterMixin(AttentionProcessorsMixin, UNet2DConditionLoadersMixin, Pe
         """Unmerge every fused adapter and restore the weights as they were before `fuse_lora`, bit for bit."""
         super().unfuse_lora()
         restore_unfused_weights(self)
-
-    def set_attention_slice(self, slice_size: str | int | list[int] | None = "auto") -> None:
-        """Sliced attention: each attention layer computes its scores `slice_size` (batch x head) rows at a time with
-        diffusers' `SlicedAttnProcessor`, trading speed for a smaller peak of memory.
-
-        "auto" halves each layer's heads, "max" takes one row at a time, an int applies to every layer, and a list
-        gives one size per attention layer (in `attn_processors` order). None turns slicing off.
-        """
-        layers = [module for module in self.modules() if isinstance(module, AttentionModuleMixin)]
-        if slice_size == "auto":
-            sizes = [max(layer.sliceable_head_dim // 2, 1) for layer in layers]
-        elif slice_size == "max":
-            sizes = [1] * len(layers)
-        elif isinstance(slice_size, list):
-            if len(slice_size) != len(layers):
-                raise ValueError(
-                    f"slice_size is a list of {len(slice_size)} sizes, but the U-Net has {len(layers)} attention "
-                    "layers; pass one size per layer, a single int, 'auto' or 'max'."
-                )
-            sizes = slice_size
-        elif slice_size is None or (isinstance(slice_size, int) and not isinstance(slice_size, bool)):
-            sizes = [slice_size] * len(layers)
-        else:
-            raise ValueError(f"slice_size={slice_size!r} must be 'auto', 'max', an int, a list of ints or None.")
-        for layer, size in zip(layers, sizes):
-            layer.set_attention_slice(size)
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU (Si et al. 2024, arXiv:2309.11497): in the two deepest up blocks (up_blocks[0] and [1]), multiply

@@ -459,6 +459,40 @@ def _per_block(name: str, value: Any, num_blocks: int) -> list:
     return list(value)
 
 
+def build_levels(config: FrozenDict) -> list[LevelConfig]:
+    """The per-level config entries, each broadcast to one value per level (`_per_block`)."""
+    if not isinstance(config.cross_attention_dim, int):
+        raise ValueError(f"cross_attention_dim={config.cross_attention_dim!r} must be a single int")
+    num_blocks = len(config.block_out_channels)
+    heads = config.get("num_attention_heads") or config.attention_head_dim  # the ControlNet may set the former
+    per_level = [
+        _per_block(name, value, num_blocks)
+        for name, value in (
+            ("layers_per_block", config.layers_per_block),
+            ("attention_head_dim", heads),
+            ("transformer_layers_per_block", config.transformer_layers_per_block),
+            ("only_cross_attention", config.only_cross_attention),
+        )
+    ]
+    return [LevelConfig(channels, *values) for channels, *values in zip(config.block_out_channels, *per_level)]
+
+
+def build_contracting_path(
+    levels: list[LevelConfig], config: FrozenDict
+) -> tuple[nn.ModuleList, UNetMidBlock2DCrossAttn]:
+    """The down blocks of `config.down_block_types` (each but the last ending in a downsample) and the bottleneck."""
+    down_blocks = nn.ModuleList(
+        DOWN_BLOCKS[block_type](
+            in_channels=levels[max(i - 1, 0)].channels,
+            level=levels[i],
+            add_downsample=i < len(levels) - 1,
+            config=config,
+        )
+        for i, block_type in enumerate(config.down_block_types)
+    )
+    return down_blocks, UNetMidBlock2DCrossAttn(levels[-1], config)
+
+
 class ConditionedTimestepEmbedding(TimestepEmbedding):
     """`TimestepEmbedding` that first adds a projected condition to the sinusoidal embedding: LCM's embedding of the
     guidance scale (Luo et al. 2023, Sec. 4.2), built when the config sets `time_cond_proj_dim`."""
@@ -660,32 +694,13 @@ class ScratchUNet2DConditionModel(
                     f"{name}_block_types={types!r} must list {num_blocks} entries (one per block_out_channels) "
                     f"from {tuple(blocks)}"
                 )
-        if not isinstance(cross_attention_dim, int):
-            raise ValueError(f"cross_attention_dim={cross_attention_dim!r} must be a single int")
-        attention_heads = _per_block("attention_head_dim", attention_head_dim, num_blocks)
-        layers = _per_block("layers_per_block", layers_per_block, num_blocks)
-        transformer_layers = _per_block("transformer_layers_per_block", transformer_layers_per_block, num_blocks)
-        cross_only = _per_block("only_cross_attention", only_cross_attention, num_blocks)
-        levels = [
-            LevelConfig(block_out_channels[i], layers[i], attention_heads[i], transformer_layers[i], cross_only[i])
-            for i in range(num_blocks)
-        ]
+        levels = build_levels(self.config)
 
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
         self.build_time_embedding(self.config, class_act_fn=act_fn)
         # The text's projection to cross_attention_dim ("text_proj"); IP-Adapter loading puts its image projection here.
         self.encoder_hid_proj = None if encoder_hid_dim is None else nn.Linear(encoder_hid_dim, cross_attention_dim)
-
-        self.down_blocks = nn.ModuleList(
-            DOWN_BLOCKS[block_type](
-                in_channels=block_out_channels[max(i - 1, 0)],
-                level=levels[i],
-                add_downsample=i < num_blocks - 1,
-                config=self.config,
-            )
-            for i, block_type in enumerate(down_block_types)
-        )
-        self.mid_block = UNetMidBlock2DCrossAttn(levels[-1], self.config)
+        self.down_blocks, self.mid_block = build_contracting_path(levels, self.config)
         self.up_blocks = nn.ModuleList()
         for i, block_type in enumerate(up_block_types):
             level = num_blocks - 1 - i  # the down block whose skips this up block consumes
