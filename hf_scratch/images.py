@@ -118,7 +118,7 @@ def _pil_pixels(image: PIL.Image.Image, name: str) -> torch.Tensor:
     if mode == "F":
         return _float_pixels(torch.from_numpy(np.asarray(image).copy()), name, signed=False, what="mode F")[..., None]
     if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")  # Pillow has no La -> RGBA
         image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     rgb = image.convert("RGB")
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).float() / 255

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from hf_scratch.fast import freeze_for_inference
+from hf_scratch.images import open_image, read_image, resize
 from hf_scratch.models.vae import downsampling_factor
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_family, scheduler_name
@@ -27,6 +28,7 @@ from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
 MAX_STEPS = 50
 MAX_SIZE = 256
 MAX_FRAMES = 10
+FORWARD_SIZE = 128  # pixels a side of the forward-process picture
 SHIPPED = "shipped default"
 OWN_SCHEDULER = "the model's own"
 README_URL = "https://github.com/hf-scratch/hf-scratch#readme"
@@ -198,18 +200,18 @@ def example_image() -> Image.Image:
 
 
 def forward_process(image, timestep: int, seed: int = 0) -> tuple[Image.Image, str]:
-    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε: a sample of q(x_t | x_0) (DDPM Eq. 4) on the picture's pixels in [-1, 1]."""
+    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε: a sample of q(x_t | x_0) (DDPM Eq. 4) on the picture's pixels in [-1, 1], read by
+    `hf_scratch.images.read_image` as the pipelines read theirs."""
     if image is None:
         raise gr.Error("Pick an example or upload an image.")
     try:
-        picture = image if isinstance(image, Image.Image) else Image.open(image)
-        pixels = np.asarray(picture.convert("RGB").resize((128, 128)), dtype=np.float32) / 127.5 - 1.0
-    except (OSError, ValueError, TypeError) as error:
-        raise gr.Error(f"That upload is not an image I can read ({type(error).__name__}).") from error
+        picture = image if isinstance(image, Image.Image) else open_image(image, "the upload")
+        x0 = 2 * resize(read_image(picture), FORWARD_SIZE, FORWARD_SIZE) - 1  # (1, 3, H, W) in [-1, 1]
+    except ValueError as error:
+        raise gr.Error(f"That upload is not an image I can read: {error}") from None
     scheduler = forward_schedule()
     timestep = whole_number("Timestep", timestep, 0, scheduler.config.num_train_timesteps - 1)
     seed = whole_number("Seed", seed, 0, 2**63 - 1)
-    x0 = torch.from_numpy(pixels).permute(2, 0, 1)[None]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed)))
     xt = scheduler.add_noise(x0, noise, torch.tensor([timestep]))
     out = ((xt[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
@@ -322,7 +324,12 @@ def build_demo() -> gr.Blocks:
                 "Stable Diffusion's β schedule (or the shipped model's, for a DDPM-family model)."
             )
             with gr.Row():
-                source = gr.Image(value=example_image(), type="pil", label="x_0 (example or upload)", elem_id="x0")
+                # A path, untouched (image_mode=None): `open_image` and `read_image` read uploads as the pipelines do,
+                # 16-bit grey and Pillow's size limit included.
+                source = gr.Image(
+                    value=example_image(), type="filepath", image_mode=None, label="x_0 (example or upload)",
+                    elem_id="x0",
+                )  # fmt: skip
                 noisy = gr.Image(label="x_t", type="pil", elem_id="xt")
             timestep = friendly_numbers(gr.Slider(0, 999, value=250, step=1, label="timestep t", elem_id="timestep"))
             caption = gr.Markdown(elem_id="alpha")

@@ -150,6 +150,24 @@ def test_garbage_upload_is_a_friendly_error(app, tmp_path):
         app["module"].forward_process(str(garbage), 100)
 
 
+def test_forward_process_reads_a_16_bit_upload_as_the_pipelines_do(app, tmp_path):
+    """A nearly black 16-bit PNG stays nearly black at t = 0 (it was read as white), and an upload beyond Pillow's
+    pixel limit is a friendly error, not a traceback."""
+    import gradio as gr
+
+    values = (np.arange(128 * 128).reshape(128, 128) % 2000).astype(np.uint16)  # at most 3% of white
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    x0, _ = app["module"].forward_process(str(tmp_path / "grey16.png"), 0)
+    assert np.asarray(x0, dtype=np.float32).mean() < 20
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000
+    try:
+        with pytest.raises(gr.Error, match="too large to decode safely"):
+            app["module"].forward_process(str(tmp_path / "grey16.png"), 0)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (/usr/bin/chromium)")
 def test_real_browser_generates_and_moves_the_forward_slider(app, tmp_path):

@@ -204,3 +204,15 @@ def test_flow_pipeline_folder_loads_through_diffusion_pipeline(components, tmp_p
     assert type(loaded.scheduler) is ScratchFlowMatchEulerScheduler and loaded.scheduler.config.shift == 3.0
     kwargs = dict(prompt="a cat", num_inference_steps=3, output_type="np")
     assert np.abs(loaded(**kwargs, generator=seeded()).images - pipe(**kwargs, generator=seeded()).images).max() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(sigmas=[5.0, 3.0, 1.0]), r"`sigmas` of a flow-family scheduler must lie in \[0, 1\]"),
+     (dict(sigmas=[0.1, 0.5, 1.0]), "`sigmas` must be strictly decreasing"),
+     (dict(timesteps=[500, -50]), r"`timesteps` of a flow-family scheduler must lie in \[0, 1000\]"),
+     (dict(sigmas=[1.0, float("inf")]), "`sigmas` must hold finite numbers")],
+)  # fmt: skip
+def test_set_timesteps_refuses_custom_schedules_that_are_not_a_flow(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ScratchFlowMatchEulerScheduler().set_timesteps(**kwargs)

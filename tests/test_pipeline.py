@@ -577,6 +577,21 @@ def test_nan_images_are_refused_by_name(img2img_pipe):
         _img2img(img2img_pipe, np.full((32, 32, 3), np.nan, np.float32))
 
 
+def test_sixteen_bit_images_and_float_ranges_are_read_as_meant(img2img_pipe, tmp_path):
+    """A nearly black 16-bit PNG is nearly black (not white), and floats in 0–255 are refused, not taken as 0–1."""
+    values = (np.arange(32 * 32).reshape(32, 32) % 2000).astype(np.uint16)
+    PIL.Image.fromarray(values).save(tmp_path / "grey16.png")
+    with PIL.Image.open(tmp_path / "grey16.png") as picture:
+        sixteen_bit = _img2img(img2img_pipe, picture)
+    as_floats = np.repeat(values[..., None].astype(np.float32) / 65535, 3, axis=-1)
+    assert np.abs(sixteen_bit - _img2img(img2img_pipe, as_floats)).max() <= TOLERANCE
+    assert np.abs(_img2img(img2img_pipe, values) - sixteen_bit).max() <= TOLERANCE  # a uint16 array alike
+    with pytest.raises(ValueError, match=r"`image` holds float32 values in \[0, 255\].*divide by 255"):
+        _img2img(img2img_pipe, np.linspace(0, 255, 32 * 32 * 3, dtype=np.float32).reshape(32, 32, 3))
+    with pytest.raises(ValueError, match=r"`image` holds float32 values in \[-5, -1\]"):
+        _img2img(img2img_pipe, torch.linspace(-5, -1, 3 * 32 * 32).reshape(1, 3, 32, 32))
+
+
 # Values of any type, for the arguments that are drawn: a few valid ones among many that are not.
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),
@@ -728,3 +743,118 @@ def test_image_to_image_with_custom_timesteps_matches_diffusers(diffusers_compon
 def test_bad_schedules_and_rescale_are_named(pipe, kwargs, error, message):
     with pytest.raises(error, match=message):
         pipe("a cat", num_inference_steps=2, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- every schedule checked
+def flow_pipe(components: dict, pipeline_class: type = ScratchStableDiffusionPipeline) -> DiffusionPipeline:
+    from hf_scratch.schedulers.flow_match import ScratchFlowMatchEulerScheduler
+
+    return quiet(pipeline_class(**components, scheduler=ScratchFlowMatchEulerScheduler()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(sigmas=[5.0, 3.0, 1.0]), r"`sigmas` of a flow-family scheduler must lie in \[0, 1\]"),
+     (dict(sigmas=[-1.0, -2.0]), r"`sigmas` of a flow-family scheduler must lie in \[0, 1\]"),
+     (dict(sigmas=[0.1, 0.5, 1.0]), "`sigmas` must be strictly decreasing"),
+     (dict(sigmas=[1.0, float("nan")]), "`sigmas` must hold finite numbers"),
+     (dict(timesteps=[500, -50]), r"`timesteps` of a flow-family scheduler must lie in \[0, 1000\]")],
+)  # fmt: skip
+def test_custom_flow_schedules_are_checked_before_any_model_runs(kwargs, message, scratch_components, monkeypatch):
+    pipe = flow_pipe(scratch_components)
+    for model in ("unet", "vae", "text_encoder"):
+        monkeypatch.setattr(getattr(pipe, model), "forward", lambda *args, **kwargs: pytest.fail("a model ran"))
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", **kwargs)
+
+
+def test_ddpm_family_timesteps_are_whole_numbers_in_the_training_range(scratch_components):
+    pipe = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=make_scheduler(DDPMScheduler)))
+    with pytest.raises(ValueError, match=r"`timesteps` of a ddpm-family scheduler must lie in \[0, 999\]"):
+        pipe("a cat", timesteps=[1500, 500])
+    with pytest.raises(ValueError, match="`timesteps` of a ddpm-family scheduler must be whole numbers"):
+        pipe("a cat", timesteps=[900.5, 500])
+
+
+def test_a_strength_that_leaves_no_step_of_a_custom_schedule_is_refused(scratch_components):
+    """img2img with `sigmas=[1.0, 0.5], strength=0.4` returned zero images: int(2 x 0.4) = 0 steps."""
+    img2img = flow_pipe(scratch_components, ScratchStableDiffusionImg2ImgPipeline)
+    with pytest.raises(ValueError, match=r"`strength` 0.4 x 2 steps \(the length of `sigmas`\) leaves no denoising"):
+        img2img("a cat", image=init_image(), sigmas=[1.0, 0.5], strength=0.4)
+    from hf_scratch.pipelines.inpaint import ScratchStableDiffusionInpaintPipeline
+
+    inpaint = flow_pipe(scratch_components, ScratchStableDiffusionInpaintPipeline)
+    with pytest.raises(ValueError, match=r"x 2 steps \(the length of `sigmas`\) leaves no denoising step"):
+        inpaint("a cat", image=init_image(), mask_image=torch.ones(1, 1, 32, 32), sigmas=[1.0, 0.5], strength=0.4)
+    assert img2img("a cat", image=init_image(), sigmas=[1.0, 0.5], strength=0.5, output_type="np").images.shape[0] == 1
+
+
+def test_a_scheduler_of_another_family_is_named_once(scratch_components, tmp_path, caplog):
+    """The CLI and the demo refuse a flow scheduler on a DDPM-family model; the Python API says so, once."""
+    from hf_scratch.schedulers.flow_match import ScratchFlowMatchEulerScheduler
+
+    saved = quiet(ScratchStableDiffusionPipeline(**scratch_components, scheduler=make_scheduler(ScratchDDIMScheduler)))
+    saved.save_pretrained(tmp_path)
+    for pipe in (
+        saved,
+        ScratchStableDiffusionPipeline.from_pretrained(tmp_path, scheduler=ScratchFlowMatchEulerScheduler()),
+    ):
+        pipe.scheduler = ScratchFlowMatchEulerScheduler()
+        quiet(pipe)
+        with caplog.at_level(logging.WARNING, logger="hf_scratch.pipelines.text_to_image"):
+            caplog.clear()
+            for _ in range(2):
+                pipe("a cat", num_inference_steps=1, output_type="latent")
+        warnings = [record.message for record in caplog.records if "family" in record.message]
+        assert len(warnings) == 1, warnings
+        assert "samples flow-family models" in warnings[0] and "a ddpm-family scheduler" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "returned, message",
+    [(lambda latents: latents[:, :2], r"returned `latents` as torch.float32 of shape \(1, 2, 16, 16\) at step 0"),
+     (lambda latents: latents.double(), r"returned `latents` as torch.float64 .* dtype torch.float32"),
+     (lambda latents: latents.tolist(), "returned `latents` as list")],
+)  # fmt: skip
+def test_callback_tensors_are_checked_for_shape_and_dtype(pipe, returned, message):
+    def callback(pipeline, step, timestep, tensors):
+        return {"latents": returned(tensors["latents"])}
+
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", num_inference_steps=2, callback_on_step_end=callback, output_type="latent")
+
+
+SCHEDULE_VALUES = st.lists(
+    st.one_of(st.floats(-2, 1200), st.integers(-5, 1100), st.sampled_from([float("nan"), float("inf"), 0.0, 1.0])),
+    min_size=1, max_size=4,
+)  # fmt: skip
+
+
+def valid_schedule(values: list, family: str, argument: str) -> bool:
+    """The documented rule: finite, strictly decreasing, and in range (flow σ in [0, 1], timesteps in [0, 1000]; DDPM
+    timesteps whole numbers in [0, 999])."""
+    if not all(np.isfinite(v) for v in values) or any(b >= a for a, b in zip(values, values[1:])):
+        return False
+    if argument == "sigmas":
+        return 0 <= values[-1] and values[0] <= 1
+    if family == "ddpm":
+        return all(float(v).is_integer() for v in values) and 0 <= values[-1] and values[0] <= 999
+    return 0 <= values[-1] and values[0] <= 1000
+
+
+@settings(max_examples=int(os.environ.get("HF_SCRATCH_EXAMPLES", 40)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(values=SCHEDULE_VALUES, family=st.sampled_from(["flow", "ddpm"]), sigmas=st.booleans())
+def test_custom_schedules_run_when_valid_and_are_refused_by_name_otherwise(scratch_components, values, family, sigmas):
+    """Custom `sigmas` (flow) or `timesteps` (flow, DDPM): valid ones give finite latents, all others a ValueError
+    naming the argument before any model runs."""
+    argument = "sigmas" if sigmas and family == "flow" else "timesteps"
+    pipe = flow_pipe(scratch_components) if family == "flow" else quiet(
+        ScratchStableDiffusionPipeline(**scratch_components, scheduler=make_scheduler(DDPMScheduler))
+    )  # fmt: skip
+    call = lambda: pipe("a cat", guidance_scale=1.0, output_type="latent", **{argument: values}).images  # noqa: E731
+    if valid_schedule(values, family, argument):
+        assert torch.isfinite(call()).all()
+    else:
+        with pytest.raises(ValueError, match=f"`{argument}`"):
+            call()
