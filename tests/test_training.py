@@ -898,3 +898,43 @@ def test_divergence_advice_names_the_last_checkpoint_whose_loss_was_sane(tmp_pat
     advice = Trainer.divergence_advice(run_state, checkpoints.TrainingDiverged("the loss is inf"))
     assert f"the last good checkpoint is {tmp_path / 'checkpoint-4'}" in advice
     assert "training diverged at step 7: the loss is inf" in advice
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cross_attention_levels", "5"], r"--cross_attention_levels=\[5\] names levels \[5\]"),
+        (["--snr_gamma", "-5"], r"--snr_gamma=-5.0 must be positive"),
+        (["--noise_offset", "nan"], r"--noise_offset=nan must be a finite number"),
+        (["--guidance_scale", "nan"], r"--guidance_scale=nan must be a finite number"),
+        (["--snapshot_steps", "0", "-2", "99"], r"--snapshot_steps=\[0, -2, 99\]: \[0, -2, 99\] lie outside"),
+        (["--validation_inference_steps", "0"], r"--validation_inference_steps=0 must be at least 1"),
+        (["--num_validation_images", "0"], r"--num_validation_images=0 must be at least 1"),
+        (["--block_out_channels", "16", "32"], r"--block_out_channels=\[16, 32\] must all be multiples of --norm_num"),
+        (["--norm_num_groups", "8", "--attention_head_dim", "3"], r"multiples of --attention_head_dim=3"),
+    ],
+)
+def test_unet_flags_are_checked_before_the_run_starts(flags, message, tmp_path):
+    from hf_scratch.training import train_unet
+
+    base = ["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "10",
+            "--pretrained_model_name_or_path", str(tmp_path)]  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        train_unet.parse_args([*base, *flags])
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "message"),
+    [
+        ("train_vae", ["--kl_weight", "-1"], r"--kl_weight=-1.0 must be at least 0"),
+        ("train_vae", ["--block_out_channels", "16", "32"], r"multiples of --norm_num_groups=32"),
+        ("train_clip", ["--text_hidden_size", "30", "--text_heads", "4"], r"--text_hidden_size=\[30\] must all be"),
+        ("train_clip", ["--learning_rate", "inf"], r"--learning_rate=inf must be a finite number"),
+    ],
+)
+def test_vae_and_clip_flags_are_checked_before_the_run_starts(script, flags, message, tmp_path):
+    import importlib
+
+    module = importlib.import_module(f"hf_scratch.training.{script}")
+    with pytest.raises(ValueError, match=message):
+        module.parse_args(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), *flags])

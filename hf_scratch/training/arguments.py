@@ -122,8 +122,37 @@ def build_parser(description: str, captions: bool = True) -> argparse.ArgumentPa
     return parser
 
 
+def check_finite(args: argparse.Namespace) -> None:
+    """Refuse NaN and infinity in every number-valued flag (a NaN noise offset would otherwise pass for divergence)."""
+    for name, value in vars(args).items():
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ValueError(f"--{name}={value} must be a finite number")
+
+
+def check_at_least(args: argparse.Namespace, minimum: float, *names: str) -> None:
+    """Each flag in `names` (each entry, for a list) is at least `minimum`; unset (None) flags are skipped."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and any(number < minimum for number in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"--{name}={value} must be at least {minimum}")
+
+
+def check_divisible(args: argparse.Namespace, channels_flag: str, divisor_flag: str) -> None:
+    """Every entry of --channels_flag is a multiple of --divisor_flag (group norm's groups, attention heads)."""
+    channels, divisor = getattr(args, channels_flag), getattr(args, divisor_flag)
+    channels = channels if isinstance(channels, list) else [channels]
+    if divisor < 1 or any(width % divisor for width in channels):
+        raise ValueError(
+            f"--{channels_flag}={channels} must all be multiples of --{divisor_flag}={divisor}; pick channel widths "
+            f"divisible by it (e.g. {[max(divisor, width // divisor * divisor) for width in channels]}) or a "
+            f"--{divisor_flag} that divides every width"
+        )
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject argument values that would fail later, naming the flag, the value and what is allowed."""
+    check_finite(args)
     if args.resolution < 8 or args.resolution % 8:
         raise ValueError(
             f"--resolution={args.resolution} is not a positive multiple of 8; the VAE halves the image size in each "

@@ -26,7 +26,7 @@ from transformers import CLIPTokenizer
 from hf_scratch.metrics import retrieval_accuracy, text_positives
 from hf_scratch.models.clip import ScratchCLIPConfig, ScratchCLIPModel
 from hf_scratch.tokenization import train_clip_bpe_tokenizer
-from hf_scratch.training.arguments import build_parser, check_args
+from hf_scratch.training.arguments import build_parser, check_args, check_at_least, check_divisible
 from hf_scratch.training.data import EpochBatches, collate, load_image_text_dataset
 from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step
 
@@ -52,8 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--projection_dim", type=int, default=256)
     args = parser.parse_args(argv)
     check_args(args)
+    check_at_least(args, 1, "patch_size", "text_layers", "vision_layers", "projection_dim")
+    check_at_least(args, 2, "max_length")  # BOS and EOS
     if args.resolution % args.patch_size:
         raise ValueError(f"--patch_size={args.patch_size} must divide --resolution={args.resolution}")
+    if not args.model_config:
+        check_divisible(args, "text_hidden_size", "text_heads")
+        check_divisible(args, "vision_hidden_size", "vision_heads")
     return args
 
 

@@ -49,7 +49,7 @@ from hf_scratch.models.vae import ScratchAutoencoderKL, downsampling_factor
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
 from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
-from hf_scratch.training.arguments import build_parser, check_args
+from hf_scratch.training.arguments import build_parser, check_args, check_at_least, check_divisible
 from hf_scratch.training.cards import write_lora_model_card, write_model_card
 from hf_scratch.training.data import EpochBatches, cache_latents, image_grid, load_image_text_dataset
 from hf_scratch.training.lora import add_lora_adapters, check_lora_args, save_lora_weights
@@ -178,7 +178,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--unet_from_pretrained needs --pretrained_model_name_or_path, whose unet/ it loads")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise ValueError(f"--caption_dropout_prob={args.caption_dropout_prob} must be in [0, 1)")
+    check_unet_args(args)
     return args
+
+
+def check_unet_args(args: argparse.Namespace) -> None:
+    """The model, objective, validation and snapshot flags, checked before anything is loaded."""
+    check_at_least(args, 1, "num_validation_images", "validation_inference_steps", "layers_per_block")
+    check_at_least(args, 0, "noise_offset", "guidance_scale", "huber_c")
+    for flag in ("snr_gamma", "sigma_data", "edm_p_std", "edm_sigma_min", "logit_std", "mode_scale"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag}={value} must be positive")
+    if args.edm_sigma_max <= args.edm_sigma_min:
+        raise ValueError(f"--edm_sigma_max={args.edm_sigma_max} must exceed --edm_sigma_min={args.edm_sigma_min}")
+    if not (args.unet_config or args.unet_from_pretrained):
+        check_at_least(args, 1, "block_out_channels")
+        check_divisible(args, "block_out_channels", "norm_num_groups")
+        check_divisible(args, "block_out_channels", "attention_head_dim")
+        levels = len(args.block_out_channels)
+        outside = [level for level in args.cross_attention_levels or [] if not 0 <= level < levels]
+        if outside:
+            raise ValueError(
+                f"--cross_attention_levels={args.cross_attention_levels} names levels {outside}, but "
+                f"--block_out_channels gives {levels} levels (0 to {levels - 1}); without cross-attention the U-Net "
+                "ignores the text"
+            )
+    last = args.max_train_steps
+    wrong = [step for step in args.snapshot_steps if step < 1 or (last is not None and step > last)]
+    if wrong:
+        raise ValueError(
+            f"--snapshot_steps={args.snapshot_steps}: {wrong} lie outside the run's optimizer steps "
+            f"(1 to --max_train_steps={last})"
+        )
 
 
 def load_frozen_components(

@@ -33,7 +33,7 @@ from torch import nn
 
 from hf_scratch.metrics import psnr, tensor_to_image
 from hf_scratch.models.vae import ScratchAutoencoderKL
-from hf_scratch.training.arguments import build_parser, check_args
+from hf_scratch.training.arguments import build_parser, check_args, check_at_least, check_divisible
 from hf_scratch.training.data import EpochBatches, collate, image_grid, load_image_text_dataset
 from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step
 
@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("--pretrained_vae and --model_config both give the architecture; pass one")
     if args.pretrained_vae and not Path(args.pretrained_vae, "config.json").is_file():
         raise ValueError(f"--pretrained_vae={args.pretrained_vae!r} holds no config.json; pass a VAE folder")
+    check_at_least(args, 0, "kl_weight", "disc_weight", "disc_start")
+    check_at_least(args, 1, "latent_channels", "layers_per_block", "num_scaling_samples")
+    check_at_least(args, 1, "disc_channels", "disc_layers")
+    if not (args.pretrained_vae or args.model_config):
+        check_at_least(args, 1, "block_out_channels")
+        check_divisible(args, "block_out_channels", "norm_num_groups")
     return args
 
 
