@@ -233,3 +233,127 @@ def test_checkpoint_not_fitting_config_names_offending_keys(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 32}))
     with pytest.raises(ValueError, match=r"attn2\.to_k\.weight expected shape torch\.Size\(\[16, 32\]\)"):
         ScratchUNet2DConditionModel.from_pretrained(tmp_path)
+
+
+# diffusers' forward extras: ControlNet and T2I-Adapter residuals, masks, class labels, timestep_cond, added conditions.
+
+
+def _skip_shapes(config: dict, batch: int, size: int) -> list[tuple[int, ...]]:
+    """Shapes of the U-Net's skips (conv_in's output, then each down-block layer's), finest first."""
+    shapes, channels = [(batch, config["block_out_channels"][0], size, size)], config["block_out_channels"]
+    for i, width in enumerate(channels):
+        shapes += [(batch, width, size, size)] * config["layers_per_block"]
+        if i < len(channels) - 1:
+            size //= 2
+            shapes.append((batch, width, size, size))
+    return shapes
+
+
+def _compare(reference, ours, *args, **kwargs) -> float:
+    with torch.no_grad():
+        return relative_error(ours(*args, **kwargs).sample, reference(*args, **kwargs).sample)
+
+
+def test_controlnet_residuals_match_diffusers(tiny_pair):
+    reference, ours = tiny_pair
+    sample, text = _inputs(reference.config)
+    down = [torch.randn(shape) for shape in _skip_shapes(reference.config, 2, 8)]
+    mid = torch.randn(2, reference.config.block_out_channels[-1], 2, 2)
+    residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    assert _compare(reference, ours, sample, 3, text, **residuals) <= TOLERANCE
+    with pytest.raises(ValueError, match=r"down_block_additional_residuals has 8 tensors; this U-Net has 9 skip"):
+        ours(sample, 3, text, down_block_additional_residuals=down[:-1], mid_block_additional_residual=mid)
+
+
+@pytest.mark.parametrize("keyword", ["down_intrablock_additional_residuals", "down_block_additional_residuals"])
+def test_t2i_adapter_residuals_match_diffusers(tiny_pair, keyword):
+    """One feature map per level (the older call passes them as `down_block_additional_residuals`, no mid)."""
+    reference, ours = tiny_pair
+    sample, text = _inputs(reference.config)
+    widths = reference.config.block_out_channels
+    features = [torch.randn(2, width, 8 >> i, 8 >> i) for i, width in enumerate(widths)]
+    with torch.no_grad():
+        expected = reference(sample, 3, text, **{keyword: [f.clone() for f in features]}).sample
+        actual = ours(sample, 3, text, **{keyword: features}).sample
+    assert relative_error(actual, expected) <= TOLERANCE
+    assert relative_error(actual, ours(sample, 3, text).sample) > 0.01
+
+
+def test_encoder_attention_mask_matches_diffusers(tiny_pair):
+    reference, ours = tiny_pair
+    sample, text = _inputs(reference.config)
+    mask = torch.ones(2, text.shape[1])
+    mask[0, 4:] = 0
+    assert _compare(reference, ours, sample, 3, text, encoder_attention_mask=mask) <= TOLERANCE
+    with torch.no_grad():  # the masked tokens no longer matter
+        masked = ours(sample, 3, text, encoder_attention_mask=mask).sample
+        text[0, 4:] = 100.0
+        assert relative_error(ours(sample, 3, text, encoder_attention_mask=mask).sample, masked) <= TOLERANCE
+
+
+def test_self_attention_mask_matches_diffusers():
+    """diffusers applies `attention_mask` to every self-attention, so all of them must see as many pixels as the mask
+    has entries: a U-Net whose attention sits at one resolution."""
+    config = {**TINY_UNET_CONFIG, "block_out_channels": [16, 32], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"]}  # fmt: skip
+    reference = build_reference_unet(config)
+    ours = scratch_twin(ScratchUNet2DConditionModel, reference)
+    sample, text = _inputs(config)
+    mask = (torch.rand(2, 16) > 0.3).float()
+    assert _compare(reference, ours, sample, 3, text, attention_mask=mask) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "options, extra",
+    [
+        ({"num_class_embeds": 5}, {"class_labels": torch.tensor([1, 4])}),
+        ({"class_embed_type": "timestep"}, {"class_labels": torch.tensor([10, 900])}),
+        ({"class_embed_type": "identity"}, {"class_labels": torch.randn(2, 64)}),
+        ({"class_embed_type": "projection", "projection_class_embeddings_input_dim": 6},
+         {"class_labels": torch.randn(2, 6)}),
+        ({"class_embed_type": "simple_projection", "projection_class_embeddings_input_dim": 6},
+         {"class_labels": torch.randn(2, 6)}),
+        ({"num_class_embeds": 5, "class_embeddings_concat": True}, {"class_labels": torch.tensor([0, 3])}),
+        ({"time_cond_proj_dim": 10}, {"timestep_cond": torch.randn(2, 10)}),
+        ({"addition_embed_type": "text_time", "addition_time_embed_dim": 4,
+          "projection_class_embeddings_input_dim": 32},
+         {"added_cond_kwargs": {"text_embeds": torch.randn(2, 8), "time_ids": torch.rand(2, 6) * 64}}),
+    ],
+    ids=["class-table", "class-timestep", "class-identity", "class-projection", "class-linear", "class-concat",
+         "lcm-timestep-cond", "sdxl-text-time"],
+)  # fmt: skip
+def test_embedding_configs_match_diffusers(options, extra):
+    """Each config builds diffusers' parameters (strict keys in `scratch_twin`) and gives its outputs."""
+    config = {**TINY_UNET_CONFIG, **options}
+    reference = build_reference_unet(config)
+    ours = scratch_twin(ScratchUNet2DConditionModel, reference)
+    sample, text = _inputs(config)
+    assert _compare(reference, ours, sample, 7, text, **extra) <= TOLERANCE
+    if "timestep_cond" not in extra:  # LCM's condition is optional; the others are not
+        with pytest.raises(
+            ValueError, match=r"class_labels is None|added_cond_kwargs lacks \['text_embeds', 'time_ids'\]"
+        ):
+            ours(sample, 7, text)
+
+
+def test_timestep_cond_without_time_cond_proj_dim_is_refused(tiny_pair):
+    _, ours = tiny_pair
+    sample, text = _inputs(ours.config)
+    with pytest.raises(ValueError, match="timestep_cond was given, but this model has time_cond_proj_dim=None"):
+        ours(sample, 7, text, timestep_cond=torch.randn(2, 10))
+
+
+def test_text_projection_config_matches_diffusers():
+    config = {**TINY_UNET_CONFIG, "encoder_hid_dim": 40}
+    reference = build_reference_unet(config)
+    ours = scratch_twin(ScratchUNet2DConditionModel, reference)
+    assert ours.config.encoder_hid_dim_type == reference.config.encoder_hid_dim_type == "text_proj"
+    sample, _ = _inputs(config)
+    assert _compare(reference, ours, sample, 7, torch.randn(2, 5, 40)) <= TOLERANCE
+
+
+def test_cross_attention_kwargs_no_processor_takes_are_refused(tiny_pair):
+    _, ours = tiny_pair
+    sample, text = _inputs(ours.config)
+    with pytest.raises(ValueError, match=r"no attention processor of this U-Net takes \(\['gligen'\]\)"):
+        ours(sample, 1, text, cross_attention_kwargs={"gligen": {}})
