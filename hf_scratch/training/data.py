@@ -16,6 +16,7 @@
 
 import argparse
 import io
+import logging
 import math
 import random
 import warnings
@@ -34,8 +35,10 @@ from hf_scratch.models.vae import ScratchAutoencoderKL
 from hf_scratch.training.sources import load_splits
 
 logger = get_logger(__name__)
+# Items are read on every rank and in DataLoader workers, where accelerate's logger may have no state: plain logging.
+item_logger = logging.getLogger(__name__)
 
-SCAN_BATCH = 64  # rows whose image cells the decodability scan holds at once
+SCAN_BATCH = 16  # rows whose image cells the decodability scan holds at once
 Index = int | tuple[int, int]  # a row, or (epoch, row) for the augmented view
 
 
@@ -140,7 +143,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
             try:
                 return _decode(cell)
             except Exception as error:  # Pillow's plugins raise many types for a broken file
-                logger.warning(f"image {cell.get('path') or index + offset} does not decode ({error}); using the next")
+                item_logger.warning(
+                    f"image {(cell or {}).get('path') or index + offset} does not decode ({error}); using the next"
+                )
         raise ValueError(f"no image of this split decodes (from row {index} on)")
 
 
