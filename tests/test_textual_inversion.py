@@ -90,10 +90,11 @@ def test_multi_vector_tokens_are_spelled_out_and_hold_the_vectors(embeddings):
 def test_unloading_restores_the_vocabulary_and_the_images(embeddings):
     _, ours = twin_pipelines()
     vocabulary, before = len(ours.tokenizer), images(ours, "a photo of a cat")
+    rows = ours.text_encoder.get_input_embeddings().weight.shape[0]  # the tiny table is larger than its vocabulary
     load_all(ours, embeddings)
     ours.unload_textual_inversion()
     assert len(ours.tokenizer) == vocabulary
-    assert ours.text_encoder.get_input_embeddings().weight.shape[0] == vocabulary
+    assert ours.text_encoder.get_input_embeddings().weight.shape[0] == rows
     assert np.abs(images(ours, "a photo of a cat") - before).max() == 0.0
 
 
@@ -102,3 +103,47 @@ def test_an_embedding_of_the_wrong_width_is_refused(tmp_path):
     save_file({"<wide>": torch.zeros(2, WIDTH + 1)}, tmp_path / "wide.safetensors")
     with pytest.raises(ValueError, match=rf"pretrained_model_name_or_path.*wide.*width is not {WIDTH}"):
         ours.load_textual_inversion(str(tmp_path / "wide.safetensors"))
+
+
+def with_word_red(pipe):
+    """`pipe` with a tokenizer whose vocabulary, like CLIP's, holds the word "red" only as the word ending "red</w>"."""
+    from transformers import CLIPTokenizer
+
+    vocabulary = dict(pipe.tokenizer.get_vocab())
+    vocabulary.update({"re": len(vocabulary), "red</w>": len(vocabulary) + 1})
+    pipe.tokenizer = CLIPTokenizer(vocab=vocabulary, merges=[("r", "e"), ("re", "d</w>")], model_max_length=77)
+    assert pipe.tokenizer.tokenize("red") == ["red</w>"] and "red" not in pipe.tokenizer.get_vocab()
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "token, message",
+    [("red", r"`token` 'red' is already in the tokenizer's vocabulary \(as 'red</w>'\)"),
+     ("Red", r"`token` 'Red' is already in the tokenizer's vocabulary \(as 'red</w>'\)"),
+     ("", "`token` must be a non-empty string, got ''"),
+     ("  ", "`token` must be a non-empty string"),
+     ("<|endoftext|>", "already in tokenizer vocabulary")],
+)  # fmt: skip
+def test_tokens_that_are_words_or_empty_are_refused_and_change_nothing(token, message, tmp_path):
+    """diffusers' own check let "red" through (the vocabulary holds "red</w>"), and "" overwrote the end-of-text
+    embedding, which unloading did not restore."""
+    ours = with_word_red(twin_pipelines()[1])
+    table = ours.text_encoder.get_input_embeddings().weight.detach().clone()
+    vocabulary = dict(ours.tokenizer.get_vocab())
+    torch.save(vectors(1, 5)[0], tmp_path / "vector.bin")
+    with pytest.raises(ValueError, match=message):
+        ours.load_textual_inversion(str(tmp_path / "vector.bin"), token=token)
+    assert torch.equal(ours.text_encoder.get_input_embeddings().weight, table)
+    assert ours.tokenizer.get_vocab() == vocabulary
+
+
+def test_unloading_restores_every_embedding_it_touched(embeddings):
+    _, ours = twin_pipelines()
+    table, vocabulary = (
+        ours.text_encoder.get_input_embeddings().weight.detach().clone(),
+        dict(ours.tokenizer.get_vocab()),
+    )
+    load_all(ours, embeddings)
+    ours.unload_textual_inversion()
+    assert torch.equal(ours.text_encoder.get_input_embeddings().weight, table)
+    assert ours.tokenizer.get_vocab() == vocabulary

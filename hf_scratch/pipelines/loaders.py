@@ -11,8 +11,8 @@ work on our components:
 - `StableDiffusionMixin`: `enable_freeu` / `disable_freeu`, `unfuse_qkv_projections`.
 
 The overrides below refuse a LoRA file that loads nothing, read kohya's text-encoder keys into our text encoder, make
-`unfuse_lora` exact, name both widths when a textual-inversion embedding does not fit, and let `fuse_qkv_projections`
-fuse our VAE.
+`unfuse_lora` exact, name both widths when a textual-inversion embedding does not fit, refuse a textual-inversion token
+that is empty or already a word of the vocabulary, and let `fuse_qkv_projections` fuse our VAE.
 
 LoRA (Hu et al. 2021, arXiv:2106.09685, Sec. 4.1) makes each adapted weight W' = W + (α / r) · B · A; a call with
 `cross_attention_kwargs={"scale": s}` uses W + s · (α / r) · B · A in the U-Net and the text encoder (`scales_lora`).
@@ -33,6 +33,9 @@ from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from hf_scratch.models.adapters import keep_unfused_weights, restore_unfused_weights
 
 TEXT_MODEL_LEVEL = "text_model."
+# Attribute of a text encoder: (first row after the tokenizer's vocabulary, the table's rows from there) before the
+# first textual-inversion load, restored by `unload_textual_inversion`.
+TABLE_TAIL = "_embedding_rows_before_textual_inversion"
 
 
 def describe(source: Any) -> str:
@@ -70,6 +73,22 @@ def scales_lora(call: Callable) -> Callable:
                 unscale_lora_layers(model, scale)
 
     return wrapper
+
+
+def check_new_token(token: Any, tokenizer: Any) -> None:
+    """Refuse a textual-inversion token that is empty or that the vocabulary already holds in any form: itself, lower
+    case (CLIP lower-cases prompts) or as a word ending (`red</w>`). Added, it would take over that word, or the
+    end-of-text token that an empty token maps to, in every prompt."""
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError(f"`token` must be a non-empty string, got {token!r}; pass a name such as '<my-concept>'.")
+    vocabulary = tokenizer.get_vocab()
+    forms = [form for text in (token, token.lower()) for form in (text, f"{text}</w>")]
+    taken = [form for form in forms if form in vocabulary] + [t for t in tokenizer.all_special_tokens if t == token]
+    if taken:
+        raise ValueError(
+            f"`token` {token!r} is already in the tokenizer's vocabulary (as {taken[0]!r}); loading it would change "
+            f"what {token!r} means in every prompt. Pass a token that is not a word, e.g. '<{token.strip('<>')}>'."
+        )
 
 
 class ScratchLoadersMixin(StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin):
@@ -175,7 +194,16 @@ class ScratchLoadersMixin(StableDiffusionMixin, TextualInversionLoaderMixin, Sta
         """Add textual-inversion tokens and their embedding vectors (`TextualInversionLoaderMixin`): diffusers'
         `{"<token>": vectors}` files (`.bin`, `.safetensors`) or AUTOMATIC1111's (`string_to_param`, `emb_params`;
         pass `token=`). A multi-vector embedding becomes the tokens `<t>`, `<t>_1`, ..., which `maybe_convert_prompt`
-        writes in place of `<t>` in every prompt. An embedding of the wrong width raises, naming both widths."""
+        writes in place of `<t>` in every prompt. An embedding of the wrong width raises, naming both widths, and a
+        token that is empty or already a word, by `check_new_token`.
+
+        diffusers sizes the token-embedding table to the tokenizer's length plus the new tokens, dropping the rows of
+        a table larger than the tokenizer; they are kept here, and `unload_textual_inversion` puts them back."""
+        text_encoder_model = text_encoder or self.text_encoder
+        if not hasattr(text_encoder_model, TABLE_TAIL):
+            first_free = len(tokenizer or self.tokenizer)
+            tail = text_encoder_model.get_input_embeddings().weight.detach()[first_free:].clone()
+            setattr(text_encoder_model, TABLE_TAIL, (first_free, tail))
         try:
             super().load_textual_inversion(pretrained_model_name_or_path, token, tokenizer, text_encoder, **kwargs)
         except ValueError as error:
@@ -187,6 +215,31 @@ class ScratchLoadersMixin(StableDiffusionMixin, TextualInversionLoaderMixin, Sta
                 f"whose width is not {width}, the width of this text encoder's token embeddings; load an embedding "
                 "trained for this model's text encoder (SD 1.x: 768, SD 2.x: 1024)."
             ) from error
+
+    def unload_textual_inversion(
+        self, tokens: str | list[str] | None = None, tokenizer: Any | None = None, text_encoder: Any | None = None
+    ) -> None:
+        """Remove textual-inversion tokens and their vectors (`TextualInversionLoaderMixin.unload_textual_inversion`);
+        once none is left, the token-embedding table is again the one before the first load, row for row."""
+        super().unload_textual_inversion(tokens, tokenizer, text_encoder)
+        tokenizer, text_encoder = tokenizer or self.tokenizer, text_encoder or self.text_encoder
+        first_free, tail = getattr(text_encoder, TABLE_TAIL, (None, None))
+        if first_free is not None and len(tokenizer) == first_free:
+            text_encoder.resize_token_embeddings(first_free + len(tail))
+            with torch.no_grad():
+                text_encoder.get_input_embeddings().weight[first_free:] = tail
+            delattr(text_encoder, TABLE_TAIL)
+
+    @staticmethod
+    def _extend_tokens_and_embeddings(
+        tokens: list[str], embeddings: list[torch.Tensor], tokenizer: Any
+    ) -> tuple[list[str], list[torch.Tensor]]:
+        """`TextualInversionLoaderMixin._extend_tokens_and_embeddings` (a multi-vector token `<t>` becomes `<t>`,
+        `<t>_1`, ...), then `check_new_token` on every token, before anything is written."""
+        tokens, embeddings = TextualInversionLoaderMixin._extend_tokens_and_embeddings(tokens, embeddings, tokenizer)
+        for token in tokens:
+            check_new_token(token, tokenizer)
+        return tokens, embeddings
 
     def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
         """Fuse the attention projections of the U-Net and / or the VAE into one matrix each (`to_qkv` for
