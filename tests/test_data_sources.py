@@ -274,6 +274,27 @@ def test_center_and_random_crop(tmp_path):
         data.cache_latents(random_crop, vae=None, accelerator=None, batch_size=2)
 
 
+def test_cache_latents_encodes_both_orientations_when_flipping(tmp_path):
+    """The cache holds the posterior of each image and of its mirror; item (epoch, i) is the one the uncached dataset
+    would have drawn. A fake VAE whose posterior mean is the pixels themselves makes that visible."""
+    from accelerate import Accelerator
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    class PixelVAE:
+        dtype = torch.float32
+
+        def encode(self, pixels):
+            posterior = DiagonalGaussianDistribution(torch.cat([pixels, pixels], dim=1))  # mean = logvar = pixels
+            return type("Output", (), {"latent_dist": posterior})
+
+    flipping = load(wide_folder(tmp_path), "--random_flip", "--seed", "5")
+    cached = data.cache_latents(flipping, PixelVAE(), Accelerator(cpu=True), batch_size=3)
+    for epoch in range(2):
+        for index in range(8):
+            assert torch.equal(cached[(epoch, index)]["latent_mean"], flipping[(epoch, index)]["pixel_values"])
+    assert torch.equal(cached[2]["latent_mean"], flipping[2]["pixel_values"])
+
+
 def test_cached_latents_follow_the_flips():
     means, flipped = torch.zeros(8, 1), torch.ones(8, 1)
     cached = data.CachedLatents(means, means, [""] * 8, flipped=(flipped, flipped), seed=3)
