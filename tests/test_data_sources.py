@@ -95,6 +95,23 @@ def test_a_missing_validation_split_names_validation_split_none(tmp_path):
         load(write_metadata_folder(tmp_path / "flat"), split="validation")
 
 
+def test_a_folder_whose_card_names_its_splits(tmp_path):
+    """The layout `hf-scratch data` writes: split folders with metadata.jsonl and a README.md whose configs name
+    every split, custom ones included; its metadata is checked too."""
+    from hf_scratch.data.folder import ImageFolderWriter
+
+    writer = ImageFolderWriter(tmp_path)
+    for index in range(8):
+        writer.add("train", f"{index}.png", square(index), {"text": caption(index)})
+    writer.add("heldout_style", "x.png", square(0), {"text": "held out"})
+    writer.finish(["train", "heldout_style"], {"license": "cc0-1.0"}, "squares")
+    assert_squares(load(tmp_path))
+    assert load(tmp_path, split="heldout_style").captions == ["held out"]
+    (tmp_path / "heldout_style" / "metadata.jsonl").write_text('{"file_name": "x.png", "text": 1}\n')
+    with pytest.raises(ValueError, match=r"heldout_style/metadata\.jsonl, line 1: row 0 of split 'heldout_style'"):
+        load(tmp_path)
+
+
 @pytest.mark.parametrize("layout", ["flat", "splits"])
 def test_images_with_txt_captions_beside_them(tmp_path, layout):
     folder = tmp_path / "kohya" / ("train" if layout == "splits" else "")

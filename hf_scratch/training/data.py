@@ -171,6 +171,8 @@ def image_text_dataset(
 ) -> ImageTextDataset:
     """An `ImageTextDataset` of the rows of `split` (from `sources.load_splits`) whose image opens; the others are
     skipped with a warning and counted in `num_skipped`. `name` names the split in messages."""
+    if isinstance(split.features.get(image_column), datasets.Image) and split.features[image_column].decode:
+        split = split.cast_column(image_column, datasets.Image(decode=False))  # rows read as {"bytes", "path"}
     decodable = []
     for start in range(0, len(split), SCAN_BATCH):
         cells = split[start : start + SCAN_BATCH][image_column]

@@ -78,19 +78,19 @@ def _load_folder(root: str, image_column: str, caption_column: str | None, named
     if os.path.exists(os.path.join(root, "dataset_dict.json")) or os.path.exists(os.path.join(root, "state.json")):
         saved = _read(lambda: datasets.load_from_disk(root), named, "a save_to_disk folder")
         return saved if isinstance(saved, datasets.DatasetDict) else datasets.DatasetDict(train=saved)
-    if _card_names_configs(root):
-        return _read(lambda: datasets.load_dataset(root), named, "a dataset whose README.md names its configs")
     files = sorted(_walk(root))
     images = [path for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
     metadata = [path for path in files if os.path.basename(path) in METADATA_FILES]
+    for path in metadata:
+        # imagefolder reads file_name relative to the metadata file's folder; the split is its top folder
+        base, parts = os.path.dirname(path), os.path.relpath(path, root).split(os.sep)
+        rows = _jsonl_rows(path) if path.endswith(".jsonl") else _csv_rows(path) if path.endswith(".csv") else None
+        if rows is not None:
+            split = parts[0] if len(parts) > 1 else "train"
+            _check_rows(rows, path, "file_name", caption_column, image_column, base, split=split)
+    if _card_names_configs(root):
+        return _read(lambda: datasets.load_dataset(root), named, "a dataset whose README.md names its configs")
     if metadata:
-        for path in metadata:
-            # imagefolder reads file_name relative to the metadata file's folder; the split is its top folder
-            base, parts = os.path.dirname(path), os.path.relpath(path, root).split(os.sep)
-            rows = _jsonl_rows(path) if path.endswith(".jsonl") else _csv_rows(path) if path.endswith(".csv") else None
-            if rows is not None:
-                split = parts[0] if len(parts) > 1 else "train"
-                _check_rows(rows, path, "file_name", caption_column, image_column, base, split=split)
         return _read(lambda: datasets.load_dataset("imagefolder", data_dir=root), named, "an image folder")
     shards = [path for path in files if path.endswith(".tar")]
     if shards and not images:
