@@ -357,3 +357,9 @@ def test_cross_attention_kwargs_no_processor_takes_are_refused(tiny_pair):
     sample, text = _inputs(ours.config)
     with pytest.raises(ValueError, match=r"no attention processor of this U-Net takes \(\['gligen'\]\)"):
         ours(sample, 1, text, cross_attention_kwargs={"gligen": {}})
+
+
+def test_attention_layers_enumerate_in_diffusers_order(tiny_pair):
+    """down, up, then mid: IP-Adapter weight files number the cross-attention layers in this order."""
+    reference, ours = tiny_pair
+    assert list(ours.attn_processors) == list(reference.attn_processors)

@@ -700,8 +700,11 @@ class ScratchUNet2DConditionModel(
         self.build_time_embedding(self.config, class_act_fn=act_fn)
         # The text's projection to cross_attention_dim ("text_proj"); IP-Adapter loading puts its image projection here.
         self.encoder_hid_proj = None if encoder_hid_dim is None else nn.Linear(encoder_hid_dim, cross_attention_dim)
-        self.down_blocks, self.mid_block = build_contracting_path(levels, self.config)
+        self.down_blocks, mid_block = build_contracting_path(levels, self.config)
+        # Registered before the bottleneck, as in diffusers, so that the attention layers enumerate in diffusers' order
+        # (down, up, mid): IP-Adapter files number their layers in that order.
         self.up_blocks = nn.ModuleList()
+        self.mid_block = mid_block
         for i, block_type in enumerate(up_block_types):
             level = num_blocks - 1 - i  # the down block whose skips this up block consumes
             self.up_blocks.append(
