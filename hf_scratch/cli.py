@@ -4,10 +4,15 @@ Heavy imports (torch, diffusers) happen inside the sub-commands, so `hf-scratch 
 """
 
 import argparse
+import io
 import json
 import os
+import shutil
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_name
@@ -25,6 +30,7 @@ def _resolve_model(model: str | None) -> str:
         raise ValueError(f"--model {model!r} is not a folder. Pass a diffusers-layout pipeline folder.")
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"--model {model!r} holds no model_index.json. Pass a diffusers-layout pipeline folder.")
+    _read_json(folder / "model_index.json")
     from safetensors import safe_open
 
     for file in sorted(folder.rglob("*.safetensors")):
@@ -39,13 +45,38 @@ def _resolve_model(model: str | None) -> str:
     return model
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, or ValueError naming the file."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}).") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(loaded).__name__}.")
+    return loaded
+
+
+def _image_format(path: Path, flag: str = "--output") -> str:
+    """The Pillow format that writes `path`'s extension; ValueError unless Pillow can write an RGB image in it."""
+    import PIL.Image
+
+    image_format = PIL.Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"{flag} {str(path)!r} has no image extension; end it with .png, .jpg or .webp.")
+    try:
+        PIL.Image.new("RGB", (8, 8)).save(io.BytesIO(), format=image_format)
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(
+            f"{flag} {str(path)!r}: Pillow cannot write RGB images as {image_format} ({error}); use .png, .jpg or "
+            ".webp."
+        ) from None
+    return image_format
+
+
 def _check_output(path: Path) -> None:
     """Before any model runs: an image extension PIL can write, and a folder that exists (or can be made) and is
     writable."""
-    import PIL.Image
-
-    if path.suffix.lower() not in PIL.Image.registered_extensions():
-        raise ValueError(f"--output {str(path)!r} has no image extension; end it with .png, .jpg or .webp.")
+    _image_format(path)
     for parent in [path.parent, *path.parent.parents]:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"--output {str(path)!r} lies under {str(parent)!r}, which is a file, not a folder.")
@@ -57,11 +88,68 @@ def _check_output(path: Path) -> None:
         raise ValueError(f"--output {str(path)!r}: the folder {str(path.parent)!r} is not writable.")
 
 
+def _refuse_overlap(source: Path, target: Path, source_flag: str, target_flag: str) -> None:
+    """ValueError when writing `target` could replace `source`: the same path, or a target inside the source."""
+    source, target = source.resolve(), target.resolve()
+    if source == target or source in target.parents:
+        relation = "is" if source == target else "lies inside"
+        raise ValueError(
+            f"{target_flag} {str(target)!r} {relation} {source_flag} {str(source)!r}; writing it would destroy the "
+            "input. Choose a target outside the source."
+        )
+
+
+def _partial_path(path: Path) -> Path:
+    """A hidden name beside `path` to write to first, so that `path` only ever appears complete (by `os.replace`)."""
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+def _save_image(image, path: Path, pnginfo=None) -> None:
+    """Write `image` to `path` through a temporary file and a rename: an interrupted write leaves no partial image."""
+    partial = _partial_path(path)
+    try:
+        image.save(partial, format=_image_format(path), pnginfo=pnginfo)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command (a KeyboardInterrupt, so that no library's `except Exception` swallows it)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into `Interrupted` while the block runs (in the main thread; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signal_number: int, frame) -> None:
+        raise Interrupted(signal_number)
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file is None:
         if not args.prompt:
             raise ValueError("Give a prompt, or --prompts-file with one prompt per line.")
         return [args.prompt]
+    if args.prompt:
+        raise ValueError(
+            f"Give either a prompt ({args.prompt!r}) or --prompts-file {args.prompts_file!r}, not both; put the "
+            "prompt in the file to run it too."
+        )
     path = Path(args.prompts_file)
     if not path.is_file():
         raise ValueError(f"--prompts-file {str(path)!r} does not exist.")
@@ -91,8 +179,12 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r} is not supported; use cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     name = ("float16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
     return device, getattr(torch, name)
 
@@ -114,18 +206,19 @@ def _scaled_paths(specs: Sequence[str], flag: str) -> list[tuple]:
     return pairs
 
 
-def _open_image(path: str | None, flag: str, mode: str):
-    from PIL import Image, UnidentifiedImageError
+def _open_image(path: str | None, flag: str, grey: bool = False):
+    """The image file of `flag`, decoded and checked by the pipelines' reader (`hf_scratch.images`) before any model
+    loads."""
+    from hf_scratch.images import open_image, read_image
 
     if path is None:
         raise ValueError(f"{flag} is required: the path of an image file.")
+    image = open_image(path, flag)
     try:
-        with Image.open(path) as image:
-            return image.convert(mode) if mode == "L" else image.copy()
-    except FileNotFoundError:
-        raise ValueError(f"{flag} {path!r} does not exist.") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{flag} {path!r} is not a readable image ({error}).") from None
+        read_image(image, grey=grey)
+    except ValueError as error:
+        raise ValueError(f"{flag} {path!r}: {error}") from None
+    return image
 
 
 def format_parameters(settings: dict) -> str:
@@ -150,47 +243,95 @@ def format_parameters(settings: dict) -> str:
     return "\n".join(lines)
 
 
+# PNG text chunk holding the settings as JSON beside A1111's "parameters" text: it round-trips any prompt, those with
+# newlines or a line starting "Negative prompt:" included, which the text cannot.
+SETTINGS_CHUNK = "hf-scratch"
+SETTINGS_FIELDS = {"prompt": str, "negative_prompt": (str, type(None)), "steps": int, "sampler": str,
+                   "guidance": (int, float), "seed": int, "width": int, "height": int, "model": str,
+                   "batch_size": int, "batch_pos": int}  # fmt: skip
+
+
 def parse_parameters(text: str) -> dict:
     """The inverse of `format_parameters`: prompt, negative_prompt, steps, sampler, guidance, seed, width, height,
-    model, and batch_size, batch_pos and strength when present."""
+    model, and batch_size, batch_pos and strength when present. Lines after "Negative prompt:" belong to the negative
+    prompt, as in AUTOMATIC1111. Raises ValueError naming a missing or malformed field."""
     lines = text.split("\n")
     if len(lines) < 2:
         raise ValueError("the parameters text has no settings line; it should end with 'Steps: ..., Seed: ...'.")
     fields = dict(part.split(": ", 1) for part in lines[-1].split(", ") if ": " in part)
-    negative = [line for line in lines[1:-1] if line.startswith("Negative prompt: ")]
-    prompt_lines = [line for line in lines[:-1] if not line.startswith("Negative prompt: ")]
-    width, height = (int(side) for side in fields["Size"].split("x"))
+    negative_start = next((i for i, line in enumerate(lines[:-1]) if line.startswith("Negative prompt: ")), None)
+    prompt_lines = lines[: len(lines) - 1 if negative_start is None else negative_start]
+    negative = None
+    if negative_start is not None:
+        negative = "\n".join(lines[negative_start:-1])[len("Negative prompt: ") :]
+
+    def field(name: str, convert: Callable, default=None):
+        if name not in fields:
+            if default is not None:
+                return default
+            raise ValueError(f"the parameters text has no {name!r} field; its settings line is {lines[-1]!r}.")
+        try:
+            return convert(fields[name])
+        except ValueError:
+            raise ValueError(f"the parameters text's {name!r} field is {fields[name]!r}, not a valid value.") from None
+
+    def pixels(size: str) -> tuple[int, int]:
+        width, height = size.split("x")
+        return int(width), int(height)
+
+    width, height = field("Size", pixels)
     settings = {
         "prompt": "\n".join(prompt_lines),
-        "negative_prompt": negative[0][17:] if negative else None,
-        "steps": int(fields["Steps"]),
-        "sampler": fields["Sampler"],
-        "guidance": float(fields["CFG scale"]),
-        "seed": int(fields["Seed"]),
+        "negative_prompt": negative,
+        "steps": field("Steps", int),
+        "sampler": field("Sampler", str),
+        "guidance": field("CFG scale", float),
+        "seed": field("Seed", int),
         "width": width,
         "height": height,
-        "model": fields["Model"],
-        "batch_size": int(fields.get("Batch size", 1)),
-        "batch_pos": int(fields.get("Batch pos", 0)),
+        "model": field("Model", str),
+        "batch_size": field("Batch size", int, 1),
+        "batch_pos": field("Batch pos", int, 0),
     }
     if "Denoising strength" in fields:
-        settings["strength"] = float(fields["Denoising strength"])
+        settings["strength"] = field("Denoising strength", float)
+    return settings
+
+
+def _settings_from_json(text: str, path: str) -> dict:
+    """The settings of the `SETTINGS_CHUNK` text, checked field by field."""
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--parameters-from {path!r}: its {SETTINGS_CHUNK!r} chunk is not valid JSON ({error})."
+        ) from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"--parameters-from {path!r}: its {SETTINGS_CHUNK!r} chunk is not a JSON object.")
+    for name, kind in SETTINGS_FIELDS.items():
+        if not isinstance(settings.get(name), kind) or isinstance(settings.get(name), bool):
+            raise ValueError(f"--parameters-from {path!r}: its {SETTINGS_CHUNK!r} chunk has no valid {name!r}.")
     return settings
 
 
 def _apply_parameters_from(args: argparse.Namespace) -> None:
     """--parameters-from PNG: the prompt and settings written into an image by an earlier run replace the flags'."""
-    from PIL import Image
+    from hf_scratch.images import open_image
 
     path = args.parameters_from
     try:
-        with Image.open(path) as image:
-            text = image.info.get("parameters")
-    except (FileNotFoundError, OSError) as error:
+        image = open_image(path, "--parameters-from")
+    except ValueError as error:
         raise ValueError(f"--parameters-from {path!r} cannot be read ({error}).") from None
-    if text is None:
+    if SETTINGS_CHUNK in image.info:
+        settings = _settings_from_json(image.info[SETTINGS_CHUNK], path)
+    elif "parameters" in image.info:
+        try:
+            settings = parse_parameters(image.info["parameters"])
+        except ValueError as error:
+            raise ValueError(f"--parameters-from {path!r}: {error}") from None
+    else:
         raise ValueError(f"--parameters-from {path!r} holds no 'parameters' text chunk; use a PNG hf-scratch wrote.")
-    settings = parse_parameters(text)
     args.prompt, args.prompts_file, args.negative_prompt = settings["prompt"], None, settings["negative_prompt"]
     args.steps, args.scheduler, args.guidance, args.seed = (
         settings[k] for k in ("steps", "sampler", "guidance", "seed")
@@ -231,16 +372,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     embeddings = _scaled_paths(args.embedding, "--embedding")
     inputs = {}
     if args.command in ("img2img", "inpaint"):
-        inputs = {"image": _open_image(args.image, "--image", "RGB"), "strength": args.strength}
+        inputs = {"image": _open_image(args.image, "--image"), "strength": args.strength}
     if args.command == "inpaint":
-        inputs["mask_image"] = _open_image(args.mask, "--mask", "L")
+        inputs["mask_image"] = _open_image(args.mask, "--mask", grey=True)
     output = Path(args.output)
     _check_output(output)
+    inputs_read = {"--image": args.image if args.command != "generate" else None, "--mask": getattr(args, "mask", None),
+                   "--parameters-from": args.parameters_from, "--prompts-file": args.prompts_file}  # fmt: skip
+    for path in _output_paths(output, len(prompts), args.num_images, args.upscale):
+        for flag, source in inputs_read.items():
+            if source is not None:
+                _refuse_overlap(Path(source), path, flag, "--output")
 
     module, name = TASKS[args.command].split(":")
     pipeline_class = getattr(importlib.import_module(module), name)
     model = _resolve_model(args.model)
-    pipe = pipeline_class.from_pretrained(model, dtype=dtype).to(device)
+    try:
+        pipe = pipeline_class.from_pretrained(model, dtype=dtype).to(device)
+    except (ImportError, AttributeError, KeyError, IndexError) as error:  # diffusers on a malformed model_index.json
+        raise ValueError(f"--model {model!r} could not be loaded ({type(error).__name__}: {error}).") from None
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     for index, (path, scale) in enumerate(loras):
@@ -273,7 +423,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=generator,
                           **inputs).images  # fmt: skip
             for k, image in enumerate(images):
-                path = output.with_name(f"{output.stem}-{index:04d}-{k}{output.suffix}") if many else output
+                path = _output_path(output, index, k, many)
                 settings = dict(
                     prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
                     guidance=args.guidance, seed=args.seed + index, width=image.width, height=image.height,
@@ -281,35 +431,91 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 )  # fmt: skip
                 metadata = PngImagePlugin.PngInfo()
                 metadata.add_text("parameters", format_parameters(settings))
-                image.save(path, pnginfo=metadata if path.suffix.lower() == ".png" else None)
+                metadata.add_text(SETTINGS_CHUNK, json.dumps(settings))
+                _save_image(image, path, pnginfo=metadata if path.suffix.lower() == ".png" else None)
                 rank = f"[rank {state.process_index}] " if state.num_processes > 1 else ""
                 # flush=True: the line leaves in one write, so lines of two ranks sharing a pipe do not interleave.
                 print(f"{rank}{prompt!r} -> {path}", flush=True)
                 if args.upscale > 1:
-                    large = path.with_name(f"{path.stem}-x{args.upscale}{path.suffix}")
+                    large = _upscaled_path(path, args.upscale)
                     size = (image.width * args.upscale, image.height * args.upscale)
-                    image.resize(size, resample=Image.Resampling.NEAREST).save(large)
+                    _save_image(image.resize(size, resample=Image.Resampling.NEAREST), large)
                     print(f"{rank}{prompt!r} -> {large} (x{args.upscale}, nearest neighbour)", flush=True)
 
 
+def _output_path(output: Path, index: int, k: int, many: bool) -> Path:
+    """Image k of prompt `index`: `output` itself for a single image, else <stem>-<index>-<k><suffix>."""
+    return output.with_name(f"{output.stem}-{index:04d}-{k}{output.suffix}") if many else output
+
+
+def _upscaled_path(path: Path, factor: int) -> Path:
+    return path.with_name(f"{path.stem}-x{factor}{path.suffix}")
+
+
+def _output_paths(output: Path, num_prompts: int, num_images: int, upscale: int) -> list[Path]:
+    """Every file a run writes, to check before generating that none is an input."""
+    many = num_prompts > 1 or num_images > 1
+    paths = [_output_path(output, i, k, many) for i in range(num_prompts) for k in range(num_images)]
+    return paths + [_upscaled_path(path, upscale) for path in paths] if upscale > 1 else paths
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
-    from hf_scratch.formats.single_file import load_single_file, save_single_file
+    """Single file -> pipeline-component folders, or pipeline folder -> single file. The target is written under a
+    temporary name and renamed into place, and a target that is, holds or lies inside the source is refused."""
+    from hf_scratch.formats.single_file import _SAVE_SUFFIXES, load_single_file, save_single_file
 
     source, target = Path(args.source), Path(args.target)
+    if not source.exists():
+        raise ValueError(f"{str(source)!r} is neither a checkpoint file nor a pipeline folder.")
+    _refuse_overlap(source, target, "source", "target")
+    if args.config is not None:
+        _refuse_overlap(Path(args.config), target, "--config", "target")
     if source.is_file():
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"target {str(target)!r} is a file; converting a single file writes a folder.")
         components = load_single_file(str(source), config=args.config)
+        for name in components:  # the target folder may hold the source, but no folder written may
+            _refuse_overlap(source, target / name, "source", "target")
+            if args.config is not None:
+                _refuse_overlap(Path(args.config), target / name, "--config", "target")
         target.mkdir(parents=True, exist_ok=True)
-        for name, component in components.items():
-            component.save_pretrained(str(target / name))
+        partial = _partial_path(target / "components")
+        try:
+            for name, component in components.items():
+                component.save_pretrained(str(partial / name))
+            for name in components:
+                _replace_folder(partial / name, target / name)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
         print(f"wrote {', '.join(sorted(components))} under {target}")
-    elif source.is_dir():
+    else:
         from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 
+        if target.suffix not in _SAVE_SUFFIXES:
+            raise ValueError(f"target {str(target)!r} must end in one of {_SAVE_SUFFIXES} (an LDM single file).")
+        if target.is_dir():
+            raise ValueError(f"target {str(target)!r} is a folder; converting a pipeline folder writes one file.")
+        _resolve_model(str(source))
         pipe = ScratchStableDiffusionPipeline.from_pretrained(str(source))
-        save_single_file(str(target), unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = _partial_path(target)
+        try:
+            save_single_file(str(partial), unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
         print(f"wrote the LDM single file {target}")
-    else:
-        raise ValueError(f"{str(source)!r} is neither a checkpoint file nor a pipeline folder.")
+
+
+def _replace_folder(new: Path, destination: Path) -> None:
+    """Move the complete folder `new` to `destination`, replacing what is there only once `new` is in place."""
+    if not destination.exists():
+        os.replace(new, destination)
+        return
+    old = _partial_path(destination.with_name(destination.name + "-old"))
+    os.replace(destination, old)
+    os.replace(new, destination)
+    shutil.rmtree(old)
 
 
 def _count_parameters(folder: Path) -> int | None:
@@ -336,11 +542,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise ValueError(f"{str(folder)!r} has no model_index.json: it is not a diffusers pipeline folder.")
-    index = json.loads(index_path.read_text())
+    index = _read_json(index_path)
     print(f"pipeline: {index.get('_class_name')}  ({folder})")
     for name, spec in sorted(index.items()):
         if name.startswith("_") or not isinstance(spec, list):
             continue
+        if len(spec) != 2:
+            raise ValueError(f"{str(index_path)!r}: the entry {name!r} must be [library, class name], got {spec!r}.")
         line = f"  {name:<13} {spec[0]}.{spec[1]}"
         params = _count_parameters(folder / name) if (folder / name).is_dir() else None
         if params is not None:
@@ -568,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # `eval` hands all its arguments to `eval_main` (see `main` below); listed here for --help.
     sub.add_parser("eval", help="emoji-bench: VAE, CLIP and generation metrics (hf-scratch eval --help)")
+    sub.add_parser("train", help="train a text-to-image model from captioned images (hf-scratch train --help)")
     return parser
 
 
@@ -575,10 +784,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:
         return eval_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from hf_scratch.training.recipe import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
-        func(args)
+        with _interruptible():
+            func(args)
+    except Interrupted as interrupt:  # the files written so far are complete (written and renamed)
+        print(
+            f"hf-scratch {args.command}: interrupted by {interrupt}; every file written is complete.", file=sys.stderr
+        )
+        return 128 + interrupt.signal_number
     except (ValueError, TypeError, OSError) as error:  # user errors: one line, exit status 2, no traceback
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"hf-scratch {args.command}: error: {message}", file=sys.stderr)

@@ -279,6 +279,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
+        logger.info(f"saved {final}")
         if total_limit is not None:
             for old in list_checkpoints(root)[:-total_limit]:
                 logger.info(f"removing {old} (--checkpoints_total_limit {total_limit})")

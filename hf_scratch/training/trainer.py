@@ -126,6 +126,9 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     if not accelerator.is_main_process:
         for name in ("datasets", "transformers", "diffusers"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    # accelerate logs every file of every checkpoint at INFO; the run's own lines say when a checkpoint is saved.
+    for name in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     datasets.utils.logging.disable_progress_bar()
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
