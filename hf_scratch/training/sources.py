@@ -29,6 +29,7 @@ the source.
 """
 
 import csv
+import functools
 import glob
 import json
 import os
@@ -222,7 +223,8 @@ def _load_table(path: str, image_column: str, caption_column: str | None, named:
         kwargs = dict(
             features=datasets.Features({column: datasets.Value("string") for column in header}), keep_default_na=False
         )
-    table = _read(lambda: datasets.load_dataset(builder, data_files=path, split="train", **kwargs), named, path)
+    load = functools.partial(datasets.load_dataset, builder, data_files=path, split="train", **kwargs)
+    table = _read(load, named, f"a {builder} table ({path})")
     if image_column not in table.column_names:
         raise ValueError(
             f"--image_column={image_column!r} is not a column of {path}; available columns: "
@@ -291,14 +293,12 @@ def _check_rows(
     for index, (where, row) in enumerate(rows):
         if index == 0:
             keys = list(row)
-            if caption_column is not None and caption_column not in row:
-                columns = (
-                    [image_column] + [key for key in keys if key != path_key] if path_key != image_column else keys
-                )
-                raise ValueError(
-                    f"--caption_column={caption_column!r} is not a column of {path}; available columns: "
-                    f"{', '.join(columns)}"
-                )
+            columns = keys if path_key == image_column else [image_column, *(key for key in keys if key != path_key)]
+            for flag, column in (("image_column", path_key), ("caption_column", caption_column)):
+                if column is not None and column not in row and (flag == "caption_column" or column == image_column):
+                    raise ValueError(
+                        f"--{flag}={column!r} is not a column of {path}; available columns: {', '.join(columns)}"
+                    )
         if path_key not in row or row[path_key] in (None, ""):
             raise ValueError(f"{where}: the row has no {path_key!r} (the image's path): {json.dumps(row)[:120]}")
         _inside(row[path_key], base, where, path_key, absolute)
@@ -387,5 +387,7 @@ def _read(load: Callable[[], Any], named: str, kind: str) -> Any:
             raise
         raise ValueError(f"{named} could not be read as {kind}: {str(error).splitlines()[0]}") from None
     except Exception as error:  # pyarrow, datasets and the builders raise many types; the message is what matters
+        if isinstance(error, datasets.exceptions.DatasetGenerationError) and error.__cause__ is not None:
+            error = error.__cause__  # the reader's own error, which datasets wraps
         first_line = (str(error).splitlines() or [""])[0]
         raise ValueError(f"{named} could not be read as {kind}: {type(error).__name__}: {first_line}") from None
