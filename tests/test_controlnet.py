@@ -325,3 +325,40 @@ def test_ip_adapter_loads_on_our_unet_and_gives_diffusers_images(parts, tmp_path
     assert np.abs(with_image - plain).max() > 0.01  # the image tokens change the image
     assert_same_images(StableDiffusionPipeline, (shared, unets), **call)
     assert type(unets["ours"].encoder_hid_proj).__name__ == "MultiIPAdapterImageProjection"
+
+
+def test_shipped_model_with_a_controlnet_from_its_unet_gives_diffusers_images():
+    """The shipped emoji32 U-Net, ours and diffusers' (same folder), each with a ControlNet copied from it by
+    `from_unet` (ours, and diffusers' with the same weights), in diffusers' ControlNet pipeline."""
+    from transformers import CLIPTokenizer
+
+    from hf_scratch import ScratchAutoencoderKL, ScratchCLIPTextModel, default_model_path
+
+    folder = default_model_path()
+    ours_unet = ScratchUNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
+    reference_unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
+    shared = {
+        "vae": ScratchAutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).eval(),
+        "text_encoder": ScratchCLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().eval(),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    factor = 2 ** (len(shared["vae"].config.block_out_channels) - 1)
+    channels = tuple(16 * 2**i for i in range(len(shared["vae"].config.block_out_channels)))  # one step per factor 2
+    ours = randomize_zero_parameters(
+        ScratchControlNetModel.from_unet(ours_unet, conditioning_embedding_out_channels=channels)
+    ).eval()
+    reference = ControlNetModel.from_config(ours.config)
+    reference.load_state_dict(ours.state_dict())
+    size = ours_unet.config.sample_size * factor
+    condition = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def run(unet, controlnet) -> np.ndarray:
+        pipe = StableDiffusionControlNetPipeline(**shared, unet=unet, controlnet=[controlnet], scheduler=sd_ddim())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red heart", image=[condition], height=size, width=size, num_inference_steps=3,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+
+    assert np.abs(run(ours_unet, ours) - run(reference_unet, reference.eval())).max() <= IMAGE_TOLERANCE
