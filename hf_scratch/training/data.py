@@ -82,7 +82,9 @@ def is_flipped(seed: int, epoch: int, index: int) -> bool:
     return augmentation_rng(seed, epoch, index).random() < 0.5
 
 
-def image_to_pixels(image: Image.Image, resolution: int, rng: random.Random | None = None, flip: bool = False):
+def image_to_pixels(
+    image: Image.Image, resolution: int, rng: random.Random | None = None, flip: bool = False
+) -> torch.Tensor:
     """(3, R, R) in [-1, 1]: a square of the short side's length, the centre one (`rng` None) or one at a random place
     drawn from `rng`, resized to R by `hf_scratch.metrics.image_to_tensor`, then mirrored left-right if `flip`.
 
