@@ -1,5 +1,6 @@
 """The `hf-scratch` command: generate (also split across two processes), convert, info, and its error messages."""
 
+import json
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from hf_scratch.cli import main
 
@@ -340,3 +341,144 @@ def test_lora_and_embedding_flags_give_the_pipelines_images(model_dir, tmp_path)
     pipe.unload_lora_weights()
     assert main(["generate", "a cat", *common[1:], "--output", str(plain)]) == 0
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))
+
+
+# ------------------------------------------------------------------------------------- no command destroys its inputs
+def test_convert_refuses_a_target_inside_or_equal_to_its_source(model_dir, tmp_path, capsys):
+    """`convert victim victim/unet/diffusion_pytorch_model.safetensors` replaced its own source and exited 0."""
+    victim = _copy_model(model_dir, tmp_path / "victim")
+    weights = victim / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    single = tmp_path / "single.safetensors"
+    assert main(["convert", str(victim), str(single)]) == 0
+    capsys.readouterr()
+    for argv, message in [
+        (["convert", str(victim), str(weights)], "lies inside source"),
+        (["convert", str(victim), str(victim)], "is source"),
+        (["convert", str(single), str(single)], "is source"),
+        (["convert", str(single), str(victim), "--config", str(victim)], "is --config"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert weights.read_bytes() == before and single.stat().st_size > 0
+    # a target folder that merely holds the source file is fine: no folder written holds it
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "model.safetensors").write_bytes(single.read_bytes())
+    assert main(["convert", str(beside / "model.safetensors"), str(beside), "--config", str(model_dir)]) == 0
+    assert (beside / "unet" / "config.json").is_file() and (beside / "model.safetensors").is_file()
+
+
+def test_a_failed_convert_leaves_the_previous_target_and_no_partial_file(model_dir, tmp_path, monkeypatch, capsys):
+    import hf_scratch.formats.single_file as single_file
+
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"the previous conversion")
+
+    def half_written(path, **components):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(single_file, "save_single_file", half_written)
+    assert main(["convert", str(model_dir), str(target)]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert target.read_bytes() == b"the previous conversion"
+    assert [path.name for path in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_an_output_that_is_an_input_is_refused_before_generating(model_dir, tmp_path, capsys):
+    picture = _picture(tmp_path / "in.png")
+    before = picture.read_bytes()
+    assert main(["img2img", "x", "--model", str(model_dir), "--image", str(picture), "--output", str(picture)]) == 2
+    assert "--output" in capsys.readouterr().err and picture.read_bytes() == before
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_batch_leaves_only_complete_images_and_one_line(model_dir, tmp_path, signal_name):
+    import signal
+    import time
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(400)))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "hf_scratch.cli", "generate", "--prompts-file", str(prompts), "--model",
+            str(model_dir), "--steps", "2", "--device", "cpu", "--output", str(out / "image.png")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("image-*.png")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # well inside the batch
+    process.send_signal(getattr(signal, signal_name))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + getattr(signal, signal_name), err
+    lines = [line for line in err.strip().splitlines() if "interrupted" in line or "Traceback" in line]
+    assert lines == [f"hf-scratch generate: interrupted by {signal_name}; every file written is complete."], err
+    written = sorted(out.iterdir())
+    assert written and all(path.name.startswith("image-") for path in written), written  # no partial files
+    for path in written:
+        with Image.open(path) as image:
+            image.load()  # a truncated PNG raises here
+
+
+# ---------------------------------------------------------------------------------- what the probe found, one line each
+def test_probe_cases_are_one_line_with_exit_status_2(model_dir, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    bad_json = _copy_model(model_dir, tmp_path / "bad_json")
+    (bad_json / "model_index.json").write_text("{not json")
+    bad_entry = _copy_model(model_dir, tmp_path / "bad_entry")
+    index = json.loads((bad_entry / "model_index.json").read_text())
+    (bad_entry / "model_index.json").write_text(json.dumps({**index, "unet": ["hf_scratch.models.unet"]}))
+    bad_library = _copy_model(model_dir, tmp_path / "bad_library")
+    (bad_library / "model_index.json").write_text(json.dumps({**index, "unet": ["no_such_library", "Model"]}))
+    no_field = tmp_path / "no_field.png"
+    metadata = PngImagePlugin.PngInfo()
+    metadata.add_text("parameters", "red heart\nSteps: 3, Sampler: ddim, Seed: 1")
+    Image.new("RGB", (32, 32)).save(no_field, pnginfo=metadata)
+    picture = _picture(tmp_path / "in.png")
+    cases = [
+        (["generate", "a", "--prompts-file", str(prompts)], "Give either a prompt ('a') or --prompts-file"),
+        (["generate", "x", "--device", "mps"], "--device 'mps' is not supported"),
+        (["generate", "x", "--device", "meta"], "--device 'meta' is not supported"),
+        (["generate", "x", "--device", "xla"], "--device 'xla'"),
+        (["generate", "x", "--output", str(tmp_path / "x.psd")], "Pillow cannot write RGB images as PSD"),
+        (["generate", "x", "--output", str(tmp_path / "x.xbm")], "Pillow cannot write RGB images as XBM"),
+        (["generate", "--parameters-from", str(no_field)], "has no 'Size' field"),
+        (["generate", "x", "--model", str(bad_json)], f"{str(bad_json / 'model_index.json')!r} is not valid JSON"),
+        (["generate", "x", "--model", str(bad_entry)], "the entry 'unet' must be [library, class name]"),
+        (["generate", "x", "--model", str(bad_library)], "import no_such_library before calling"),
+        (["info", str(bad_json)], "model_index.json' is not valid JSON"),
+        (["img2img", "x", "--image", str(tmp_path / "x.psd")], "--image"),
+    ]
+    for argv, message in cases:
+        if argv[0] != "info" and "--model" not in argv:
+            argv = [*argv, "--model", str(model_dir)]
+        assert main([*argv, "--output", str(tmp_path / "o.png")] if argv[0] != "info" and "--output" not in argv
+                    else argv) == 2, argv  # fmt: skip
+        err = capsys.readouterr().err  # (loading bars above the error where the folder got that far)
+        errors = [line for line in err.splitlines() if line.startswith("hf-scratch")]
+        assert message in err and len(errors) == 1 and "Traceback" not in err, (argv, err)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 32x32 picture is now a decompression bomb
+    assert main(["img2img", "x", "--model", str(model_dir), "--image", str(picture)]) == 2
+    assert "--image" in (err := capsys.readouterr().err) and "too large to decode safely" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_parameters_round_trip_prompts_with_newlines_and_negative_prompt_lines(model_dir, tmp_path):
+    from hf_scratch.cli import parse_parameters
+
+    first = tmp_path / "first.png"
+    prompt, negative = "red heart\nNegative prompt: this is the prompt", "blurry\nfoggy"
+    argv = ["generate", prompt, "--negative-prompt", negative, "--model", str(model_dir), "--steps", "2",
+            "--output", str(first)]  # fmt: skip
+    assert main(argv) == 0
+    again = tmp_path / "again.png"
+    assert main(["generate", "--parameters-from", str(first), "--output", str(again)]) == 0
+    assert Image.open(again).tobytes() == Image.open(first).tobytes()
+    assert json.loads(Image.open(again).info["hf-scratch"])["prompt"] == prompt
+    # AUTOMATIC1111's text alone: the lines after "Negative prompt:" are the negative prompt's
+    settings = parse_parameters("a cat\nNegative prompt: blurry\nfoggy\nSteps: 3, Sampler: ddim, CFG scale: 5, "
+                                "Seed: 1, Size: 32x32, Model: m")  # fmt: skip
+    assert (settings["prompt"], settings["negative_prompt"]) == ("a cat", "blurry\nfoggy")
