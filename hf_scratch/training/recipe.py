@@ -14,7 +14,7 @@ The stages, in order, each a run of one of the package's trainers in its own fol
 stages (`BUDGET_SHARES`), and each stage's share becomes steps at the rate measured on a few steps of its model
 (`measure_seconds_per_step`). `--steps stage=N` fixes a stage's steps instead. The plan is written to `plan.json` on
 the first run and reused on every re-run, so a re-run resumes each stage (a finished stage is skipped) rather than
-starting another run. The data is read once into `data/` (a `save_to_disk` folder of image references and captions)
+starting another run. The data is read once into `prepared-data/` (a `save_to_disk` folder of images and captions)
 with a validation split made from the training images when the source has none.
 """
 
@@ -41,6 +41,14 @@ BUDGET_SHARES = {"vae": 0.22, "decoder": 0.10, "text": 0.08, "unet": 0.55, "eval
 STEP_OVERHEAD = 1.25
 STAGE_STARTUP_SECONDS = 15.0
 MIN_STEPS = 10
+# Per stage: learning rate, warm-up as a share of the steps, checkpoints and validations per run. At the emoji32
+# recipe's steps (2400, 4000, 300, 7200) these give its warm-ups (100, 100, 50, 200) and intervals.
+SCHEDULES = {
+    "vae": ("2e-3", 1 / 24, 8, 4),
+    "decoder": ("5e-4", 1 / 40, 8, 4),
+    "text": ("1e-3", 1 / 6, 3, 6 / 5),
+    "unet": ("5e-4", 1 / 36, 24, 1),
+}
 VALIDATION_FRACTION, MIN_VALIDATION, MAX_VALIDATION = 0.1, 8, 256
 
 
@@ -93,13 +101,14 @@ def stage_flags(plan: Plan, output_dir: Path, data_dir: Path) -> dict[str, list[
     """The trainer flags of every stage: the emoji32 recipe's settings (training/recipes/emoji32.sh), with the step
     counts, warm-ups (a fixed share of the steps), checkpoint intervals and batches of this plan."""
 
-    def schedule(stage: str, warmup_share: float, learning_rate: str) -> list[str]:
-        steps = plan.steps[stage]
+    def schedule(stage: str) -> list[str]:
+        steps, (learning_rate, warmup, checkpoints, validations) = plan.steps[stage], SCHEDULES[stage]
         return [
             "--max_train_steps", str(steps), "--train_batch_size", str(plan.batch[stage]),
             "--learning_rate", learning_rate, "--lr_scheduler", "cosine",
-            "--lr_warmup_steps", str(max(1, round(warmup_share * steps))),
-            "--checkpointing_steps", str(max(1, steps // 12)), "--validation_steps", str(steps),
+            "--lr_warmup_steps", str(max(1, round(warmup * steps))),
+            "--checkpointing_steps", str(max(1, steps // checkpoints)),
+            "--validation_steps", str(max(1, int(steps // validations))),
         ]  # fmt: skip
 
     common = [
@@ -109,38 +118,36 @@ def stage_flags(plan: Plan, output_dir: Path, data_dir: Path) -> dict[str, list[
     folder = {stage: str(output_dir / name) for stage, name in STAGE_FOLDERS.items()}
     vae = folder["decoder"] if "decoder" in plan.stages else folder["vae"]
     text = plan.text_encoder or folder["text"]
-    flags = {
-        "vae": [
+    builders = {  # each built only for a stage of the plan
+        "vae": lambda: [
             *common, "--output_dir", folder["vae"], "--block_out_channels", *map(str, vae_levels(plan.resolution)),
             "--layers_per_block", "1", "--latent_channels", "8", "--kl_weight", "1e-6",
-            *schedule("vae", 0.04, "2e-3"),
+            *schedule("vae"),
         ],
-        "decoder": [
+        "decoder": lambda: [
             *common, "--output_dir", folder["decoder"], "--pretrained_vae", folder["vae"], "--train_decoder_only",
-            "--reconstruction_loss", "l2", *schedule("decoder", 0.025, "5e-4"),
+            "--reconstruction_loss", "l2", *schedule("decoder"),
         ],
-        "text": [
+        "text": lambda: [
             *common, "--output_dir", folder["text"], "--vocab_size", "4096", "--max_length", "32",
             "--text_hidden_size", "192", "--text_layers", "4", "--text_heads", "4", "--vision_hidden_size", "192",
             "--vision_layers", "4", "--vision_heads", "4", "--patch_size", str(max(1, plan.resolution // 8)),
-            "--projection_dim", "192", *schedule("text", 0.15, "1e-3"),
+            "--projection_dim", "192", *schedule("text"),
         ],
-        "unet": [
+        "unet": lambda: [
             *common, "--output_dir", folder["unet"], "--vae_path", vae,
             "--text_encoder_path", str(Path(text, "text_encoder")), "--tokenizer_path", str(Path(text, "tokenizer")),
             "--cache_latents", "--block_out_channels", "64", "128", "128", "--layers_per_block", "1",
             "--cross_attention_levels", "0", "1", "2", "--objective", "flow_matching",
             "--weighting_scheme", "logit_normal", "--logit_mean", "0", "--logit_std", "1", "--immiscible_noise",
             "--caption_dropout_prob", "0.1", "--use_ema", "--ema_decay", "0.999",
-            *schedule("unet", 0.03, "5e-4"),
+            *schedule("unet"),
         ],
     }  # fmt: skip
-    if plan.steps.get("unet", 0) >= 3:
+    flags = {stage: builders[stage]() for stage in plan.stages if stage in builders}
+    if plan.steps.get("unet", 0) >= 3 and "unet" in flags:
         flags["unet"] += ["--snapshot_steps", str(plan.steps["unet"] // 3), str(2 * plan.steps["unet"] // 3)]
-    if plan.num_validation == 0:
-        for stage in ("vae", "decoder", "text", "unet"):
-            flags[stage] += ["--validation_split", "none"]
-    return {stage: flags[stage] for stage in plan.stages if stage in flags}
+    return flags
 
 
 def _probe_model(stage: str, plan: Plan, flags: list[str]) -> tuple[Any, Any]:
@@ -234,7 +241,7 @@ def prepare_data(args: argparse.Namespace, output_dir: Path) -> tuple[Path, int,
 
     from hf_scratch.training.sources import load_splits
 
-    folder = output_dir / "data"
+    folder = output_dir / "prepared-data"
     if not (folder / "dataset_dict.json").is_file():
         splits = load_splits(args.data, args.image_column, args.caption_column, flag="--data")
         if "train" not in splits:
@@ -260,17 +267,17 @@ def prepare_data(args: argparse.Namespace, output_dir: Path) -> tuple[Path, int,
             if args.caption_column != "text":
                 split = split.rename_column(args.caption_column, "text")
             result[name] = split
-        staging = output_dir / ".data.partial"
+        staging = output_dir / ".prepared-data.partial"
         result.save_to_disk(str(staging))
         note = (
             f"the data's own {args.validation_split!r} split"
             if args.validation_split in splits
             else f"held out of the training images (seeded): the data has no {args.validation_split!r} split"
         )
-        (output_dir / "data.json").write_text(json.dumps({"source": str(args.data), "validation": note}))
+        (output_dir / "prepared-data.json").write_text(json.dumps({"source": str(args.data), "validation": note}))
         os.replace(staging, folder)
     saved = datasets.load_from_disk(str(folder))
-    note = json.loads((output_dir / "data.json").read_text())["validation"]
+    note = json.loads((output_dir / "prepared-data.json").read_text())["validation"]
     return folder, len(saved["train"]), len(saved["validation"]), note
 
 

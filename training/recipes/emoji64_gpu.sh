@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export RUN=${RUN:-runs/emoji64_gpu} RES=64
 export VAE_STEPS=${VAE_STEPS:-20000} CLIP_STEPS=${CLIP_STEPS:-5000} UNET_STEPS=${UNET_STEPS:-60000}
-export LAUNCH=${LAUNCH:-"accelerate launch --num_processes 1 --mixed_precision bf16 --dynamo_backend no"}
+export TRAIN_FLAGS=${TRAIN_FLAGS:-"--device cuda --mixed-precision bf16"}
 export PACK_TO=${PACK_TO:-$RUN/packed}
 exec bash training/recipes/emoji32.sh

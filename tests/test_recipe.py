@@ -1,0 +1,182 @@
+"""`hf-scratch train` (hf_scratch/training/recipe.py): captioned images in, a loadable pipeline folder and a quality
+figure out; a re-run resumes and changes nothing; the emoji32 recipe reaches each stage with the shipped settings."""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from hf_scratch.training import recipe, train_clip, train_unet, train_vae
+
+REPO = Path(__file__).resolve().parents[1]
+HF_SCRATCH = str(Path(sys.executable).parent / "hf-scratch")
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 200, 20)}
+
+
+def write_kohya_folder(root: Path, count: int = 24) -> Path:
+    """`count` images of coloured shapes, each with its caption in a .txt file beside it, and no validation split."""
+    root.mkdir(parents=True)
+    for index in range(count):
+        colour, shape = list(COLOURS)[index % 4], ("circle", "square")[(index // 4) % 2]
+        image = Image.new("RGB", (40, 40), "white")
+        box = (4 + index % 7, 4 + index % 5, 30 + index % 7, 30 + index % 5)
+        (ImageDraw.Draw(image).ellipse if shape == "circle" else ImageDraw.Draw(image).rectangle)(box, COLOURS[colour])
+        image.save(root / f"{index:03d}.png")
+        (root / f"{index:03d}.txt").write_text(f"a {colour} {shape}")
+    return root
+
+
+def train_command(data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [HF_SCRATCH, "train", "--data", str(data), "--output-dir", str(output_dir), "--threads", "1",
+            "--eval-images", "16", *extra]  # fmt: skip
+
+
+def run(command: list[str], **kwargs) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, **kwargs)
+    assert result.returncode == 0, (
+        f"{shlex.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n" + (result.stderr[-5000:])
+    )
+    return result.stdout + result.stderr
+
+
+def digests(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_one_command_trains_a_loadable_model_judges_it_and_a_rerun_changes_nothing(tmp_path):
+    data = write_kohya_folder(tmp_path / "mine")
+    output_dir = tmp_path / "runs" / "mine"
+    command = train_command(data, output_dir, "--steps", "vae=3", "decoder=2", "text=2", "unet=4")
+    output = run(command)
+    assert "held out of the training images" in output and "16 training images; validation: 8 images" in output
+    for number, stage in enumerate(("vae", "decoder", "text", "unet", "eval"), start=1):
+        assert f"[{number}/5] {stage}:" in output
+    assert f"model: {output_dir / 'model'}" in output and "hf-scratch generate" in output
+
+    report = json.loads((output_dir / "eval" / "report.json").read_text())
+    assert report["images"] == 8
+    for key in ("generated_vs_true", "generated_vs_true_at_floor_size", "floor_true_vs_true"):
+        assert set(report[key]) >= {"frechet_distance", "kid", "kid_standard_error", "precision", "recall"}
+    assert report["floor_true_vs_true"]["num_generated"] == report["generated_vs_true_at_floor_size"]["num_true"] == 4
+    assert (output_dir / "eval" / "grid.png").is_file() and "floor" in (output_dir / "eval" / "report.md").read_text()
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(output_dir / "model"), trust_remote_code=True)
+    assert type(pipe).__name__ == "ScratchStableDiffusionPipeline"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 192
+    image_path = tmp_path / "red.png"
+    run([HF_SCRATCH, "generate", "a red circle", "--model", str(output_dir / "model"), "--output", str(image_path),
+         "--steps", "2"])  # fmt: skip
+    assert Image.open(image_path).size == (32, 32)
+
+    before = digests(output_dir / "model")
+    output = run(command)
+    for stage in ("vae", "decoder", "text", "unet"):
+        assert f"{stage}: finished earlier" in output
+    assert digests(output_dir / "model") == before
+
+
+def test_budgets_and_steps_are_read_or_refused_by_name():
+    assert recipe.parse_budget("90s") == 90 and recipe.parse_budget("30m") == 1800
+    assert recipe.parse_budget("1h30m") == 5400 and recipe.parse_budget("2h") == 7200
+    for wrong in ("", "30", "ten minutes", "5x"):
+        with pytest.raises(ValueError, match="--budget=.* is not a wall time"):
+            recipe.parse_budget(wrong)
+    assert recipe.parse_steps(["unet=7200", "vae=5"]) == {"unet": 7200, "vae": 5}
+    for wrong in ("unet", "eval=3", "unet=0", "unet=-4", "clip=3"):
+        with pytest.raises(ValueError, match="--steps .* must read STAGE=N"):
+            recipe.parse_steps([wrong])
+
+
+def test_it_refuses_to_write_inside_the_installed_package_and_data_too_small_to_hold_out(tmp_path, capsys):
+    import hf_scratch
+
+    inside = Path(hf_scratch.__file__).parent / "pretrained" / "mine"
+    assert recipe.main(["--data", str(tmp_path), "--output-dir", str(inside)]) == 2
+    assert "lies inside the installed hf_scratch package" in capsys.readouterr().err
+    assert not inside.exists()
+
+    data = write_kohya_folder(tmp_path / "few", count=10)
+    assert recipe.main(["--data", str(data), "--output-dir", str(tmp_path / "out"), "--steps", "unet=2"]) == 2
+    assert "holds 10 training images and no 'validation' split" in capsys.readouterr().err
+
+
+# The emoji32 recipe's flags as its shell script passed them to each trainer before `hf-scratch train` existed
+# (git 9f80751, training/recipes/emoji32.sh), at its steps 2400 / 4000 / 300 / 7200.
+SHIPPED_COMMON = (
+    "--resolution 32 --report_to tensorboard --resume_from_checkpoint latest --checkpoints_total_limit 2 --seed 0"
+)
+SHIPPED_FLAGS = {
+    "vae": "--block_out_channels 32 64 64 --layers_per_block 1 --latent_channels 8 --train_batch_size 32 "
+    "--learning_rate 2e-3 --lr_scheduler cosine --lr_warmup_steps 100 --max_train_steps 2400 --kl_weight 1e-6",
+    "decoder": "--pretrained_vae RUN/vae --train_decoder_only --reconstruction_loss l2 --train_batch_size 32 "
+    "--learning_rate 5e-4 --lr_scheduler cosine --lr_warmup_steps 100 --max_train_steps 4000",
+    "text": "--vocab_size 4096 --max_length 32 --text_hidden_size 192 --text_layers 4 --text_heads 4 "
+    "--vision_hidden_size 192 --vision_layers 4 --vision_heads 4 --patch_size 4 --projection_dim 192 "
+    "--train_batch_size 128 --learning_rate 1e-3 --lr_scheduler cosine --lr_warmup_steps 50 --max_train_steps 300",
+    "unet": "--vae_path RUN/vae-decoder --text_encoder_path TEXT/text_encoder --tokenizer_path TEXT/tokenizer "
+    "--cache_latents --block_out_channels 64 128 128 --layers_per_block 1 --cross_attention_levels 0 1 2 "
+    "--objective flow_matching --weighting_scheme logit_normal --logit_mean 0 --logit_std 1 --immiscible_noise "
+    "--train_batch_size 64 --learning_rate 5e-4 --lr_scheduler cosine --lr_warmup_steps 200 --max_train_steps 7200 "
+    "--caption_dropout_prob 0.1 --use_ema --ema_decay 0.999 --snapshot_steps 2400 4800",
+}
+PARSERS = {"vae": train_vae.parse_args, "decoder": train_vae.parse_args, "text": train_clip.parse_args,
+           "unet": train_unet.parse_args}  # fmt: skip
+# What a resumed or repeated run may differ in without changing its result (trainer.RESUME_FREE_FLAGS's kind).
+WHERE_AND_HOW_OFTEN = {"dataset_name", "train_data_dir", "output_dir", "report_to", "checkpointing_steps",
+                       "validation_steps", "resume_from_checkpoint"}  # fmt: skip
+
+
+def test_emoji32_reaches_each_stage_with_the_shipped_settings(tmp_path):
+    """The recipe hands `hf-scratch train` the shipped steps and text encoder, and `hf-scratch train` turns them into
+    the flags the shipped model was trained with (parsed by each trainer, so defaults and spellings compare)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    calls = tmp_path / "calls.txt"
+    (shim / "hf-scratch").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\n')
+    (shim / "hf-scratch").chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = {"PATH": f"{shim}:{os.environ['PATH']}", "RUN": str(run_dir), "STAGES": "vae decoder clip unet"}
+    run(["bash", str(REPO / "training" / "recipes" / "emoji32.sh")], env=env, cwd=REPO)
+    argv = calls.read_text().splitlines()
+    parsed = recipe.build_parser().parse_args(argv[1:])
+    assert argv[0] == "train" and parsed.resolution == 32 and parsed.seed == 0 and parsed.threads == 2
+    assert recipe.parse_steps(parsed.steps) == {"vae": 2400, "decoder": 4000, "text": 300, "unet": 7200}
+    assert parsed.text_encoder == "hf_scratch/pretrained/emoji32" and parsed.stages == ["vae", "decoder", "unet"]
+
+    text = "hf_scratch/pretrained/emoji32"
+    plan = recipe.Plan(resolution=32, num_train=10_000, num_validation=400, stages=["vae", "decoder", "unet", "eval"],
+                       steps={"vae": 2400, "decoder": 4000, "unet": 7200}, batch={"vae": 32, "decoder": 32,
+                       "text": 128, "unet": 64}, seed=0, text_encoder=text)  # fmt: skip
+    flags = recipe.stage_flags(plan, run_dir, tmp_path / "data")
+    plan_with_text = recipe.Plan(**{**plan.__dict__, "stages": ["text"], "steps": {"text": 300}, "text_encoder": None})
+    flags["text"] = recipe.stage_flags(plan_with_text, run_dir, tmp_path / "data")["text"]
+    (run_dir / "vae").mkdir(parents=True)
+    (run_dir / "vae" / "config.json").write_text("{}")  # what the decoder stage's --pretrained_vae must hold
+    output = ["--output_dir", str(tmp_path / "o")]
+    for stage, shipped in SHIPPED_FLAGS.items():
+        shipped = f"{SHIPPED_COMMON} {shipped}".replace("RUN", str(run_dir)).replace("TEXT", text).split()
+        expected = vars(PARSERS[stage]([*output, "--train_data_dir", str(tmp_path / "data"), *shipped]))
+        ours = vars(PARSERS[stage]([*flags[stage], *output]))
+        differing = {key for key in expected if expected[key] != ours[key]} - WHERE_AND_HOW_OFTEN
+        assert not differing, {key: (expected[key], ours[key]) for key in differing}
+
+
+def test_the_planned_batch_fits_the_data_and_warmups_scale_with_the_steps(tmp_path):
+    args = argparse.Namespace(text_encoder=None, steps=["vae=48", "decoder=40", "text=12", "unet=72"], resolution=64,
+                              seed=3, budget="30m", threads=1)  # fmt: skip
+    plan = recipe.make_plan(args, tmp_path, tmp_path / "data", num_train=20, num_validation=8)
+    assert plan.batch == {"vae": 20, "decoder": 20, "text": 20, "unet": 20}
+    unet = train_unet.parse_args([*plan.flags["unet"], "--pretrained_model_name_or_path", str(tmp_path)])
+    assert unet.lr_warmup_steps == 2 and unet.snapshot_steps == [24, 48] and unet.resolution == 64
+    vae = train_vae.parse_args(plan.flags["vae"])
+    assert vae.lr_warmup_steps == 2 and vae.block_out_channels == [32, 64, 64] and vae.seed == 3
