@@ -831,9 +831,7 @@ class ScratchUNet2DConditionModel(
             adapter = down_block_additional_residuals
         if down_block_additional_residuals is None or mid_block_additional_residual is None:
             return None, list(adapter or [])
-        skips = sum(
-            len(block.resnets) + (getattr(block, "downsamplers", None) is not None) for block in self.down_blocks
-        )
+        skips = sum(len(block.resnets) + (block.downsamplers is not None) for block in self.down_blocks)
         if len(down_block_additional_residuals) != skips + 1:
             raise ValueError(
                 f"down_block_additional_residuals has {len(down_block_additional_residuals)} tensors; this U-Net has "
