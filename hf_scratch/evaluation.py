@@ -538,12 +538,13 @@ def to_markdown(results: dict) -> str:
 ## Independent image quality (EfficientNet-lite0, ImageNet)
 
 The generated images of the table above against true images, on the features of an ImageNet classifier that no
-model here was trained with ({settings["independent_features"]}): Fréchet distance, KID (unbiased, cubic kernel;
-×10³, ± its standard error over {settings["kid_subsets"]} disjoint subsets) and precision / recall (k-NN radii, k =
-{settings["precision_recall_k"]}). The prompts are cut into two halves A and B (seed {seed}): the floor compares the
-true images of A with those of B, what a generator drawing real images would score, and the row above it the
-generated images of A with the same true images of B. Only rows of equal sizes compare: the Fréchet distance and
-precision / recall depend on the number of images.
+model here was trained with: {settings["independent_features"]}.
+Fréchet distance; KID ×10³ (unbiased, cubic kernel) ± its standard error over {settings["kid_subsets"]} disjoint
+subsets; precision and recall (k-NN radii, k = {settings["precision_recall_k"]}).
+The prompts are cut into two halves A and B (seed {seed}): the floor compares the true images of A with those of B,
+what a generator drawing real images would score, and the row above it the generated images of A with the same true
+images of B. Only rows of equal sizes compare: the Fréchet distance and precision / recall depend on the number of
+images.
 
 {_table(("split", "images compared", "generated / true", "Fréchet", "KID ×10³", "precision", "recall"), quality_rows)}
 """
