@@ -11,7 +11,6 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-import gradio as gr
 import numpy as np
 import pandas as pd
 import torch
@@ -24,6 +23,11 @@ from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_family, scheduler_name
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
 from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
+
+try:
+    import gradio as gr
+except ImportError:
+    raise SystemExit('the demo needs Gradio: pip install "hf-scratch[demo]"') from None
 
 MAX_STEPS = 50
 MAX_SIZE = 256

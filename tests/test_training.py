@@ -938,3 +938,46 @@ def test_vae_and_clip_flags_are_checked_before_the_run_starts(script, flags, mes
     module = importlib.import_module(f"hf_scratch.training.{script}")
     with pytest.raises(ValueError, match=message):
         module.parse_args(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), *flags])
+
+
+@pytest.mark.parametrize("script", ["train_unet", "train_vae", "train_clip"])
+def test_every_training_option_has_help_with_its_default(script, tmp_path, monkeypatch):
+    import argparse
+    import importlib
+
+    parsers = []
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, argv=None: parsers.append(self) or exit())
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"hf_scratch.training.{script}").parse_args([])
+    options = [action for action in parsers[0]._actions if action.option_strings and action.dest != "help"]
+    assert len(options) > 40
+    assert [action.option_strings[0] for action in options if not action.help] == []
+    help_text = parsers[0].format_help()
+    assert "(default: 0.0001)" in help_text and "(default: constant)" in help_text  # the shared defaults show
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--push_to_hub"], r"--push_to_hub needs network access .*huggingface-cli upload"),
+        (["--use_8bit_adam"], r"--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"),
+        (["--report_to", "wandb"], r"--report_to wandb needs wandb: pip install wandb \(or pass --report_to none\)"),
+        (["--validation_epochs", "0"], r"--validation_epochs=0 must be at least 1"),
+    ],
+)
+def test_diffusers_flags_are_taken_or_refused_in_one_line(flags, message, tmp_path):
+    """diffusers' train_text_to_image.py flags: each is accepted, or refused naming what it needs (wandb and
+    bitsandbytes are not installed here)."""
+    from hf_scratch.training import train_vae
+
+    with pytest.raises(ValueError, match=message):
+        train_vae.parse_args(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), *flags])
+
+
+def test_allow_tf32_random_flip_and_validation_epochs_are_accepted(tmp_path):
+    from hf_scratch.training import train_unet
+
+    args = train_unet.parse_args(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+                                  "--pretrained_model_name_or_path", str(tmp_path), "--allow_tf32", "--random_flip",
+                                  "--validation_epochs", "2", "--center_crop"])  # fmt: skip
+    assert args.allow_tf32 and args.random_flip and args.validation_epochs == 2 and args.center_crop

@@ -5,6 +5,7 @@ parser; `check_args` validates the shared ones before anything heavy is loaded.
 """
 
 import argparse
+import importlib.util
 import math
 
 from hf_scratch.training.checkpoints import check_output_dir, find_resume_checkpoint
@@ -15,7 +16,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # ----------------------------------------------------------------------------------------------------------- arguments
 def build_parser(description: str, captions: bool = True) -> argparse.ArgumentParser:
     """A parser holding the shared argument groups; each script adds its model and loss arguments to it."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group(required=True)
     source_help = (
@@ -81,44 +82,74 @@ def build_parser(description: str, captions: bool = True) -> argparse.ArgumentPa
     )
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=int, default=16, help="per process")
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
-    optim.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
-    optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument("--train_batch_size", type=int, default=16, help="images per process per micro-batch")
+    optim.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW's peak learning rate")
+    optim.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers' LR schedule")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="optimizer steps of linear warm-up")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's β1")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's β2")
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
     optim.add_argument(
         "--adam_fused",
         action="store_true",
         help="torch.optim.AdamW(fused=True): one fused kernel over all parameters instead of a loop of ops per tensor "
         "(the same update)",
     )
-    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="bitsandbytes' 8-bit AdamW (pip install bitsandbytes; it needs a GPU build)",
+    )
+    optim.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="let CUDA matmuls and convolutions use TF32 on Ampere and newer GPUs (faster, ~1e-3 relative error); "
+        "no effect on CPU",
+    )
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this; 0: no clip")
     optim.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides epochs")
-    optim.add_argument("--num_train_epochs", type=int, default=1)
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="default: accelerate's")
-    optim.add_argument("--gradient_checkpointing", action="store_true")
-    optim.add_argument("--use_ema", action="store_true", help="keep an EMA of the weights and save it")
-    optim.add_argument("--ema_decay", type=float, default=0.9999)
-    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--num_train_epochs", type=int, default=1, help="passes over the data, when no step count")
+    optim.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="micro-batches summed into one optimizer step"
+    )
+    optim.add_argument(
+        "--mixed_precision", default=None, choices=("no", "fp16", "bf16"), help="autocast dtype; None: accelerate's"
+    )
+    optim.add_argument(
+        "--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory"
+    )
+    optim.add_argument("--use_ema", action="store_true", help="keep an EMA of the weights, validate and save it")
+    optim.add_argument("--ema_decay", type=float, default=0.9999, help="the EMA's decay per optimizer step")
+    optim.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the noise")
 
     ckpt = parser.add_argument_group("checkpointing")
-    ckpt.add_argument("--output_dir", required=True)
-    ckpt.add_argument("--checkpointing_steps", type=int, default=500)
-    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N")
+    ckpt.add_argument("--output_dir", required=True, help="the run's folder: checkpoints, logs, the final model")
+    ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N optimizer steps")
+    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     ckpt.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder, or "latest"')
     ckpt.add_argument(
         "--overwrite_output_dir",
         action="store_true",
         help="start afresh in an --output_dir that holds a run, removing its checkpoints and logs",
     )
+    ckpt.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="not available: training here is offline; upload --output_dir afterwards (huggingface-cli upload)",
+    )
 
     logs = parser.add_argument_group("logging")
-    logs.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"))
-    logs.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
-    logs.add_argument("--validation_steps", type=int, default=500)
+    logs.add_argument(
+        "--report_to",
+        default="tensorboard",
+        choices=("tensorboard", "wandb", "none"),
+        help="the tracker of losses and validation images (tensorboard: the train extra; wandb: pip install wandb)",
+    )
+    logs.add_argument("--logging_dir", default="logs", help="the trackers' folder, relative to --output_dir")
+    logs.add_argument("--validation_steps", type=int, default=500, help="validate every N optimizer steps")
+    logs.add_argument(
+        "--validation_epochs", type=int, default=None, help="validate every N epochs instead of --validation_steps"
+    )
     return parser
 
 
@@ -150,9 +181,26 @@ def check_divisible(args: argparse.Namespace, channels_flag: str, divisor_flag: 
         )
 
 
+def check_optional_packages(args: argparse.Namespace) -> None:
+    """A flag that needs a package this install lacks (or the network) fails at once, in one line naming it."""
+    if args.push_to_hub:
+        raise ValueError(
+            "--push_to_hub needs network access to the Hugging Face Hub, which these trainers never use; train into "
+            "--output_dir, then upload it with `huggingface-cli upload <repo> <output_dir>`"
+        )
+    needs = {"tensorboard": ("tensorboard", 'pip install "hf-scratch[train]"'), "wandb": ("wandb", "pip install wandb")}
+    if args.report_to in needs and importlib.util.find_spec(needs[args.report_to][0]) is None:
+        package, install = needs[args.report_to]
+        raise ValueError(f"--report_to {args.report_to} needs {package}: {install} (or pass --report_to none)")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop --use_8bit_adam)")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject argument values that would fail later, naming the flag, the value and what is allowed."""
     check_finite(args)
+    check_optional_packages(args)
+    check_at_least(args, 1, "validation_epochs")
     if args.resolution < 8 or args.resolution % 8:
         raise ValueError(
             f"--resolution={args.resolution} is not a positive multiple of 8; the VAE halves the image size in each "

@@ -67,10 +67,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unet = parser.add_argument_group("U-Net (from scratch unless --unet_from_pretrained)")
     unet.add_argument("--unet_from_pretrained", action="store_true", help="start from the pipeline folder's unet/")
     unet.add_argument("--unet_config", help="a JSON file of ScratchUNet2DConditionModel config keys")
-    unet.add_argument("--block_out_channels", type=int, nargs="+", default=[64, 128, 256])
-    unet.add_argument("--layers_per_block", type=int, default=2)
+    unet.add_argument(
+        "--block_out_channels",
+        type=int,
+        nargs="+",
+        default=[64, 128, 256],
+        help="channels of each resolution level, widest last",
+    )
+    unet.add_argument("--layers_per_block", type=int, default=2, help="ResNet (and attention) layers per level")
     unet.add_argument("--attention_head_dim", type=int, default=8, help="heads per block (diffusers' naming)")
-    unet.add_argument("--norm_num_groups", type=int, default=32)
+    unet.add_argument(
+        "--norm_num_groups", type=int, default=32, help="GroupNorm groups; must divide every --block_out_channels entry"
+    )
     unet.add_argument(
         "--cross_attention_levels",
         type=int,
@@ -119,11 +127,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="pair each batch's noise with its latents by linear assignment (Li et al. 2024)",
     )
-    diffusion.add_argument("--loss_type", choices=objectives.LOSS_TYPES, default="l2")
-    diffusion.add_argument("--huber_schedule", choices=objectives.HUBER_SCHEDULES, default="snr")
+    diffusion.add_argument(
+        "--loss_type",
+        choices=objectives.LOSS_TYPES,
+        default="l2",
+        help="per-element loss: l2, l1, or the pseudo-Huber loss",
+    )
+    diffusion.add_argument(
+        "--huber_schedule",
+        choices=objectives.HUBER_SCHEDULES,
+        default="snr",
+        help="huber: how c varies with the noise level",
+    )
     diffusion.add_argument("--huber_c", type=float, default=0.1, help="c_0 of the pseudo-Huber loss")
-    diffusion.add_argument("--noise_offset", type=float, default=0.0)
-    diffusion.add_argument("--caption_dropout_prob", type=float, default=0.1)
+    diffusion.add_argument(
+        "--noise_offset", type=float, default=0.0, help="add this times a per-channel N(0, 1) offset to the noise"
+    )
+    diffusion.add_argument(
+        "--caption_dropout_prob",
+        type=float,
+        default=0.1,
+        help='replace the caption by "" with this probability (the unconditional model that guidance needs)',
+    )
     diffusion.add_argument(
         "--cache_latents",
         action="store_true",
@@ -136,10 +161,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora.add_argument("--train_text_encoder_lora", action="store_true", help="adapt the text encoder's attention too")
 
     validation = parser.add_argument_group("validation")
-    validation.add_argument("--validation_prompts", nargs="+", default=[])
+    validation.add_argument(
+        "--validation_prompts",
+        nargs="+",
+        default=[],
+        help="prompts drawn at each validation (none: no validation images)",
+    )
     validation.add_argument("--num_validation_images", type=int, default=4, help="per prompt")
-    validation.add_argument("--validation_inference_steps", type=int, default=50)
-    validation.add_argument("--guidance_scale", type=float, default=4.0)
+    validation.add_argument(
+        "--validation_inference_steps", type=int, default=50, help="sampler steps of the validation images"
+    )
+    validation.add_argument(
+        "--guidance_scale", type=float, default=4.0, help="classifier-free guidance of the validation images"
+    )
     validation.add_argument(
         "--snapshot_steps",
         type=int,

@@ -55,17 +55,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[32, 64, 128],
         help="one entry per level; the image shrinks by 2^(levels-1)",
     )
-    model.add_argument("--latent_channels", type=int, default=4)
-    model.add_argument("--layers_per_block", type=int, default=1)
-    model.add_argument("--norm_num_groups", type=int, default=32)
+    model.add_argument("--latent_channels", type=int, default=4, help="channels of the latent z")
+    model.add_argument("--layers_per_block", type=int, default=1, help="ResNet layers per level")
+    model.add_argument(
+        "--norm_num_groups", type=int, default=32, help="GroupNorm groups; must divide every --block_out_channels entry"
+    )
 
     loss = parser.add_argument_group("loss")
-    loss.add_argument("--reconstruction_loss", choices=("l1", "l2"), default="l1")
-    loss.add_argument("--kl_weight", type=float, default=1e-6)
-    loss.add_argument("--use_discriminator", action="store_true")
+    loss.add_argument(
+        "--reconstruction_loss", choices=("l1", "l2"), default="l1", help="the pixel loss of the reconstruction"
+    )
+    loss.add_argument("--kl_weight", type=float, default=1e-6, help="weight of KL(q(z|x) ‖ N(0, I)) per latent element")
+    loss.add_argument(
+        "--use_discriminator", action="store_true", help="add a PatchGAN discriminator's adversarial loss (hinge)"
+    )
     loss.add_argument("--disc_start", type=int, default=0, help="optimizer step at which the GAN losses start")
-    loss.add_argument("--disc_weight", type=float, default=0.1)
-    loss.add_argument("--disc_channels", type=int, default=64)
+    loss.add_argument("--disc_weight", type=float, default=0.1, help="weight of the generator's adversarial loss")
+    loss.add_argument("--disc_channels", type=int, default=64, help="channels of the discriminator's first convolution")
     loss.add_argument("--disc_layers", type=int, default=3, help="stride-2 convolutions of the PatchGAN")
     loss.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
     parser.add_argument(

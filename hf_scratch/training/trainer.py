@@ -148,13 +148,20 @@ def create_optimizer(
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        fused=True if args.adam_fused else None,  # None: torch's default, the multi-tensor (foreach) loop
-    )
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    hyperparameters = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+    if args.use_8bit_adam:  # checked importable at argument parsing
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(parameters, weight_decay=args.adam_weight_decay, **hyperparameters)
+    else:
+        optimizer = torch.optim.AdamW(
+            parameters,
+            weight_decay=args.adam_weight_decay,
+            fused=True if args.adam_fused else None,  # None: torch's default, the multi-tensor (foreach) loop
+            **hyperparameters,
+        )
     # A prepared scheduler steps once per process for every optimizer step, hence the factor.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -243,6 +250,10 @@ class Trainer:
             # Saved by `save_checkpoint` as safetensors; accelerate's own custom-object checkpoint would be a pickle.
             self.ema = EMAModel(unwrapped.parameters(), decay=args.ema_decay)
         self.samples_per_update = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        # diffusers' --validation_epochs, counted in optimizer steps
+        self.validation_steps = (
+            args.validation_epochs * batches.updates_per_epoch if args.validation_epochs else args.validation_steps
+        )
         self.wall_seconds = 0.0
         self.initial_checksum = parameter_checksum(accelerator.unwrap_model(model))
 
@@ -340,7 +351,7 @@ class Trainer:
         def after_update(step: int) -> None:
             if on_update is not None:
                 on_update(step)
-            if validate is not None and step % self.args.validation_steps == 0:
+            if validate is not None and step % self.validation_steps == 0:
                 self.on_main_process(validate, step)
 
         if self.global_step >= self.args.max_train_steps and finished_step(self.output_dir) == self.global_step:
@@ -354,7 +365,7 @@ class Trainer:
             logger.info(f"training had finished at step {self.global_step}; saving the result that was not saved")
         self.accelerator.init_trackers(self.name, config=tracker_config(self.args))
         self._update_loop(train_step, after_update)
-        if validate is not None and self.global_step % self.args.validation_steps:
+        if validate is not None and self.global_step % self.validation_steps:
             self.on_main_process(validate, self.global_step)
         self.write_rank_report()
         self.accelerator.wait_for_everyone()
