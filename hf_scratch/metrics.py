@@ -28,6 +28,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from hf_scratch.images import SIXTEEN_BIT_MODES, read_image
+
 TOP_K = (1, 5)
 # SSIM as in Wang et al. 2004, Sec. III-C: an 11x11 Gaussian window of σ 1.5 and C_i = (K_i L)² with L = 1.
 SSIM_WINDOW = 11
@@ -48,7 +50,10 @@ MIN_QUALITY_IMAGES = PRECISION_RECALL_K + 1  # a k-th nearest neighbour other th
 # ------------------------------------------------------------------------------------------------------------ pixels
 def image_to_tensor(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
     """An image as (3, resolution, resolution) in [0, 1]: transparency laid on white, the short side resized (bicubic)
-    to `resolution`, the centre cropped."""
+    to `resolution`, the centre cropped. Modes wider than 8 bits (16-bit, 32-bit integer, float) are read by
+    `hf_scratch.images.read_image`, the one pixel convention, and rounded to 8 bits first."""
+    if image.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+        image = tensor_to_image(read_image(image)[0])
     if image.mode in ("RGBA", "LA", "P"):
         image = image.convert("RGBA")
         image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, "white"), image)

@@ -390,3 +390,24 @@ def test_efficientnet_without_its_packages_names_the_extra_to_install(monkeypatc
         efficientnet_lite0("cpu")
     assert "\n" not in str(error.value)
     efficientnet_lite0.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_the_training_pixels_read_wide_modes_as_the_pipelines_do(mode, tmp_path):
+    """A nearly black 16-bit PNG is nearly black for the trainers and emoji-bench too (it was read as white), the
+    same values as `hf_scratch.images.read_image` gives the pipelines, to 8-bit rounding."""
+    from hf_scratch.images import read_image
+    from hf_scratch.metrics import image_to_tensor
+
+    values = np.linspace(0, 2000, 16 * 16, dtype=np.float64).reshape(16, 16)
+    if mode == "F":
+        image = PIL.Image.fromarray((values / 65535).astype(np.float32), mode="F")
+    else:
+        path = tmp_path / "dark.png"
+        PIL.Image.fromarray(values.astype(np.uint16)).save(path)
+        image = PIL.Image.open(path)
+        image = image if mode == "I;16" else image.convert("I")
+    pixels = image_to_tensor(image, 16)
+    assert pixels.max() < 0.04  # 2000 / 65535 = 0.031
+    expected = read_image(image)[0]
+    assert torch.allclose(pixels, expected, atol=0.5 / 255 + 1e-6)
