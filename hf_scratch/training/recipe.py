@@ -234,9 +234,9 @@ def measure_seconds_per_step(stage: str, plan: Plan, threads: int, repeats: int 
 
 # ------------------------------------------------------------------------------------------------------------ the data
 def prepare_data(args: argparse.Namespace, output_dir: Path) -> tuple[Path, int, int, str]:
-    """`output_dir/data`: the source's training split and its validation split (held out of the training images,
-    seeded, when the source has none), as a `save_to_disk` folder with columns "image" and "text" that every stage
-    reads. Returns (folder, training images, validation images, a sentence saying where the validation came from)."""
+    """`output_dir/prepared-data`: the source's training split and its validation split (held out of the training
+    images, seeded, when the source has none), as a `save_to_disk` folder with columns "image" and "text" that every
+    stage reads. Returns (folder, training images, validation images, where the validation images came from)."""
     import datasets
 
     from hf_scratch.training.sources import load_splits
