@@ -1,8 +1,9 @@
-"""The README's "Equation map" and "Layout" tables against the source tree.
+"""The "Equation map" and "Layout" tables of docs/architecture.md against the source tree.
 
 Every `file.py:name` of the equation map must be defined in that file, and every module of `hf_scratch/` and
 `training/` must appear in the layout table: in a row of its own, or, for a folder row (a path ending in `/`), named
-in that row's description by its path within the folder. The files are read with `ast`, never imported.
+in that row's description by its path within the folder. The files are read with `ast`, never imported. The README
+links the page, so the map stays findable from the front page.
 """
 
 import ast
@@ -10,15 +11,16 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGE = ROOT / "docs" / "architecture.md"
+TEXT = PAGE.read_text(encoding="utf-8")
 LOCATION = re.compile(r"`(?P<path>[\w./-]+\.py):(?P<name>[\w.]+)`")
 DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 def section(title: str) -> str:
-    """The text of the README's `## title` section, up to the next `## ` heading."""
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, flags=re.MULTILINE | re.DOTALL)
-    assert match, f"README.md has no '## {title}' section"
+    """The text of the page's `## title` section, up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", TEXT, flags=re.MULTILINE | re.DOTALL)
+    assert match, f"{PAGE.relative_to(ROOT)} has no '## {title}' section"
     return match.group(1)
 
 
@@ -66,7 +68,7 @@ def test_equation_map_names_exist():
         file = ROOT / path
         if not file.is_file() or not defines(file.read_text(encoding="utf-8"), name):
             missing.append(f"{path}:{name}")
-    assert not missing, f"the README's equation map names what its file does not define: {missing}"
+    assert not missing, f"the equation map names what its file does not define: {missing}"
 
 
 def test_defines_rejects_a_wrong_name():
@@ -93,7 +95,7 @@ def layout() -> dict[str, str]:
 
 def test_layout_paths_exist():
     missing = [path for path in layout() if not (ROOT / path).exists()]
-    assert not missing, f"the README's layout table lists paths that do not exist: {missing}"
+    assert not missing, f"the layout table lists paths that do not exist: {missing}"
 
 
 def test_layout_names_every_module():
@@ -116,4 +118,18 @@ def test_layout_names_every_module():
 
     assert len(modules) > 30
     unlisted = [module for module in modules if not listed(module)]
-    assert not unlisted, f"the README's layout table does not name these modules: {unlisted}"
+    assert not unlisted, f"the layout table does not name these modules: {unlisted}"
+
+
+def test_the_front_page_links_this_page_and_every_local_link_resolves():
+    """The README sends readers here, and no link of the README or of docs/*.md points at a missing file."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"({PAGE.relative_to(ROOT).as_posix()})" in readme
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)  # links outside code
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = link.partition("#")[0]
+            if path and not re.match(r"\w+://", link) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+    assert not broken, f"links to missing files: {broken}"
