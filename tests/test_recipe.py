@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,39 @@ def test_the_planned_batch_fits_the_data_and_warmups_scale_with_the_steps(tmp_pa
     assert unet.lr_warmup_steps == 2 and unet.snapshot_steps == [24, 48] and unet.resolution == 64
     vae = train_vae.parse_args(plan.flags["vae"])
     assert vae.lr_warmup_steps == 2 and vae.block_out_channels == [32, 64, 64] and vae.seed == 3
+
+
+@pytest.mark.slow
+def test_the_built_wheel_alone_trains_at_a_tiny_budget_and_its_model_loads(tmp_path):
+    """As a new user would: the built wheel (training included) in a fresh venv, torch pinned first, then
+    `hf-scratch train --budget` on a folder of captioned images, from outside the repository; the pipeline folder then
+    loads in DiffusionPipeline and draws through `hf-scratch generate`."""
+    dist, venv, source = tmp_path / "dist", tmp_path / "venv", tmp_path / "source"
+    # A copy, so the build leaves no build/ folder in the repository (a stale one would leak into later wheels).
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "runs",
+                                                                "outputs", "__pycache__", ".pytest_cache"))  # fmt: skip
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(source)])
+    (wheel,) = dist.glob("hf_scratch-*.whl")
+    run([sys.executable, "-m", "venv", str(venv)])
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    run([*pip, "torch==2.13.0"])
+    run([*pip, "-c", str(REPO / "constraints.txt"), f"{wheel}[train]"])
+    home = tmp_path / "home"
+    home.mkdir()
+    data = write_kohya_folder(home / "my_images")
+    env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": ""}
+    output = run(["hf-scratch", "train", "--data", "my_images", "--output-dir", "runs/mine", "--budget", "2m",
+                  "--threads", "1", "--eval-images", "16"], cwd=home, env=env)  # fmt: skip
+    assert "s per step of" in output and "steps fit its" in output  # the budget was planned from measured rates
+    plan = json.loads((home / "runs" / "mine" / "plan.json").read_text())
+    assert set(plan["seconds_per_step"]) == {"vae", "decoder", "text", "unet"}
+    assert (home / "runs" / "mine" / "eval" / "report.json").is_file() and data.is_dir()
+    load = (
+        "import hf_scratch, diffusers; assert hf_scratch.__file__.startswith(%r), hf_scratch.__file__; "
+        "pipe = diffusers.DiffusionPipeline.from_pretrained('runs/mine/model', trust_remote_code=True); "
+        "print(type(pipe).__name__)" % str(venv)
+    )
+    assert "ScratchStableDiffusionPipeline" in run([str(venv / "bin" / "python"), "-c", load], cwd=home, env=env)
+    run(["hf-scratch", "generate", "a red circle", "--model", "runs/mine/model", "--output", "red.png", "--steps", "2"],
+        cwd=home, env=env)  # fmt: skip
+    assert Image.open(home / "red.png").size == (32, 32)
