@@ -217,3 +217,18 @@ def test_the_built_wheel_alone_trains_at_a_tiny_budget_and_its_model_loads(tmp_p
     run(["hf-scratch", "generate", "a red circle", "--model", "runs/mine/model", "--output", "red.png", "--steps", "2"],
         cwd=home, env=env)  # fmt: skip
     assert Image.open(home / "red.png").size == (32, 32)
+
+
+@pytest.mark.slow
+def test_two_processes_train_every_stage_with_the_recipe_batches_shared(tmp_path):
+    """--num-processes 2 launches each stage under accelerate (gloo on CPU): every stage runs on two ranks whose
+    weights end equal, and each rank takes half of the recipe's global batch."""
+    data = write_kohya_folder(tmp_path / "mine")
+    output_dir = tmp_path / "two"
+    output = run(train_command(data, output_dir, "--steps", "vae=2", "decoder=2", "text=2", "unet=2",
+                               "--num-processes", "2"))  # fmt: skip
+    assert "[1/5] vae: 2 steps of 8 images" in output  # 16 training images: a global batch of 16, 8 per rank
+    for folder in ("vae", "vae-decoder", "text", "model"):
+        reports = [json.loads(path.read_text()) for path in sorted((output_dir / folder / "ranks").glob("rank-*.json"))]
+        assert [report["world_size"] for report in reports] == [2, 2], folder
+        assert reports[0]["final_checksum"] == reports[1]["final_checksum"] != reports[0]["initial_checksum"], folder

@@ -286,8 +286,11 @@ def make_plan(args: argparse.Namespace, output_dir: Path, data_dir: Path, num_tr
     """Sizes, batches and step counts: --steps where given, else each stage's share of --budget at its measured
     rate."""
     stages = [stage for stage in STAGES if not (stage == "text" and args.text_encoder)]
+    # The recipe's global batches, capped by the data and shared between the processes (--train_batch_size is per
+    # process), so the run trains the same model on one process or several.
     recipe_batch = {"vae": 32, "decoder": 32, "text": 128, "unet": 64}
-    batch = {stage: min(size, num_train) for stage, size in recipe_batch.items()}
+    processes = getattr(args, "num_processes", 1)
+    batch = {stage: max(1, min(size, num_train) // processes) for stage, size in recipe_batch.items()}
     explicit = parse_steps(args.steps)
     plan = Plan(
         resolution=args.resolution, num_train=num_train, num_validation=num_validation, stages=stages,
