@@ -391,3 +391,40 @@ def test_a_wrong_caption_column_lists_the_columns(tmp_path):
 def test_a_missing_path_names_the_kinds_read(tmp_path):
     with pytest.raises(ValueError, match=r"is not an existing folder, file or pattern; .*webdataset"):
         load(tmp_path / "nowhere")
+
+
+def test_the_latent_cache_on_disk_is_reused_and_keyed_by_the_data_and_the_vae(tmp_path, monkeypatch):
+    """The first run encodes every image and writes shards; a second run (a resume, another rank) encodes nothing and
+    gets the same posteriors; other VAE weights or other data are another key, encoded afresh."""
+    from accelerate import Accelerator
+
+    from hf_scratch.models.vae import ScratchAutoencoderKL
+
+    torch.manual_seed(0)
+    levels = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = ScratchAutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4, **levels)
+    encoded = []
+    encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda pixels: encoded.append(len(pixels)) or encode(pixels))
+    dataset, accelerator, cache = (
+        load(write_metadata_folder(tmp_path / "data", count=7)),
+        Accelerator(cpu=True),
+        tmp_path / "cache",
+    )
+    in_memory = data.cache_latents(dataset, vae, accelerator, batch_size=3)
+    assert sum(encoded) == 7
+    first = data.cache_latents(dataset, vae, accelerator, batch_size=3, cache_dir=cache)
+    assert sum(encoded) == 14 and len(list(cache.glob("*/rank-0-of-1.safetensors"))) == 1
+    again = data.cache_latents(dataset, vae, accelerator, batch_size=3, cache_dir=cache)
+    assert sum(encoded) == 14  # read back, nothing encoded
+    for cached in (first, again):
+        assert torch.equal(cached.means, in_memory.means) and torch.equal(cached.logvars, in_memory.logvars)
+        assert cached.captions == dataset.captions
+
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)  # the decoder too: the key covers every weight
+    data.cache_latents(dataset, vae, accelerator, batch_size=3, cache_dir=cache)
+    assert sum(encoded) == 21 and len(list(cache.iterdir())) == 2
+    fewer = load(write_metadata_folder(tmp_path / "fewer", count=5))
+    data.cache_latents(fewer, vae, accelerator, batch_size=3, cache_dir=cache)
+    assert sum(encoded) == 26 and len(list(cache.iterdir())) == 3

@@ -220,6 +220,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of every state-dict tensor's bytes, in order: equal only for bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
     """`training_state.json` of a checkpoint: its step, its file manifest, and the run's settings and loss."""
     return json.loads((path / CHECKPOINT_STATE).read_text())

@@ -15,11 +15,15 @@
 """
 
 import argparse
+import hashlib
 import io
+import json
 import logging
 import math
+import os
 import random
 import warnings
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -28,10 +32,12 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from hf_scratch.metrics import image_to_tensor
 from hf_scratch.models.vae import ScratchAutoencoderKL
+from hf_scratch.training.checkpoints import parameter_checksum
 from hf_scratch.training.sources import load_splits
 
 logger = get_logger(__name__)
@@ -294,17 +300,37 @@ class CachedLatents(torch.utils.data.Dataset):
         return {"latent_mean": means[index], "latent_logvar": logvars[index], "caption": self.captions[index]}
 
 
+def latent_cache_key(dataset: ImageTextDataset, vae: ScratchAutoencoderKL) -> str:
+    """What the cached posteriors depend on, hashed: the rows (the split's `datasets` fingerprint, its length and
+    captions), the pixels' resolution, crop and flips, and every weight of the VAE."""
+    settings = [dataset.images._fingerprint, len(dataset), dataset.resolution, dataset.center_crop, dataset.random_flip]
+    rows = json.dumps(settings + dataset.captions).encode()
+    return hashlib.sha256(rows + parameter_checksum(vae).encode()).hexdigest()[:24]
+
+
 @torch.no_grad()
 def cache_latents(
-    dataset: ImageTextDataset, vae: ScratchAutoencoderKL, accelerator: Accelerator, batch_size: int
+    dataset: ImageTextDataset,
+    vae: ScratchAutoencoderKL,
+    accelerator: Accelerator,
+    batch_size: int,
+    cache_dir: str | Path | None = None,
 ) -> CachedLatents:
-    """Encode the dataset once, each process a contiguous share of it, and gather the posteriors on every process."""
+    """Encode the dataset once, each process a contiguous share of it, and give every process all the posteriors.
+
+    With `cache_dir`, each process writes its share to `cache_dir/<key>/rank-<i>-of-<n>.safetensors` (`key` from
+    `latent_cache_key`), the main process then `index.json`, and every process reads the shards back; a later run,
+    a resume or another rank count finds the index and encodes nothing."""
     if not dataset.center_crop:
         raise ValueError(
             "--random_crop draws a new crop every epoch, which latents cached once cannot hold; drop --cache_latents "
             "or --random_crop"
         )
     orientations = (False, True) if dataset.random_flip else (False,)
+    folder = Path(cache_dir, latent_cache_key(dataset, vae)) if cache_dir is not None else None
+    if folder is not None and (folder / LATENT_INDEX).is_file():
+        logger.info(f"reading the latents of {len(dataset)} images from {folder}")
+        return _read_latent_cache(folder, dataset, orientations)
     means, logvars = {flip: [] for flip in orientations}, {flip: [] for flip in orientations}
     with accelerator.split_between_processes(list(range(len(dataset)))) as indices:
         starts = range(0, len(indices), batch_size)
@@ -314,19 +340,52 @@ def cache_latents(
                 posterior = vae.encode((pixels.flip(-1) if flip else pixels).to(accelerator.device, vae.dtype))
                 means[flip].append(posterior.latent_dist.mean.float().cpu())
                 logvars[flip].append(posterior.latent_dist.logvar.float().cpu())
-    # One tensor pair per process and orientation, in rank order. (Gathering per-sample rows, views of their batch,
-    # pickled each batch's whole storage once per row: 12 GB on one rank of a 2-process run at 32 px.) An empty share
-    # is a 1-D empty tensor, which torch.cat skips.
-    shares = gather_object(
-        [
-            {
-                flip: (torch.cat(means[flip] or [torch.empty(0)]), torch.cat(logvars[flip] or [torch.empty(0)]))
-                for flip in orientations
-            }
-        ]
-    )
+    # One tensor pair per process and orientation. An empty share is a 1-D empty tensor, which torch.cat skips.
+    share = {
+        flip: (torch.cat(means[flip] or [torch.empty(0)]), torch.cat(logvars[flip] or [torch.empty(0)]))
+        for flip in orientations
+    }
+    if folder is not None:
+        _write_latent_cache(folder, share, accelerator)
+        return _read_latent_cache(folder, dataset, orientations)
+    # In rank order. (Gathering per-sample rows, views of their batch, pickled each batch's whole storage once per
+    # row: 12 GB on one rank of a 2-process run at 32 px.)
+    shares = gather_object([share])
     gathered = {
         flip: (torch.cat([share[flip][0] for share in shares]), torch.cat([share[flip][1] for share in shares]))
         for flip in orientations
     }
     return CachedLatents(*gathered[False], list(dataset.captions), gathered.get(True), dataset.seed)
+
+
+LATENT_INDEX = "index.json"
+
+
+def _write_latent_cache(
+    folder: Path, share: dict[bool, tuple[torch.Tensor, torch.Tensor]], accelerator: Accelerator
+) -> None:
+    """This process's share as safetensors (written under a temporary name, then renamed), then the index."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"rank-{rank}-of-{world}.safetensors"
+    tensors = {f"{kind}.{int(flip)}": pair[i].contiguous() for flip, pair in share.items()
+               for i, kind in enumerate(("mean", "logvar"))}  # fmt: skip
+    save_file(tensors, folder / f".{name}.partial")
+    os.replace(folder / f".{name}.partial", folder / name)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shards = [f"rank-{i}-of-{world}.safetensors" for i in range(world)]
+        (folder / f".{LATENT_INDEX}.partial").write_text(json.dumps({"shards": shards}))
+        os.replace(folder / f".{LATENT_INDEX}.partial", folder / LATENT_INDEX)
+    accelerator.wait_for_everyone()
+
+
+def _read_latent_cache(folder: Path, dataset: ImageTextDataset, orientations: tuple[bool, ...]) -> CachedLatents:
+    shards = [load_file(folder / name) for name in json.loads((folder / LATENT_INDEX).read_text())["shards"]]
+    pairs = {
+        flip: tuple(torch.cat([shard[f"{kind}.{int(flip)}"] for shard in shards]) for kind in ("mean", "logvar"))
+        for flip in orientations
+    }
+    if len(pairs[False][0]) != len(dataset):
+        raise ValueError(f"the latent cache {folder} holds {len(pairs[False][0])} images, the data {len(dataset)}")
+    return CachedLatents(*pairs[False], list(dataset.captions), pairs.get(True), dataset.seed)
