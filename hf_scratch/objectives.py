@@ -21,12 +21,20 @@ Flow matching is rectified flow (Liu et al. 2022, arXiv:2209.03003) with the tim
 "mode" density f(u) = 1 − u − s (cos²(πu/2) − 1 + u) (Eq. 20), with the flag names of diffusers' SD3 trainer
 (`compute_density_for_timestep_sampling`); no output preconditioning, unit weight.
 
-Two options work with every objective:
+Every objective takes the same `ObjectiveOptions`, which its base class `Objective` applies: the noise it draws
+(`Objective.noise`), the noise its network input is built from (`Objective.input_noise`), and its loss
+(`Objective.loss`):
 
+- `noise_offset`: ε + s·δ with one δ ~ N(0, 1) per sample and channel (offset noise, Guttenberg 2023, "Diffusion with
+  Offset Noise"), so that the model can learn to change an image's mean brightness.
 - `immiscible_noise` (Li et al. 2024, "Immiscible Diffusion", arXiv:2406.12303, Algorithm 1): each latent of a batch
   is paired with a noise draw by a linear assignment on their L2 distances, so that a noisy sample points back to a
   near latent.
-- `pseudo_huber_loss` with the "snr" schedule (Khrapov & Kotov 2024, arXiv:2403.16728): 2c(√(d² + c²) − c), where
+- `input_perturbation` γ (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models",
+  arXiv:2301.11706; diffusers' `--input_perturbation`): the network input is built from ε + γξ, ξ ~ N(0, I), while the
+  target keeps ε, so that training sees inputs a little off the forward process, as sampling does. Not for EDM, whose
+  target is built from the network input itself.
+- `loss_type` "huber" with the "snr" schedule (Khrapov & Kotov 2024, arXiv:2403.16728): 2c(√(d² + c²) − c), where
   c = (1 − c_0) / (1 + σ/α)² + c_0 moves from L2 at low noise to L1-like at high noise.
 """
 
@@ -46,6 +54,23 @@ OBJECTIVES = ("epsilon", "v_prediction", "edm", "flow_matching")
 WEIGHTING_SCHEMES = ("logit_normal", "uniform", "mode")
 LOSS_TYPES = ("l2", "huber")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
+INPUT_PERTURBATION_NOT_EDM = (
+    "--input_perturbation perturbs the noise of the network input while the target keeps the clean noise; edm's "
+    "target (x_0 − c_skip x) / c_out is built from the network input itself, so there is no clean noise to keep: "
+    "use --objective epsilon, v_prediction or flow_matching, or drop --input_perturbation"
+)
+
+
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    """The noise and loss options every objective takes (the module docstring cites each one)."""
+
+    noise_offset: float = 0.0  # s of ε + s·δ, δ ~ N(0, 1) per sample and channel
+    immiscible_noise: bool = False  # pair the batch's noise with its latents by linear assignment
+    input_perturbation: float = 0.0  # γ: the network input is built from ε + γξ, the target from ε
+    loss_type: str = "l2"  # one of LOSS_TYPES
+    huber_schedule: str = "snr"  # one of HUBER_SCHEDULES
+    huber_c: float = 0.1  # c_0 of the pseudo-Huber loss
 
 
 @dataclass
@@ -63,6 +88,45 @@ class TrainingTarget:
     noise_to_signal: torch.Tensor  # (B,)
 
 
+class Objective:
+    """What the objectives share: the noise they draw, the noise of the network input, and the loss.
+
+    A subclass's `__call__(latents, noise) -> TrainingTarget` is its forward process; one training step reads
+    `noise = objective.noise(latents)`, `batch = objective(latents, noise)`, `loss = objective.loss(prediction, batch)`.
+    """
+
+    # The "exponential" Huber schedule reads discrete timesteps t ∈ {0, …, T − 1}; only the DDPM chain has them.
+    discrete_timesteps = False
+
+    def __init__(self, options: ObjectiveOptions | None = None) -> None:
+        self.options = options or ObjectiveOptions()
+
+    @torch.no_grad()
+    def noise(self, latents: torch.Tensor) -> torch.Tensor:
+        """ε ~ N(0, I) shaped like `latents`, with the offset and the immiscible pairing of `options`."""
+        noise = torch.randn_like(latents)
+        if self.options.noise_offset:
+            noise += self.options.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
+        if self.options.immiscible_noise:
+            noise = immiscible_noise(latents, noise)
+        return noise
+
+    def input_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """The noise the network input is built from: ε + γξ, ξ ~ N(0, I), under input perturbation (Ning et al.
+        2023), else ε itself, with no draw."""
+        if not self.options.input_perturbation:
+            return noise
+        return noise + self.options.input_perturbation * torch.randn_like(noise)
+
+    def loss(self, prediction: torch.Tensor, batch: TrainingTarget) -> torch.Tensor:
+        """Mean over the batch of weight × the sample's L2 or pseudo-Huber loss of prediction − target."""
+        options, c = self.options, None
+        if options.loss_type == "huber":
+            timesteps = batch.timesteps if self.discrete_timesteps else None
+            c = huber_c(batch.noise_to_signal, options.huber_schedule, options.huber_c, timesteps=timesteps)
+        return (per_sample_loss(prediction, batch.target, options.loss_type, c) * batch.weights).mean()
+
+
 # ------------------------------------------------------------------------------------------------ DDPM: ε and v
 def min_snr_weights(alphas_cumprod: torch.Tensor, prediction_type: str, gamma: float) -> torch.Tensor:
     """min(SNR_t, γ) / SNR_t for ε, min(SNR_t, γ) / (SNR_t + 1) for v (Hang et al. 2023, arXiv:2303.09556, Eq. 9),
@@ -72,18 +136,24 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, prediction_type: str, gamma: f
     return clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1.0)
 
 
-class DDPMObjective:
+class DDPMObjective(Objective):
     """ε- or v-prediction on the discrete variance-preserving chain of `scheduler` (its `prediction_type`)."""
 
-    def __init__(self, scheduler: ScratchDDPMScheduler, snr_gamma: float | None = None) -> None:
+    discrete_timesteps = True
+
+    def __init__(
+        self, scheduler: ScratchDDPMScheduler, snr_gamma: float | None = None, options: ObjectiveOptions | None = None
+    ) -> None:
+        super().__init__(options)
         self.scheduler = scheduler
         self.snr_gamma = snr_gamma
 
     def __call__(self, latents: torch.Tensor, noise: torch.Tensor) -> TrainingTarget:
         batch = len(latents)
+        input_noise = self.input_noise(noise)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
         alphas_cumprod = self.scheduler.alphas_cumprod.to(latents.device)[timesteps]
-        noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)  # z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε
+        noisy_latents = self.scheduler.add_noise(latents, input_noise, timesteps)  # z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε
         if self.scheduler.config.prediction_type == "epsilon":
             target = noise
         else:
@@ -110,7 +180,7 @@ def edm_preconditioning(sigma: torch.Tensor, sigma_data: float) -> dict[str, tor
     }
 
 
-class EDMObjective:
+class EDMObjective(Objective):
     """Karras et al. 2022's preconditioned denoiser with log-normal σ (Table 1, Eq. 2–8).
 
     Defaults are the paper's pixel-space values (σ_d = 0.5, P_mean = −1.2, P_std = 1.2); EDM2 (Karras et al. 2024,
@@ -125,7 +195,11 @@ class EDMObjective:
         p_std: float = 1.2,
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
+        options: ObjectiveOptions | None = None,
     ) -> None:
+        super().__init__(options)
+        if self.options.input_perturbation:
+            raise ValueError(INPUT_PERTURBATION_NOT_EDM)
         for name, value in (("sigma_data", sigma_data), ("p_std", p_std), ("sigma_min", sigma_min)):
             if not value > 0:
                 raise ValueError(f"EDM's {name} must be positive, got {value!r}")
@@ -175,7 +249,7 @@ def sample_flow_timesteps(
     raise ValueError(f"weighting_scheme={weighting_scheme!r} is not one of {list(WEIGHTING_SCHEMES)}")
 
 
-class FlowMatchingObjective:
+class FlowMatchingObjective(Objective):
     """Rectified flow: x_t = (1 − t) x_0 + t ε, target the velocity ε − x_0, unit weight."""
 
     def __init__(
@@ -185,7 +259,9 @@ class FlowMatchingObjective:
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
         num_train_timesteps: int = 1000,
+        options: ObjectiveOptions | None = None,
     ) -> None:
+        super().__init__(options)
         if weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"--weighting_scheme={weighting_scheme!r} is not one of {list(WEIGHTING_SCHEMES)}")
         if weighting_scheme == "logit_normal" and not logit_std > 0:
@@ -197,12 +273,13 @@ class FlowMatchingObjective:
         self.mode_scale, self.num_train_timesteps = mode_scale, num_train_timesteps
 
     def __call__(self, latents: torch.Tensor, noise: torch.Tensor) -> TrainingTarget:
+        input_noise = self.input_noise(noise)
         t = sample_flow_timesteps(
             self.weighting_scheme, len(latents), self.logit_mean, self.logit_std, self.mode_scale, latents.device
         )
         t_ = per_sample(t, latents.dim())
         return TrainingTarget(
-            model_input=(1 - t_) * latents + t_ * noise,
+            model_input=(1 - t_) * latents + t_ * input_noise,
             timesteps=t * self.num_train_timesteps,
             target=noise - latents,
             weights=torch.ones_like(t),

@@ -207,3 +207,80 @@ def test_huber_snr_schedule_moves_from_l2_to_l1():
     ).item() == pytest.approx(0.1)
     with pytest.raises(ValueError, match="exponential"):
         objectives.huber_c(torch.zeros(1), "exponential", 0.1)
+
+
+# ---------------------------------------------------------------------------------- options shared by every objective
+def objective_named(name: str, options: objectives.ObjectiveOptions | None = None) -> objectives.Objective:
+    if name == "flow_matching":
+        return objectives.FlowMatchingObjective("uniform", options=options)
+    return objectives.DDPMObjective(ScratchDDPMScheduler(**SD_BETAS, prediction_type=name), 5.0, options=options)
+
+
+@pytest.mark.parametrize("name", ["epsilon", "v_prediction", "flow_matching"])
+def test_input_perturbation_perturbs_the_input_and_keeps_the_target(name):
+    """Ning et al. 2023 as diffusers' train_text_to_image.py does it: ξ ~ N(0, I) is drawn first, the network input is
+    the forward process applied to ε + γξ, and the target is the one of the clean ε. With γ = 0 nothing is drawn and
+    the batch is the unperturbed one."""
+    latents, noise = latents_and_noise()
+    torch.manual_seed(0)
+    plain = objective_named(name)(latents, noise)
+    after_plain = torch.rand(1)
+    torch.manual_seed(0)
+    off = objective_named(name, objectives.ObjectiveOptions(input_perturbation=0.0))(latents, noise)
+    assert torch.rand(1).equal(after_plain)  # γ = 0 draws nothing
+    for field in ("model_input", "timesteps", "target", "weights", "noise_to_signal"):
+        assert getattr(off, field).equal(getattr(plain, field))
+
+    gamma = 0.1
+    torch.manual_seed(0)
+    batch = objective_named(name, objectives.ObjectiveOptions(input_perturbation=gamma))(latents, noise)
+    torch.manual_seed(0)
+    perturbed = noise + gamma * torch.randn_like(noise)
+    if name == "flow_matching":
+        t = (batch.timesteps / 1000).reshape(-1, 1, 1, 1)
+        torch.testing.assert_close(batch.model_input, (1 - t) * latents + t * perturbed)
+        torch.testing.assert_close(batch.target, noise - latents)
+    else:
+        reference = DDPMScheduler(**SD_BETAS, prediction_type=name)
+        torch.testing.assert_close(batch.model_input, reference.add_noise(latents, perturbed, batch.timesteps))
+        clean = noise if name == "epsilon" else reference.get_velocity(latents, noise, batch.timesteps)
+        torch.testing.assert_close(batch.target, clean)
+    assert not batch.model_input.equal(plain.model_input)
+
+
+def test_edm_refuses_input_perturbation_by_name():
+    with pytest.raises(ValueError, match="--input_perturbation .* edm's target"):
+        objectives.EDMObjective(options=objectives.ObjectiveOptions(input_perturbation=0.1))
+
+
+def test_noise_offset_adds_one_draw_per_sample_and_channel():
+    latents = torch.zeros(3, 4, 8, 8)
+    torch.manual_seed(0)
+    noise = objectives.FlowMatchingObjective(options=objectives.ObjectiveOptions(noise_offset=0.05)).noise(latents)
+    torch.manual_seed(0)
+    expected = torch.randn(3, 4, 8, 8) + 0.05 * torch.randn(3, 4, 1, 1)
+    assert noise.equal(expected)
+
+
+def test_the_loss_is_the_weighted_mean_and_the_exponential_huber_schedule_needs_discrete_timesteps():
+    """`Objective.loss` = mean of weight × per-sample loss; the "exponential" c_0^(t/T) of the Huber loss reads the
+    DDPM chain's integer timesteps, and the continuous objectives refuse it."""
+    latents, noise = latents_and_noise()
+    prediction = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+    huber = objectives.ObjectiveOptions(loss_type="huber", huber_schedule="exponential", huber_c=0.1)
+    torch.manual_seed(0)
+    ddpm = objective_named("epsilon", huber)
+    batch = ddpm(latents, noise)
+    c = (0.1 ** (batch.timesteps.double() / 1000)).reshape(-1, 1, 1, 1)
+    difference = (prediction - batch.target).double()
+    per_sample = 2 * c * ((difference**2 + c**2).sqrt() - c)
+    expected = (per_sample.flatten(1).mean(dim=1) * batch.weights.double()).mean()
+    torch.testing.assert_close(ddpm.loss(prediction, batch).double(), expected, rtol=1e-5, atol=0)
+
+    l2 = objective_named("flow_matching")
+    batch = l2(latents, noise)
+    expected = ((prediction - batch.target) ** 2).flatten(1).mean(dim=1).mul(batch.weights).mean()
+    torch.testing.assert_close(l2.loss(prediction, batch), expected)
+    flow = objective_named("flow_matching", huber)
+    with pytest.raises(ValueError, match="exponential needs discrete timesteps"):
+        flow.loss(prediction, flow(latents, noise))

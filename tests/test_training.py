@@ -981,3 +981,15 @@ def test_allow_tf32_random_flip_and_validation_epochs_are_accepted(tmp_path):
                                   "--pretrained_model_name_or_path", str(tmp_path), "--allow_tf32", "--random_flip",
                                   "--validation_epochs", "2", "--center_crop"])  # fmt: skip
     assert args.allow_tf32 and args.random_flip and args.validation_epochs == 2 and args.center_crop
+
+
+def test_input_perturbation_is_refused_for_edm_and_below_zero(tmp_path):
+    from hf_scratch.training import train_unet
+
+    base = ["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+            "--pretrained_model_name_or_path", str(tmp_path)]  # fmt: skip
+    assert train_unet.parse_args([*base, "--input_perturbation", "0.1"]).input_perturbation == 0.1
+    with pytest.raises(ValueError, match="--input_perturbation perturbs the noise .* edm's target"):
+        train_unet.parse_args([*base, "--objective", "edm", "--input_perturbation", "0.1"])
+    with pytest.raises(ValueError, match="--input_perturbation=-0.1 must be"):
+        train_unet.parse_args([*base, "--input_perturbation", "-0.1"])

@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from study_report import StudyDesign, write_report
+
 from hf_scratch.data.emoji import SPLITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,7 @@ SAMPLERS = {"epsilon": "dpm++", "v_prediction": "dpm++", "edm": "edm-dpm++", "fl
 STEP_COUNTS = (20, 10)
 # The verdict's metric: judge top-5 averaged over the three splits, at the end, 20 steps; lower-is-better FD second.
 PRIMARY = "top5"
+DESIGN = StudyDesign({arm: description for arm, (description, _) in ARMS.items()}, BASELINE, STEP_COUNTS[0])
 
 
 def parse_args() -> argparse.Namespace:
@@ -232,9 +235,8 @@ def run(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------------------- report
 def report(args: argparse.Namespace) -> None:
-    from study_report import write_report
-
-    write_report(Path(args.results), Path(args.results).with_suffix(".md"), Path(args.results).with_suffix(".png"))
+    results = Path(args.results)
+    write_report(results, results.with_suffix(".md"), results.with_suffix(".png"), DESIGN)
 
 
 def main() -> None:

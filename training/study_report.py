@@ -6,13 +6,22 @@ with 20 sampler steps: an arm wins only when its mean beats the baseline's by mo
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-
-from study import ARMS, BASELINE, STEP_COUNTS
 
 from hf_scratch.data.emoji import SPLITS
 
 SPLIT_NAMES = {"train": "train", "validation": "val", "heldout_style": "heldout"}
+
+
+@dataclass(frozen=True)
+class StudyDesign:
+    """What the report needs of the study's design (`study.DESIGN`): each arm's description, in table order, the
+    baseline arm, and the sampler steps of the primary metric."""
+
+    arms: dict[str, str]
+    baseline: str
+    sampler_steps: int
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -24,11 +33,11 @@ def _cell(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ({spread:.{digits}f})" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def _by_arm(results: dict) -> dict[str, list[dict]]:
+def _by_arm(results: dict, design: StudyDesign) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {}
     for run in results["runs"].values():
         runs.setdefault(run["arm"], []).append(run)
-    return {arm: sorted(runs[arm], key=lambda run: run["seed"]) for arm in ARMS if arm in runs}
+    return {arm: sorted(runs[arm], key=lambda run: run["seed"]) for arm in design.arms if arm in runs}
 
 
 def _score(run: dict, step: str, split: str, steps: int, metric: str) -> float:
@@ -43,22 +52,24 @@ def _last(run: dict) -> str:
     return str(max(int(step) for step in run["checkpoints"]))
 
 
-def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
+def verdict(by_arm: dict[str, list[dict]], design: StudyDesign) -> tuple[str, list[str]]:
     """The one-sentence verdict and the per-arm comparison lines."""
-    if BASELINE not in by_arm:
+    baseline = design.baseline
+    if baseline not in by_arm:
         return "no verdict: the baseline has not run", []
     primary = {
-        arm: [_split_mean(run, _last(run), STEP_COUNTS[0], "top5") for run in runs] for arm, runs in by_arm.items()
+        arm: [_split_mean(run, _last(run), design.sampler_steps, "top5") for run in runs]
+        for arm, runs in by_arm.items()
     }
-    base_mean, base_spread = _mean_spread(primary[BASELINE])
+    base_mean, base_spread = _mean_spread(primary[baseline])
     lines, winners = [], []
     for arm, values in primary.items():
-        if arm == BASELINE:
+        if arm == baseline:
             continue
         mean, spread = _mean_spread(values)
         margin = max(spread, base_spread)
         difference = mean - base_mean
-        if len(values) < 2 or len(primary[BASELINE]) < 2:
+        if len(values) < 2 or len(primary[baseline]) < 2:
             status = "not judged yet: one of the two arms has a single seed"
         elif difference > margin:
             status = "**beats the baseline**"
@@ -68,7 +79,7 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
             status = "within the spread (tie)"
         beats = status == "**beats the baseline**"
         lines.append(
-            f"- {arm} vs {BASELINE}: {mean:.3f} − {base_mean:.3f} = {difference:+.3f}, "
+            f"- {arm} vs {baseline}: {mean:.3f} − {base_mean:.3f} = {difference:+.3f}, "
             f"seed spread {margin:.3f}: {status}"
         )
         if beats:
@@ -84,10 +95,10 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
                 f"({2 * spread:.3f}): a third seed is due (`python training/study.py run --seeds 2 --arms {a} {b}`)"
             )
     if not winners:
-        return f"tie: no arm beats the baseline {BASELINE} by more than the seed spread", lines
+        return f"tie: no arm beats the baseline {baseline} by more than the seed spread", lines
     winners.sort(reverse=True)
     best_mean, best = winners[0]
-    sentence = f"{best} ({ARMS[best][0]}) wins: it beats the baseline {BASELINE} by more than the seed spread"
+    sentence = f"{best} ({design.arms[best]}) wins: it beats the baseline {baseline} by more than the seed spread"
     close = [
         arm for mean, arm in winners[1:]
         if best_mean - mean <= max(_mean_spread(primary[best])[1], _mean_spread(primary[arm])[1])
@@ -97,21 +108,21 @@ def verdict(by_arm: dict[str, list[dict]]) -> tuple[str, list[str]]:
     return sentence, lines
 
 
-def markdown(results: dict) -> str:
-    by_arm = _by_arm(results)
+def markdown(results: dict, design: StudyDesign) -> str:
+    by_arm = _by_arm(results, design)
     runs = [run for arm_runs in by_arm.values() for run in arm_runs]
     if not runs:
         return "# Objectives study\n\nNo run has finished yet.\n"
     first = runs[0]
     last = _last(first)
-    sentence, comparisons = verdict(by_arm)
+    sentence, comparisons = verdict(by_arm, design)
 
     def end_table(steps: int) -> str:
         header = ["arm", "objective", "seeds"] + [f"top-5 {SPLIT_NAMES[s]}" for s in SPLITS]
         header += ["top-5 mean", "Fréchet mean", "PSNR train"]
         rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for arm, arm_runs in by_arm.items():
-            cells = [arm, ARMS[arm][0], str(len(arm_runs))]
+            cells = [arm, design.arms[arm], str(len(arm_runs))]
             cells += [_cell([_score(r, _last(r), s, steps, "top5") for r in arm_runs]) for s in SPLITS]
             cells.append(_cell([_split_mean(r, _last(r), steps, "top5") for r in arm_runs]))
             cells.append(_cell([_split_mean(r, _last(r), steps, "frechet_clip") for r in arm_runs]))
@@ -134,8 +145,8 @@ def markdown(results: dict) -> str:
     for arm, arm_runs in by_arm.items():
         cells = [arm]
         for step in sorted(first["checkpoints"], key=int):
-            top5 = _cell([_split_mean(r, step, STEP_COUNTS[0], "top5") for r in arm_runs])
-            fd = _cell([_split_mean(r, step, STEP_COUNTS[0], "frechet_clip") for r in arm_runs])
+            top5 = _cell([_split_mean(r, step, design.sampler_steps, "top5") for r in arm_runs])
+            fd = _cell([_split_mean(r, step, design.sampler_steps, "frechet_clip") for r in arm_runs])
             cells.append(f"{top5} / {fd}")
         curve.append("| " + " | ".join(cells) + " |")
 
@@ -198,21 +209,21 @@ part of the study with development and test work as well: these seconds show the
 """
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, design: StudyDesign) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_arm = _by_arm(results)
+    by_arm = _by_arm(results, design)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for arm, arm_runs in by_arm.items():
         steps = sorted(arm_runs[0]["checkpoints"], key=int)
         x = [int(step) for step in steps]
         for axis, metric in zip(axes, ("top5", "frechet_clip")):
-            per_seed = [[_split_mean(run, step, STEP_COUNTS[0], metric) for step in steps] for run in arm_runs]
+            per_seed = [[_split_mean(run, step, design.sampler_steps, metric) for step in steps] for run in arm_runs]
             mean = [sum(values) / len(values) for values in zip(*per_seed)]
-            (line,) = axis.plot(x, mean, marker="o", label=f"{arm}: {ARMS[arm][0]}")
+            (line,) = axis.plot(x, mean, marker="o", label=f"{arm}: {design.arms[arm]}")
             if len(per_seed) > 1:
                 axis.fill_between(x, [min(v) for v in zip(*per_seed)], [max(v) for v in zip(*per_seed)],
                                   color=line.get_color(), alpha=0.15)  # fmt: skip
@@ -228,8 +239,8 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(results_path: Path, markdown_path: Path, plot_path: Path) -> None:
+def write_report(results_path: Path, markdown_path: Path, plot_path: Path, design: StudyDesign) -> None:
     results = json.loads(results_path.read_text())
-    markdown_path.write_text(markdown(results))
+    markdown_path.write_text(markdown(results, design))
     if results["runs"]:
-        plot(results, plot_path)
+        plot(results, plot_path, design)

@@ -28,7 +28,13 @@ from hf_scratch.models.clip import ScratchCLIPConfig, ScratchCLIPModel
 from hf_scratch.tokenization import train_clip_bpe_tokenizer
 from hf_scratch.training.arguments import build_parser, check_args, check_at_least, check_divisible
 from hf_scratch.training.data import EpochBatches, collate, load_image_text_dataset
-from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step
+from hf_scratch.training.trainer import (
+    Trainer,
+    create_accelerator,
+    create_optimizer,
+    step_optimizer,
+    with_run_length,
+)
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -147,7 +153,8 @@ def main(args: argparse.Namespace) -> None:
         clip.gradient_checkpointing_enable()
 
     batches = EpochBatches(len(train), args.train_batch_size, accelerator, args.seed)
-    optimizer, lr_scheduler = create_optimizer(args, clip.parameters(), batches.updates_per_epoch, accelerator)
+    args = with_run_length(args, batches.updates_per_epoch)
+    optimizer, lr_scheduler = create_optimizer(args, clip.parameters(), accelerator)
     model, optimizer, lr_scheduler = accelerator.prepare(clip, optimizer, lr_scheduler)
     trainer = Trainer(accelerator, args, train, batches, model, lr_scheduler, name="train_clip")
     trainer.resume()
@@ -161,7 +168,8 @@ def main(args: argparse.Namespace) -> None:
                 pixel_values=batch["pixel_values"].to(accelerator.device),
                 return_loss=True,
             )
-            optimizer_step(accelerator, output.loss, model, optimizer, lr_scheduler, args.max_grad_norm)
+            accelerator.backward(output.loss)
+            step_optimizer(accelerator, model, optimizer, lr_scheduler, args.max_grad_norm, output.loss)
             if accelerator.sync_gradients:
                 with torch.no_grad():
                     clip.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)

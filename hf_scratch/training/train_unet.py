@@ -13,8 +13,9 @@ the network's input, timestep, target and per-sample weight (`hf_scratch.objecti
 
 Options: min-SNR-γ loss weights (Hang et al. 2023, arXiv:2303.09556) for ε and v, zero-terminal-SNR betas (Lin et al.
 2023, arXiv:2305.08891, which needs v-prediction), immiscible noise assignment (Li et al. 2024, arXiv:2406.12303),
-the scheduled pseudo-Huber loss (Khrapov & Kotov 2024, arXiv:2403.16728), offset noise, and caption dropout, which
-trains the unconditional model that classifier-free guidance needs (Ho & Salimans 2022, arXiv:2207.12598).
+the scheduled pseudo-Huber loss (Khrapov & Kotov 2024, arXiv:2403.16728), input perturbation (Ning et al. 2023,
+arXiv:2301.11706), offset noise, and caption dropout, which trains the unconditional model that classifier-free
+guidance needs (Ho & Salimans 2022, arXiv:2207.12598). `train_step` is one micro-batch, top to bottom.
 
 The VAE and the text encoder come from a pipeline folder (ours or an official diffusers one) or from the folders
 that `train_vae.py` and `train_clip.py` write. The run ends with a complete `ScratchStableDiffusionPipeline` folder in
@@ -32,12 +33,15 @@ with `pytorch_lora_weights.safetensors` in --output_dir, in diffusers' layout: o
 """
 
 import argparse
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import cast_training_params
 from transformers import CLIPTokenizer
@@ -53,7 +57,13 @@ from hf_scratch.training.arguments import build_parser, check_args, check_at_lea
 from hf_scratch.training.cards import write_lora_model_card, write_model_card
 from hf_scratch.training.data import EpochBatches, cache_latents, image_grid, load_image_text_dataset
 from hf_scratch.training.lora import add_lora_adapters, check_lora_args, save_lora_weights
-from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step
+from hf_scratch.training.trainer import (
+    Trainer,
+    create_accelerator,
+    create_optimizer,
+    step_optimizer,
+    with_run_length,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,6 +154,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--noise_offset", type=float, default=0.0, help="add this times a per-channel N(0, 1) offset to the noise"
     )
     diffusion.add_argument(
+        "--input_perturbation",
+        type=float,
+        default=0.0,
+        help="γ of input perturbation (Ning et al. 2023, arXiv:2301.11706; 0 is off, diffusers suggests 0.1): the "
+        "network input is built from ε + γξ, ξ ~ N(0, I), while the target keeps ε; epsilon, v_prediction and "
+        "flow_matching, not edm",
+    )
+    diffusion.add_argument(
         "--caption_dropout_prob",
         type=float,
         default=0.1,
@@ -199,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     f"--{flag} belongs to the DDPM chain of --objective epsilon|v_prediction, "
                     f"not to --objective {args.objective}"
                 )
+    if args.objective == "edm" and args.input_perturbation:
+        raise ValueError(objectives.INPUT_PERTURBATION_NOT_EDM)
     if args.loss_type == "huber" and not 0 < args.huber_c <= 1:
         raise ValueError(f"--huber_c={args.huber_c} must be in (0, 1]")
     if not args.pretrained_model_name_or_path and not (
@@ -219,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_unet_args(args: argparse.Namespace) -> None:
     """The model, objective, validation and snapshot flags, checked before anything is loaded."""
     check_at_least(args, 1, "num_validation_images", "validation_inference_steps", "layers_per_block")
-    check_at_least(args, 0, "noise_offset", "guidance_scale", "huber_c")
+    check_at_least(args, 0, "noise_offset", "input_perturbation", "guidance_scale", "huber_c")
     for flag in ("snr_gamma", "sigma_data", "edm_p_std", "edm_sigma_min", "logit_std", "mode_scale"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -264,15 +284,25 @@ def load_frozen_components(
     return vae, text_encoder, tokenizer
 
 
-def build_objective(args: argparse.Namespace) -> Any:
+def build_objective(args: argparse.Namespace) -> objectives.Objective:
     """The training objective of `--objective` with its flags (see `hf_scratch.objectives`)."""
+    options = objectives.ObjectiveOptions(
+        noise_offset=args.noise_offset,
+        immiscible_noise=args.immiscible_noise,
+        input_perturbation=args.input_perturbation,
+        loss_type=args.loss_type,
+        huber_schedule=args.huber_schedule,
+        huber_c=args.huber_c,
+    )
     if args.objective == "edm":
         return objectives.EDMObjective(
-            args.sigma_data, args.edm_p_mean, args.edm_p_std, args.edm_sigma_min, args.edm_sigma_max
+            args.sigma_data, args.edm_p_mean, args.edm_p_std, args.edm_sigma_min, args.edm_sigma_max, options=options
         )
     if args.objective == "flow_matching":
-        return objectives.FlowMatchingObjective(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
-    return objectives.DDPMObjective(build_scheduler(args), args.snr_gamma)
+        return objectives.FlowMatchingObjective(
+            args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, options=options
+        )
+    return objectives.DDPMObjective(build_scheduler(args), args.snr_gamma, options=options)
 
 
 def build_scheduler(args: argparse.Namespace) -> ScratchDDPMScheduler:
@@ -332,6 +362,76 @@ def vae_scale_factor(vae: ScratchAutoencoderKL) -> int:
     return downsampling_factor(vae.config.block_out_channels)
 
 
+@dataclass
+class UNetStepParts:
+    """What one U-Net training step works on, besides the batch and the flags."""
+
+    unet: torch.nn.Module  # prepared by accelerate
+    vae: ScratchAutoencoderKL  # frozen
+    text_encoder: torch.nn.Module  # frozen, or prepared with trained LoRA adapters (--train_text_encoder_lora)
+    tokenizer: CLIPTokenizer
+    objective: objectives.Objective
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    trained: torch.nn.Module  # the trained parameters, which are clipped and checked: the U-Net (and text encoder)
+    weight_dtype: torch.dtype  # of the frozen weights
+
+
+def latents_of(
+    batch: dict[str, Any], vae: ScratchAutoencoderKL, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """z_0 = E(x) · scaling_factor in float32: a sample of the cached posterior N(μ, σ²) of each image
+    (--cache_latents), or of the VAE's posterior of the batch's pixels."""
+    if "latent_mean" in batch:
+        std = (0.5 * batch["latent_logvar"]).exp()
+        latents = batch["latent_mean"] + std * torch.randn_like(std)
+    else:
+        latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
+    return latents.to(device, torch.float32) * vae.config.scaling_factor
+
+
+def drop_captions(captions: list[str], probability: float) -> list[str]:
+    """Each caption replaced by "" with `probability`: the unconditional model that guidance needs."""
+    dropped = torch.rand(len(captions)) < probability
+    return ["" if drop else caption for drop, caption in zip(dropped.tolist(), captions)]
+
+
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, captions: list[str], device: torch.device
+) -> torch.Tensor:
+    """The text encoder's last hidden states of the captions, padded to the tokenizer's length: (B, L, D)."""
+    input_ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(input_ids.to(device))[0]
+
+
+def train_step(
+    batch: dict[str, Any], parts: UNetStepParts, accelerator: Accelerator, args: argparse.Namespace
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: latents → caption dropout → text embeddings → noise → objective → prediction → loss → backward
+    → optimizer step (taken on the last micro-batch of each accumulation window)."""
+    device = accelerator.device
+    models = (parts.unet, parts.text_encoder) if args.train_text_encoder_lora else (parts.unet,)
+    with accelerator.accumulate(*models):
+        with torch.no_grad():
+            latents = latents_of(batch, parts.vae, device, parts.weight_dtype)
+            captions = drop_captions(batch["caption"], args.caption_dropout_prob)
+            with torch.set_grad_enabled(args.train_text_encoder_lora):
+                encoder_hidden_states = encode_prompts(parts.tokenizer, parts.text_encoder, captions, device)
+            noise = parts.objective.noise(latents)  # ε, with the offset and the immiscible pairing
+            batch_target = parts.objective(latents, noise)  # the network's input, timesteps, target and weights
+
+        model_input = batch_target.model_input
+        if args.channels_last:
+            model_input = model_input.contiguous(memory_format=torch.channels_last)
+        prediction = parts.unet(model_input, batch_target.timesteps, encoder_hidden_states).sample
+        loss = parts.objective.loss(prediction, batch_target)
+        accelerator.backward(loss)
+        step_optimizer(accelerator, parts.trained, parts.optimizer, parts.lr_scheduler, args.max_grad_norm, loss)
+    return {"loss": loss}
+
+
 def main(args: argparse.Namespace) -> None:
     accelerator = create_accelerator(args)
     set_seed(args.seed)
@@ -356,63 +456,21 @@ def main(args: argparse.Namespace) -> None:
     images = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
     dataset = cache_latents(images, vae, accelerator, args.train_batch_size) if args.cache_latents else images
     batches = EpochBatches(len(dataset), args.train_batch_size, accelerator, args.seed)
+    args = with_run_length(args, batches.updates_per_epoch)
     trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
-    optimizer, lr_scheduler = create_optimizer(args, trainable, batches.updates_per_epoch, accelerator)
+    optimizer, lr_scheduler = create_optimizer(args, trainable, accelerator)
     if args.train_text_encoder_lora:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
         # One module holding both, for the trainer's checksums and finiteness checks and for gradient clipping.
         trained = torch.nn.ModuleDict(
             {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
         )
-        accumulated = (unet, text_encoder)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        trained, accumulated = unet, (unet,)
+        trained = unet
     trainer = Trainer(accelerator, args, dataset, batches, trained, lr_scheduler, name="train_unet")
     trainer.resume()
-
-    def encode_prompts(captions: list[str]) -> torch.Tensor:
-        input_ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        return text_encoder(input_ids.to(accelerator.device))[0]
-
-    def train_step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        with accelerator.accumulate(*accumulated):
-            with torch.no_grad():
-                if args.cache_latents:
-                    std = (0.5 * batch["latent_logvar"]).exp()
-                    latents = batch["latent_mean"] + std * torch.randn_like(std)
-                else:
-                    pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
-                    latents = vae.encode(pixels).latent_dist.sample()
-                latents = latents.to(accelerator.device, torch.float32) * vae.config.scaling_factor
-                dropped = torch.rand(len(batch["caption"])) < args.caption_dropout_prob
-                captions = ["" if drop else caption for drop, caption in zip(dropped.tolist(), batch["caption"])]
-                with torch.set_grad_enabled(args.train_text_encoder_lora):
-                    encoder_hidden_states = encode_prompts(captions)
-
-                noise = torch.randn_like(latents)
-                if args.noise_offset:
-                    noise += args.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
-                if args.immiscible_noise:
-                    noise = objectives.immiscible_noise(latents, noise)
-                batch_target = objective(latents, noise)
-
-            model_input = batch_target.model_input
-            if args.channels_last:
-                model_input = model_input.contiguous(memory_format=torch.channels_last)
-            prediction = unet(model_input, batch_target.timesteps, encoder_hidden_states).sample
-            huber_c = None
-            if args.loss_type == "huber":
-                discrete = batch_target.timesteps if isinstance(objective, objectives.DDPMObjective) else None
-                huber_c = objectives.huber_c(
-                    batch_target.noise_to_signal, args.huber_schedule, args.huber_c, timesteps=discrete
-                )
-            loss = objectives.per_sample_loss(prediction, batch_target.target, args.loss_type, huber_c)
-            loss = (loss * batch_target.weights).mean()
-            optimizer_step(accelerator, loss, trained, optimizer, lr_scheduler, args.max_grad_norm)
-        return {"loss": loss}
+    parts = UNetStepParts(unet, vae, text_encoder, tokenizer, objective, optimizer, lr_scheduler, trained, weight_dtype)
 
     def pipeline() -> ScratchStableDiffusionPipeline:
         return ScratchStableDiffusionPipeline(
@@ -462,7 +520,8 @@ def main(args: argparse.Namespace) -> None:
         write_card = write_lora_model_card if lora else write_model_card
         write_card(args, trainer, len(dataset), images.num_skipped, scheduler)
 
-    trainer.run(train_step, save, validate if args.validation_prompts else None, on_update=save_snapshot)
+    step = functools.partial(train_step, parts=parts, accelerator=accelerator, args=args)
+    trainer.run(step, save, validate if args.validation_prompts else None, on_update=save_snapshot)
 
 
 if __name__ == "__main__":

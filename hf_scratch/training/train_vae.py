@@ -35,7 +35,13 @@ from hf_scratch.metrics import psnr, tensor_to_image
 from hf_scratch.models.vae import ScratchAutoencoderKL
 from hf_scratch.training.arguments import build_parser, check_args, check_at_least, check_divisible
 from hf_scratch.training.data import EpochBatches, collate, image_grid, load_image_text_dataset
-from hf_scratch.training.trainer import Trainer, create_accelerator, create_optimizer, optimizer_step
+from hf_scratch.training.trainer import (
+    Trainer,
+    create_accelerator,
+    create_optimizer,
+    step_optimizer,
+    with_run_length,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -206,15 +212,14 @@ def main(args: argparse.Namespace) -> None:
     if args.validation_split != "none":
         validation = load_image_text_dataset(args, args.validation_split, accelerator)
     batches = EpochBatches(len(train), args.train_batch_size, accelerator, args.seed)
+    args = with_run_length(args, batches.updates_per_epoch)
     trainable = [parameter for parameter in autoencoder.parameters() if parameter.requires_grad]
-    optimizer, lr_scheduler = create_optimizer(args, trainable, batches.updates_per_epoch, accelerator)
+    optimizer, lr_scheduler = create_optimizer(args, trainable, accelerator)
     autoencoder, optimizer, lr_scheduler = accelerator.prepare(autoencoder, optimizer, lr_scheduler)
     if args.use_discriminator:
         discriminator = PatchDiscriminator(args.disc_channels, args.disc_layers)
         disc_args = argparse.Namespace(**{**vars(args), "learning_rate": args.disc_learning_rate or args.learning_rate})
-        disc_optimizer, disc_scheduler = create_optimizer(
-            disc_args, discriminator.parameters(), batches.updates_per_epoch, accelerator
-        )
+        disc_optimizer, disc_scheduler = create_optimizer(disc_args, discriminator.parameters(), accelerator)
         discriminator, disc_optimizer, disc_scheduler = accelerator.prepare(
             discriminator, disc_optimizer, disc_scheduler
         )
@@ -239,12 +244,14 @@ def main(args: argparse.Namespace) -> None:
                 critic.requires_grad_(True)
                 loss = loss + args.disc_weight * generator_loss
                 logs["generator_loss"] = generator_loss
-            optimizer_step(accelerator, loss, autoencoder, optimizer, lr_scheduler, args.max_grad_norm)
+            accelerator.backward(loss)
+            step_optimizer(accelerator, autoencoder, optimizer, lr_scheduler, args.max_grad_norm, loss)
             if gan:
                 real, fake = discriminator(pixels), discriminator(reconstruction.detach())
                 disc_loss = 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())  # hinge loss
-                optimizer_step(
-                    accelerator, disc_loss, discriminator, disc_optimizer, disc_scheduler, args.max_grad_norm
+                accelerator.backward(disc_loss)
+                step_optimizer(
+                    accelerator, discriminator, disc_optimizer, disc_scheduler, args.max_grad_norm, disc_loss
                 )
                 logs["discriminator_loss"] = disc_loss
         return {"loss": loss, **logs}

@@ -5,7 +5,7 @@ checkpoints and resume.
 lives here:
 
 1. `create_accelerator` claims the output folder (a lock, and no fresh run on top of an old one) and sets up logging;
-   `create_optimizer` builds AdamW and the LR schedule.
+   `with_run_length` fills in the run's steps and epochs, and `create_optimizer` builds AdamW and the LR schedule.
 2. `Trainer.resume` seeds the run, or restores a checkpoint's full state (RNG included): a resumed run is
    bit-identical to an uninterrupted one, and resuming a finished run trains nothing.
 3. `Trainer.run` trains to --max_train_steps: gradient accumulation, EMA, a tqdm bar with loss and samples/s, one JSON
@@ -141,13 +141,22 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
+def with_run_length(args: argparse.Namespace, updates_per_epoch: int) -> argparse.Namespace:
+    """A copy of `args` with the run's length filled in: --max_train_steps (or --num_train_epochs whole epochs of
+    `updates_per_epoch` optimizer steps), and the epochs that many steps take. The copy is what the run records in
+    its checkpoints' settings; `args` itself is left as parsed."""
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * updates_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    derived = {"max_train_steps": max_train_steps, "num_train_epochs": num_train_epochs}
+    return argparse.Namespace(**{**vars(args), **derived})
+
+
 def create_optimizer(
-    args: argparse.Namespace, parameters: Any, updates_per_epoch: int, accelerator: Accelerator
+    args: argparse.Namespace, parameters: Any, accelerator: Accelerator
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW and the LR schedule; fills in args.max_train_steps / args.num_train_epochs from each other."""
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    """AdamW and the LR schedule over args.max_train_steps (filled in by `with_run_length`)."""
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     hyperparameters = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
@@ -172,19 +181,21 @@ def create_optimizer(
     return optimizer, lr_scheduler
 
 
-def optimizer_step(
+def step_optimizer(
     accelerator: Accelerator,
-    loss: torch.Tensor,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     max_grad_norm: float,
+    loss: torch.Tensor,
 ) -> None:
-    """Backward, and on the last micro-batch of an accumulation window clip, step and reset the gradients.
+    """After `accelerator.backward(loss)`: on the last micro-batch of an accumulation window clip the gradients of
+    `model`, then step the optimizer and the LR schedule and reset the gradients (a prepared optimizer skips the step
+    on the other micro-batches).
 
-    A non-finite gradient norm (a non-finite loss gives one) raises `TrainingDiverged` before the optimizer touches
-    the weights. The check is on the all-reduced gradients, so every process stops at the same step."""
-    accelerator.backward(loss)
+    A non-finite gradient norm (a non-finite loss gives one) raises `TrainingDiverged`, naming `loss`, before the
+    optimizer touches the weights. The check is on the all-reduced gradients, so every process stops at the same
+    step."""
     if accelerator.sync_gradients:
         parameters = [p for p in model.parameters() if p.grad is not None]
         if max_grad_norm > 0:
@@ -234,6 +245,7 @@ class Trainer:
         collate_fn: Callable[[list], dict[str, Any]] = collate,
         name: str = "train",
     ) -> None:
+        assert args.max_train_steps is not None, "pass with_run_length(args, updates_per_epoch) to the Trainer"
         self.accelerator = accelerator
         self.name = name  # the trackers' project name
         self.args = args
@@ -342,10 +354,11 @@ class Trainer:
         """Train to --max_train_steps, then end the run: write the rank report, `save()` the result on the main
         process, and close the trackers.
 
-        `train_step(batch) -> {name: scalar tensor}` does one micro-batch (forward, backward, optimizer step inside
-        `accelerator.accumulate`); the tensors are logged. `validate(step)` runs on the main process, while the others
-        wait, every --validation_steps optimizer steps and after the last one. `on_update(step)` runs on every process
-        after each optimizer step, before that step's validation (snapshots, say).
+        `train_step(batch) -> {name: scalar tensor}` does one micro-batch inside `accelerator.accumulate`: forward,
+        `accelerator.backward(loss)`, then `step_optimizer`; the tensors are logged. `validate(step)` runs on the main
+        process, while the others wait, every --validation_steps optimizer steps and after the last one.
+        `on_update(step)` runs on every process after each optimizer step, before that step's validation (snapshots,
+        say).
         """
 
         def after_update(step: int) -> None:
