@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import ImageDraw, ImageFont
 
 from hf_scratch.data.emoji import SPLITS
+from hf_scratch.data.folder import load_dataset_folder  # noqa: F401  (the CLI and the study load it from here)
 from hf_scratch.metrics import (
     FRECHET_RIDGE,
     KID_SUBSETS,
@@ -622,18 +623,6 @@ def write_outputs(results: dict, grid: PIL.Image.Image, out_dir: str | Path) -> 
     (out / "emoji_bench.md").write_text(to_markdown(results), encoding="utf-8")
     grid.save(out / "grid.png")
     logger.info("wrote %s", ", ".join(str(out / name) for name in ("emoji_bench.json", "emoji_bench.md", "grid.png")))
-
-
-def load_dataset_folder(folder: str | Path, cache_dir: str | None = None) -> Any:
-    """`datasets.load_dataset(folder)` rebuilt from the files every time: for a folder with a dataset card, datasets
-    keys its cache by the card's configuration, not by the files, so a folder rebuilt in place (say, with the Noto
-    style added) would otherwise be read back as its old version. (Verification is off because it compares the new
-    split sizes with the cached, stale ones.)"""
-    import datasets
-
-    return datasets.load_dataset(
-        str(folder), cache_dir=cache_dir, download_mode="force_redownload", verification_mode="no_checks"
-    )
 
 
 def load_pipeline(folder: str | Path, name: str = "folder") -> Any:

@@ -112,6 +112,22 @@ def test_a_folder_whose_card_names_its_splits(tmp_path):
         load(tmp_path)
 
 
+def test_a_folder_with_a_card_rebuilt_elsewhere_under_the_same_name_is_read_afresh(tmp_path):
+    """datasets keys its cache of a folder with a card by the card's configuration, not by the files: two such folders
+    of one name (a user's data rebuilt, a second checkout) were read as the first one's images."""
+    from hf_scratch.data.folder import ImageFolderWriter
+
+    for version, first in ((tmp_path / "a" / "squares", 0), (tmp_path / "b" / "squares", 3)):
+        version.mkdir(parents=True)
+        writer = ImageFolderWriter(version)
+        for index in range(first, first + 4):
+            writer.add("train", f"{index}.png", square(index), {"text": caption(index)})
+        writer.finish(["train"], {"license": "cc0-1.0"}, "squares")
+        dataset = load(version)
+        assert sorted(dataset.captions) == [caption(index) for index in range(first, first + 4)]
+        assert torch.equal(dataset[0]["pixel_values"], image_to_tensor(square(first), RESOLUTION) * 2 - 1)
+
+
 @pytest.mark.parametrize("layout", ["flat", "splits"])
 def test_images_with_txt_captions_beside_them(tmp_path, layout):
     folder = tmp_path / "kohya" / ("train" if layout == "splits" else "")

@@ -83,3 +83,15 @@ class ImageFolderWriter:
         front_matter = yaml.safe_dump({**card_metadata, "configs": configs}, sort_keys=False, allow_unicode=True)
         (self.root / "README.md").write_text(f"---\n{front_matter}---\n\n{card_body.strip()}\n", encoding="utf-8")
         return {split: len(self._rows.get(split, [])) for split in splits}
+
+
+def load_dataset_folder(folder: str | Path, cache_dir: str | None = None) -> Any:
+    """`datasets.load_dataset(folder)` rebuilt from the files every time: for a folder with a dataset card, datasets
+    keys its cache by the card's configuration, not by the files, so a folder rebuilt in place (say, with the Noto
+    style added) would otherwise be read back as its old version. (Verification is off because it compares the new
+    split sizes with the cached, stale ones.)"""
+    import datasets
+
+    return datasets.load_dataset(
+        str(folder), cache_dir=cache_dir, download_mode="force_redownload", verification_mode="no_checks"
+    )

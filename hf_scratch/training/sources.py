@@ -39,6 +39,8 @@ from typing import Any
 
 import datasets
 
+from hf_scratch.data.folder import load_dataset_folder
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
@@ -90,7 +92,7 @@ def _load_folder(root: str, image_column: str, caption_column: str | None, named
             split = parts[0] if len(parts) > 1 else "train"
             _check_rows(rows, path, "file_name", caption_column, image_column, base, split=split)
     if _card_names_configs(root):
-        return _read(lambda: datasets.load_dataset(root), named, "a dataset whose README.md names its configs")
+        return _read(lambda: load_dataset_folder(root), named, "a dataset whose README.md names its configs")
     if metadata:
         return _read(lambda: datasets.load_dataset("imagefolder", data_dir=root), named, "an image folder")
     shards = [path for path in files if path.endswith(".tar")]
