@@ -1,7 +1,9 @@
-"""Text-to-image, image-to-image and inpainting pipelines built on our submodels and any diffusers-style scheduler.
+"""Text-to-image, image-to-image and inpainting pipelines on our submodels and any diffusers-style scheduler, all
+on one base (`base.ScratchPipelineBase`, with the input checks in `checks.py`).
 
-Importing this package registers the three with diffusers' AutoPipelines under the model name "hf-scratch", so
-`AutoPipelineForImage2Image.from_pipe(text_to_image_pipe)` and the like switch between them, sharing the components.
+Importing this package (any of our pipelines imports it) registers them with diffusers' AutoPipelines under the model
+name "hf-scratch", so `AutoPipelineForImage2Image.from_pipe(text_to_image_pipe)` and the like switch between them,
+sharing the components.
 """
 
 from diffusers.pipelines import auto_pipeline

@@ -12,17 +12,13 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.utils.torch_utils import randn_tensor
 
 from hf_scratch.images import batch_of, read_images
+from hf_scratch.pipelines.base import Generator, ScratchPipelineBase, ScratchPipelineOutput
+from hf_scratch.pipelines.checks import StepCallback, check_real
 from hf_scratch.pipelines.loaders import scales_lora
-from hf_scratch.pipelines.text_to_image import (
-    ScratchPipelineOutput,
-    ScratchStableDiffusionPipeline,
-    StepCallback,
-    check_real,
-)
 
 
-class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
-    """Stable Diffusion image-to-image: text-to-image's components and loop, started from a noised input image."""
+class ScratchStableDiffusionImg2ImgPipeline(ScratchPipelineBase):
+    """Stable Diffusion image-to-image: the base's loop (`ScratchPipelineBase`), started from a noised input image."""
 
     def check_image(
         self, pixels: list[torch.Tensor], strength: float, num_steps: int, schedule: str
@@ -73,29 +69,16 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         num_images: int,
         dtype: torch.dtype,
         device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None,
+        generator: Generator,
     ) -> torch.Tensor:
-        """x_t ~ q(x_t | x_0) with x_0 = scaling_factor * (a sample of the VAE posterior of `image`), by `noised`."""
+        """x_t ~ q(x_t | x_0) with x_0 the scaled VAE latents of `image` (`encode_image`), by `noised`."""
         image = image.to(device=device, dtype=dtype)
-        if isinstance(generator, list):
-            # One posterior sample per image, each from its own generator.
+        if isinstance(generator, list):  # one posterior sample per image, each from its own generator
             image = image.repeat_interleave(num_images // image.shape[0], dim=0)
-            init_latents = torch.cat(
-                [self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(num_images)]
-            )
-        else:
-            init_latents = self.vae.encode(image).latent_dist.sample(generator)
-            init_latents = init_latents.repeat_interleave(num_images // init_latents.shape[0], dim=0)
-        init_latents = self.vae.config.scaling_factor * init_latents
+        init_latents = self.encode_image(image, generator)
+        init_latents = init_latents.repeat_interleave(num_images // init_latents.shape[0], dim=0)
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
         return self.noised(init_latents, noise, timestep.repeat(num_images))
-
-    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """x_t ~ q(x_t | x_0 = latents) with the given noise: `add_noise` for DDPM-family schedulers, the flow's
-        x_σ = (1 − σ) x_0 + σ ε (`scale_noise`) for flow-matching ones."""
-        if hasattr(self.scheduler, "add_noise"):
-            return self.scheduler.add_noise(latents, noise, timestep)
-        return self.scheduler.scale_noise(latents, timestep, noise)
 
     @torch.no_grad()
     @scales_lora
@@ -109,7 +92,7 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generator: Generator = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -133,15 +116,14 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
             strength: how far into the noise schedule to start, in (0, 1]; 1 ignores the image's content, and
                 `int(num_inference_steps * strength)` steps are run.
             The other arguments (`guidance_rescale`, `timesteps`, `sigmas`, `cross_attention_kwargs` among them) are
-            those of `ScratchStableDiffusionPipeline.__call__`.
+            those of `ScratchStableDiffusionPipeline.__call__` (text-to-image).
         """
         batch_size = self.check_inputs(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
             num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
-            guidance_scale, eta, callback_on_step_end, return_dict,
+            guidance_scale, eta, callback_on_step_end, return_dict, guidance_rescale,
         )  # fmt: skip
         num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
-        check_real("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
         pixels = read_images(image, "image")
         num_steps = self.check_timesteps(num_inference_steps, timesteps, sigmas)
         height, width = self.check_image(pixels, strength, num_steps, self.schedule_source(timesteps, sigmas))
@@ -166,6 +148,4 @@ class ScratchStableDiffusionImg2ImgPipeline(ScratchStableDiffusionPipeline):
             latents, timesteps, prompt_embeds, guidance_scale, self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale,
         )  # fmt: skip
-        images = self.decode_latents(latents, output_type)
-        self.maybe_free_model_hooks()
-        return ScratchPipelineOutput(images=images) if return_dict else (images,)
+        return self.finish(latents, output_type, return_dict)

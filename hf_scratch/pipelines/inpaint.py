@@ -21,9 +21,10 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.utils.torch_utils import randn_tensor
 
 from hf_scratch.images import batch_of, read_images
+from hf_scratch.pipelines.base import Generator, ScratchPipelineOutput
+from hf_scratch.pipelines.checks import StepCallback, check_tensor
 from hf_scratch.pipelines.image_to_image import ScratchStableDiffusionImg2ImgPipeline
 from hf_scratch.pipelines.loaders import scales_lora
-from hf_scratch.pipelines.text_to_image import ScratchPipelineOutput, StepCallback, check_real, check_tensor
 
 # The inpainting U-Net's input: latents, the mask (one channel) and the masked image's latents.
 MASK_CHANNELS = 1
@@ -49,15 +50,6 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
             "latent channels (an inpainting U-Net such as SD 1.5 inpainting's)."
         )
 
-    # ------------------------------------------------------------------ latents
-
-    def encode_image(self, image: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None):
-        """scaling_factor · z with z a sample of q(z | image), one generator per image when given a list."""
-        if isinstance(generator, list):
-            latents = [self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(len(image))]
-            return self.vae.config.scaling_factor * torch.cat(latents)
-        return self.vae.config.scaling_factor * self.vae.encode(image).latent_dist.sample(generator)
-
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
@@ -76,7 +68,7 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generator: Generator = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -109,10 +101,9 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
         batch_size = self.check_inputs(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
             num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
-            guidance_scale, eta, callback_on_step_end, return_dict,
+            guidance_scale, eta, callback_on_step_end, return_dict, guidance_rescale,
         )  # fmt: skip
         self.check_size(height, width)
-        check_real("guidance_rescale", guidance_rescale, minimum=0.0, maximum=1.0)
         height, width = int(height), int(width)
         num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
         pixels = read_images(image, "image")
@@ -123,12 +114,8 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
         self.check_image(pixels, strength, num_steps, self.schedule_source(timesteps, sigmas))
         num_images = batch_size * num_images_per_prompt
         self.check_memory(num_images, height, width)
-        f = self.vae_scale_factor
-        latent_shape = (num_images, self.vae.config.latent_channels, height // f, width // f)
-        if latents is not None:
-            check_tensor("latents", latents, ndim=4)
-            if tuple(latents.shape) != latent_shape:
-                raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {latent_shape}.")
+        latent_shape = self.latent_shape(num_images, height, width, self.vae.config.latent_channels)
+        self.check_latents(latents, latent_shape, f"{num_images} images at {height}x{width}")
         if masked_image_latents is not None:
             check_tensor("masked_image_latents", masked_image_latents, ndim=4)
         masked_channels = (
@@ -155,16 +142,14 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
         if not inpainting_unet or (latents is None and strength < 1):
             image_latents = self.encode_image(init_image.to(device, dtype), generator)
             image_latents = image_latents.repeat(num_images // image_latents.shape[0], 1, 1, 1)
-        if latents is None:
-            noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
-            latents = (
-                noise * self.scheduler.init_noise_sigma
-                if strength == 1
-                else self.noised(image_latents, noise, timesteps[:1].repeat(num_images))
-            )
+        noise = (
+            randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype) if latents is None else latents
+        )
+        noise = noise.to(device=device, dtype=dtype)
+        if latents is None and strength < 1:
+            latents = self.noised(image_latents, noise, timesteps[:1].repeat(num_images))
         else:
-            noise = latents.to(device)
-            latents = noise * self.scheduler.init_noise_sigma
+            latents = noise * self.init_noise_sigma
 
         mask = (batch_of(masks, height, width) >= 0.5).to(torch.float32)  # binarised, 1 = repaint
         masked_image = init_image * (mask < 0.5) if masked_image_latents is None else masked_image_latents
@@ -200,6 +185,4 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
             latents, timesteps, prompt_embeds, guidance_scale, self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale, conditioning, blend,
         )  # fmt: skip
-        images = self.decode_latents(latents, output_type)
-        self.maybe_free_model_hooks()
-        return ScratchPipelineOutput(images=images) if return_dict else (images,)
+        return self.finish(latents, output_type, return_dict)

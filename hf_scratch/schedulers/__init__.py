@@ -6,6 +6,7 @@ belongs to a family that fixes what the model was trained on: the discrete DDPM 
 """
 
 import importlib
+import inspect
 from typing import Any
 
 SCHEDULERS: dict[str, tuple[str, str, dict]] = {
@@ -31,34 +32,47 @@ SCHEDULERS: dict[str, tuple[str, str, dict]] = {
 FAMILIES = ("ddpm", "edm", "flow")
 
 
-def scheduler_family(config: Any) -> str:
-    """ "edm", "flow" or "ddpm": what a model sampled by a scheduler of this config was trained on."""
-    if "sigma_data" in config:
+def scheduler_family(scheduler: Any) -> str:
+    """ "edm", "flow" or "ddpm": what a model sampled by this scheduler was trained on. The one place that decides it.
+
+    `scheduler` is a scheduler, a scheduler class or a scheduler's config (a dict, e.g. read from
+    `scheduler_config.json`). EDM schedulers carry EDM's σ_data; flow-matching ones a time `shift` and no β schedule;
+    every other diffusers-style scheduler samples the discrete DDPM chain (ε, v or x_0 prediction)."""
+    if isinstance(scheduler, type):
+        keys = set(inspect.signature(scheduler.__init__).parameters)
+    else:
+        keys = set(getattr(scheduler, "config", scheduler))
+    if "sigma_data" in keys:
         return "edm"
-    if "shift" in config and "beta_start" not in config:
+    if "shift" in keys and "beta_start" not in keys:
         return "flow"
     return "ddpm"
 
 
+def scheduler_class(name: str) -> type:
+    """The class of the scheduler `SCHEDULERS[name]`."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}.")
+    module, class_name, _ = SCHEDULERS[name]
+    return getattr(importlib.import_module(module), class_name)
+
+
 def family_of(name: str) -> str:
-    """The family of the scheduler `SCHEDULERS[name]` builds."""
-    return "edm" if name.startswith("edm-") else "flow" if "flow" in name else "ddpm"
+    """The family of the scheduler `SCHEDULERS[name]` builds (`scheduler_family` of its class)."""
+    return scheduler_family(scheduler_class(name))
 
 
 def make_scheduler(name: str, config: Any) -> Any:
     """The scheduler called `name`, built from another scheduler's config (values left at defaults kept)."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}.")
     if family_of(name) != scheduler_family(config):
         same = [other for other in SCHEDULERS if family_of(other) == scheduler_family(config)]
         raise ValueError(
             f"Scheduler {name!r} samples {family_of(name)} models, but this model was trained as a "
             f"{scheduler_family(config)} model; choose one of: {', '.join(same)}."
         )
-    module, class_name, overrides = SCHEDULERS[name]
-    scheduler_class = getattr(importlib.import_module(module), class_name)
+    overrides = SCHEDULERS[name][2]
     # An in-memory config drops the values left at the source class's defaults, so pass them all explicitly.
-    return scheduler_class.from_config({**dict(config), **overrides})
+    return scheduler_class(name).from_config({**dict(config), **overrides})
 
 
 def scheduler_name(scheduler: Any) -> str | None:

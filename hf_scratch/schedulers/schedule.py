@@ -28,6 +28,8 @@ import torch
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 
+from hf_scratch.schedulers import scheduler_family
+
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 TimestepSpacing = Literal["linspace", "leading", "trailing"]
@@ -250,13 +252,14 @@ def original_sample_of_step(
 ) -> torch.Tensor:
     """x̂_0 of the step `scheduler.step(model_output, timestep, sample)` that returned `step_output`: the scheduler's
     own `pred_original_sample` where it reports one (ours all do), else derived. For the ᾱ_t family by the prediction
-    type (`predict_original_sample_and_noise`); for σ-parameterised schedulers without ᾱ_t, at the σ of the step just
-    taken, EDM's D = c_skip x + c_out F (`precondition_outputs`) or the flow's x̂_0 = x_σ − σ v̂."""
+    type (`predict_original_sample_and_noise`); for the σ-parameterised families (`scheduler_family`), at the σ of the
+    step just taken, EDM's D = c_skip x + c_out F (`precondition_outputs`) or the flow's x̂_0 = x_σ − σ v̂."""
     if getattr(step_output, "pred_original_sample", None) is not None:
         return step_output.pred_original_sample
-    if not hasattr(scheduler, "alphas_cumprod"):
+    family = scheduler_family(scheduler)
+    if family != "ddpm":
         sigma = scheduler.sigmas[scheduler.step_index - 1].to(sample)  # step() has moved on by one
-        if hasattr(scheduler, "precondition_outputs"):
+        if family == "edm":
             return scheduler.precondition_outputs(sample, model_output, sigma)
         return flow_original_sample(sample, model_output, sigma)
     alpha_prod_t = scheduler.alphas_cumprod[int(timestep)].to(sample)

@@ -19,6 +19,7 @@ from peft.utils import get_peft_model_state_dict
 from hf_scratch.models.layers import process_umask
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+from hf_scratch.schedulers import scheduler_family
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' `load_lora_weights` looks for
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -31,11 +32,10 @@ def base_objective(pipeline_folder: str) -> str | None:
     if not config_file.is_file():
         return None
     config = json.loads(config_file.read_text())
-    if "FlowMatch" in config.get("_class_name", ""):
-        return "flow_matching"
-    if config.get("_class_name", "").startswith("EDM"):
-        return "edm"
-    return config.get("prediction_type", "epsilon")
+    family = scheduler_family(config)
+    if family == "ddpm":
+        return config.get("prediction_type", "epsilon")
+    return {"flow": "flow_matching", "edm": "edm"}[family]
 
 
 def check_lora_args(args: argparse.Namespace) -> None:
