@@ -79,6 +79,24 @@ def test_diffusers_auto_pipelines_switch_between_ours(auto, expected, text_to_im
     assert all(getattr(pipe, name) is getattr(text_to_image, name) for name in MODELS)
 
 
+@pytest.mark.parametrize(
+    "auto, expected",
+    [(AutoPipelineForText2Image, ScratchStableDiffusionPipeline),
+     (AutoPipelineForImage2Image, ScratchStableDiffusionImg2ImgPipeline),
+     (AutoPipelineForInpainting, ScratchStableDiffusionInpaintPipeline)],
+)  # fmt: skip
+@pytest.mark.parametrize("trust_remote_code", [True, False])
+def test_diffusers_auto_pipelines_load_our_saved_folder(auto, expected, trust_remote_code, text_to_image, tmp_path):
+    """model_index.json names the class `["pipeline", "ScratchStableDiffusionPipeline"]` (for `DiffusionPipeline`'s
+    remote code); the AutoPipelines read it once hf_scratch's pipelines are imported."""
+    text_to_image.save_pretrained(tmp_path)
+    pipe = quiet(auto.from_pretrained(tmp_path, trust_remote_code=trust_remote_code))
+    assert type(pipe) is expected
+    if expected is ScratchStableDiffusionPipeline:
+        call = dict(prompt="a cat", num_inference_steps=2, output_type="np")
+        assert np.array_equal(pipe(**call, generator=seeded()).images, text_to_image(**call, generator=seeded()).images)
+
+
 def test_from_pipe_images_equal_those_of_a_fresh_pipeline(text_to_image):
     img2img = quiet(ScratchStableDiffusionImg2ImgPipeline.from_pipe(text_to_image))
     fresh = quiet(ScratchStableDiffusionImg2ImgPipeline(**tiny_components("scratch"), scheduler=ScratchDDIMScheduler()))

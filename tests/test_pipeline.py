@@ -665,6 +665,23 @@ def test_saved_weights_respect_the_umask(pipe, tmp_path):
     assert len(modes) == 3 and set(modes.values()) == {0o640}
 
 
+def test_variant_round_trips_at_the_pipeline_level(scratch_components, tmp_path):
+    """`save_pretrained(folder, variant="fp16")` writes every model's weights under the variant's name (diffusers
+    passes `variant` only to a `save_pretrained` whose signature names it), and `from_pretrained(folder,
+    variant="fp16")` reads them back."""
+    half = ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=make_scheduler(ScratchDDIMScheduler))
+    half.to(torch.float16).save_pretrained(tmp_path, variant="fp16")
+    weights = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.safetensors"))
+    assert weights == ["text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                       "vae/diffusion_pytorch_model.fp16.safetensors"]  # fmt: skip
+    loaded = ScratchStableDiffusionPipeline.from_pretrained(tmp_path, variant="fp16", dtype=torch.float16)
+    for name in ("unet", "vae", "text_encoder"):
+        expected, actual = getattr(half, name).state_dict(), getattr(loaded, name).state_dict()
+        assert expected.keys() == actual.keys(), name
+        assert all(torch.equal(expected[key], actual[key]) for key in expected), name
+        assert getattr(loaded, name).dtype == torch.float16
+
+
 @pytest.mark.parametrize(
     "scheduler, steps",
     [(ScratchDPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading"), 20),

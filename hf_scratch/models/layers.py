@@ -92,10 +92,15 @@ def process_umask() -> int:
 class RespectUmaskOnSaveMixin:
     """`save_pretrained` whose files get the permissions the umask allows. safetensors' `save_file`, which both
     diffusers and transformers call, creates its files with mode 0600 whatever the umask, so another user (or a web
-    server serving the folder) could not read a model saved with umask 022."""
+    server serving the folder) could not read a model saved with umask 022.
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        result = super().save_pretrained(save_directory, *args, **kwargs)
+    `variant` is named in the signature because diffusers' pipeline `save_pretrained` passes it only to a component
+    whose `save_pretrained` has a parameter of that name (`pipe.save_pretrained(folder, variant="fp16")`)."""
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: Any, variant: str | None = None, **kwargs: Any
+    ) -> Any:
+        result = super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
         mode = 0o666 & ~process_umask()
         for path in Path(save_directory).rglob("*.safetensors"):
             os.chmod(path, mode)
