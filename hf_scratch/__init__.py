@@ -27,6 +27,7 @@ _PUBLIC_NAMES = {
     "ScratchStableDiffusionPipeline": "hf_scratch.pipelines.text_to_image",
     "ScratchStableDiffusionImg2ImgPipeline": "hf_scratch.pipelines.image_to_image",
     "ScratchStableDiffusionInpaintPipeline": "hf_scratch.pipelines.inpaint",
+    "ScratchStableDiffusionControlNetPipeline": "hf_scratch.pipelines.controlnet",
     "default_model_path": "hf_scratch.pretrained",
 }
 

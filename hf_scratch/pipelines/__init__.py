@@ -1,5 +1,5 @@
-"""Text-to-image, image-to-image and inpainting pipelines on our submodels and any diffusers-style scheduler, all
-on one base (`base.ScratchPipelineBase`, with the input checks in `checks.py`).
+"""Text-to-image, image-to-image, inpainting and ControlNet pipelines on our submodels and any diffusers-style
+scheduler, all on one base (`base.ScratchPipelineBase`, with the input checks in `checks.py`).
 
 Importing this package (any of our pipelines imports it) registers them with diffusers' AutoPipelines under the model
 name "hf-scratch", so `AutoPipelineForImage2Image.from_pipe(text_to_image_pipe)` and the like switch between them,
@@ -13,6 +13,7 @@ AutoPipelines look a class up by a plain name only; `_model_name_of` lets them r
 from diffusers.pipelines import auto_pipeline
 
 from hf_scratch.pipelines.base import REMOTE_CODE_MODULE
+from hf_scratch.pipelines.controlnet import ScratchStableDiffusionControlNetPipeline
 from hf_scratch.pipelines.image_to_image import ScratchStableDiffusionImg2ImgPipeline
 from hf_scratch.pipelines.inpaint import ScratchStableDiffusionInpaintPipeline
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
@@ -21,6 +22,11 @@ AUTO_PIPELINE_NAME = "hf-scratch"
 auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING[AUTO_PIPELINE_NAME] = ScratchStableDiffusionPipeline
 auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING[AUTO_PIPELINE_NAME] = ScratchStableDiffusionImg2ImgPipeline
 auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING[AUTO_PIPELINE_NAME] = ScratchStableDiffusionInpaintPipeline
+# `AutoPipelineForText2Image.from_pipe(pipe, controlnet=...)` looks up "<name of pipe's class>" with "Pipeline" spelled
+# "ControlNetPipeline", as diffusers' own "stable-diffusion-controlnet".
+auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING[f"{AUTO_PIPELINE_NAME}-controlnet"] = (
+    ScratchStableDiffusionControlNetPipeline
+)
 
 _diffusers_model_name_of = getattr(auto_pipeline._get_model, "__wrapped__", auto_pipeline._get_model)
 
