@@ -231,4 +231,5 @@ def test_two_processes_train_every_stage_with_the_recipe_batches_shared(tmp_path
     for folder in ("vae", "vae-decoder", "text", "model"):
         reports = [json.loads(path.read_text()) for path in sorted((output_dir / folder / "ranks").glob("rank-*.json"))]
         assert [report["world_size"] for report in reports] == [2, 2], folder
+        assert [report["distributed_type"] for report in reports] == ["MULTI_CPU"] * 2, folder
         assert reports[0]["final_checksum"] == reports[1]["final_checksum"] != reports[0]["initial_checksum"], folder

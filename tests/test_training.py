@@ -667,7 +667,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(tmp
     "flag, value, message",
     [("--max_train_steps", "0", "--max_train_steps=0 must be at least 1"),
      ("--learning_rate", "0", "--learning_rate=0.0 must be a positive number"),
-     ("--learning_rate", "nan", "--learning_rate=nan must be a positive number"),
+     ("--learning_rate", "nan", "--learning_rate=nan must be a finite number"),
      ("--lr_warmup_steps", "50", "--lr_warmup_steps=50 must be between 0 and --max_train_steps=8"),
      ("--ema_decay", "1.5", "--ema_decay=1.5 must lie strictly between 0 and 1"),
      ("--train_batch_size", "0", "--train_batch_size=0 must be at least 1")],

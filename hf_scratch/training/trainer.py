@@ -18,7 +18,6 @@ lives here:
 
 import argparse
 import atexit
-import hashlib
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from hf_scratch.training.checkpoints import (
     list_checkpoints,
     load_ema,
     mark_finished,
+    parameter_checksum,
     random_states_restorable,
     read_checkpoint_state,
     remove_partial_checkpoints,
@@ -72,6 +72,8 @@ RESUME_FREE_FLAGS = frozenset({
 })  # fmt: skip
 # Flags a resumed run applies from the resume on (the advice after a divergence is to lower the learning rate).
 RESUME_APPLIED_FLAGS = ("learning_rate", "max_grad_norm")
+# The values (as `tracker_config` records them) of a flag that is off: what a run older than the flag had.
+NEW_FLAG_OFF_VALUES = (None, "None", False, 0, 0.0, "none", "[]")
 # A checkpoint whose loss exceeds this multiple of the run's first loss was saved while the run was diverging.
 DIVERGED_LOSS_RATIO = 10.0
 
@@ -80,8 +82,10 @@ def check_same_settings(saved: dict[str, Any] | None, current: dict[str, Any], c
     """Refuse to resume with a flag that changes the run's result, naming it (RESUME_APPLIED_FLAGS are applied)."""
     if saved is None:  # a checkpoint written before settings were recorded
         return
+    # A flag newer than the checkpoint is absent from it; the run had it at its default, off, which matches.
+    newer_and_off = {key for key in set(current) - set(saved) if current[key] in NEW_FLAG_OFF_VALUES}
     changed = [
-        key for key in sorted(set(saved) | set(current))
+        key for key in sorted(set(saved) | set(current) - newer_and_off)
         if key not in RESUME_APPLIED_FLAGS and saved.get(key) != current.get(key)
     ]  # fmt: skip
     constant_lr = current.get("lr_scheduler") in ("constant", "constant_with_warmup")
@@ -210,15 +214,6 @@ def step_optimizer(
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def parameter_checksum(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in state-dict order: equal only for bit-identical weights."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -377,6 +372,10 @@ class Trainer:
         if self.global_step >= self.args.max_train_steps:
             logger.info(f"training had finished at step {self.global_step}; saving the result that was not saved")
         self.accelerator.init_trackers(self.name, config=tracker_config(self.args))
+        logger.info(
+            f"training on {self.accelerator.num_processes} process(es), accelerate's distributed type "
+            f"{self.accelerator.distributed_type.value}, device {self.accelerator.device}"
+        )
         self._update_loop(train_step, after_update)
         if validate is not None and self.global_step % self.validation_steps:
             self.on_main_process(validate, self.global_step)
@@ -487,7 +486,8 @@ class Trainer:
             self.ema.restore(parameters)
 
     def write_rank_report(self, **extra: Any) -> None:
-        """`<output_dir>/ranks/rank-<i>.json`: world size and checksums of the weights before and after training.
+        """`<output_dir>/ranks/rank-<i>.json`: world size, accelerate's distributed type, and checksums of the weights
+        before and after training.
 
         Equal final checksums on every rank show that the gradients were all-reduced; a final checksum that differs
         from the initial one shows that the weights moved.
@@ -495,6 +495,8 @@ class Trainer:
         report = {
             "rank": self.accelerator.process_index,
             "world_size": self.accelerator.num_processes,
+            # MULTI_CPU / MULTI_GPU / FSDP / DEEPSPEED / NO: shows a launch that quietly fell back to another engine
+            "distributed_type": self.accelerator.distributed_type.value,
             "global_step": self.global_step,
             "initial_checksum": self.initial_checksum,
             "final_checksum": parameter_checksum(self.accelerator.unwrap_model(self.model)),
