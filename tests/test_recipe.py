@@ -133,7 +133,7 @@ SHIPPED_FLAGS = {
 PARSERS = {"vae": train_vae.parse_args, "decoder": train_vae.parse_args, "text": train_clip.parse_args,
            "unet": train_unet.parse_args}  # fmt: skip
 # What a resumed or repeated run may differ in without changing its result (trainer.RESUME_FREE_FLAGS's kind).
-WHERE_AND_HOW_OFTEN = {"dataset_name", "train_data_dir", "output_dir", "report_to", "checkpointing_steps",
+WHERE_AND_HOW_OFTEN = {"dataset_name", "train_data_dir", "output_dir", "report_to", "checkpointing_steps", "latent_cache_dir",
                        "validation_steps", "resume_from_checkpoint"}  # fmt: skip
 
 

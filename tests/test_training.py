@@ -527,6 +527,16 @@ def test_two_processes_keep_weights_in_sync(tmp_path, data_dir, components):
     assert ranks[0]["final_checksum"] == ranks[1]["final_checksum"] != ranks[0]["initial_checksum"]
     assert (output_dir / "model_index.json").is_file()
     assert sorted(losses(output_dir)) == [1, 2, 3]
+    assert all(r["distributed_type"] == "MULTI_CPU" for r in ranks)
+
+    # A longer run resumed on both ranks reads the latents each rank wrote to disk and encodes none.
+    (shards,) = [sorted(key.glob("rank-*.safetensors")) for key in (output_dir / "latent-cache").iterdir()]
+    assert [shard.name for shard in shards] == ["rank-0-of-2.safetensors", "rank-1-of-2.safetensors"]
+    longer = [*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]
+    process = launch("train_unet.py", longer, launcher, env={"ACCELERATE_USE_CPU": "1"})
+    output, _ = process.communicate(timeout=400)
+    assert sorted(losses(output_dir)) == [1, 2, 3, 4], output[-4000:]
+    assert output.count("reading the latents of 47 images") == 2 and "caching latents" not in output
 
 
 # -------------------------------------------------------------------------------------------------------- user errors

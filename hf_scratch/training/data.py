@@ -329,7 +329,7 @@ def cache_latents(
     orientations = (False, True) if dataset.random_flip else (False,)
     folder = Path(cache_dir, latent_cache_key(dataset, vae)) if cache_dir is not None else None
     if folder is not None and (folder / LATENT_INDEX).is_file():
-        logger.info(f"reading the latents of {len(dataset)} images from {folder}")
+        logger.info(f"reading the latents of {len(dataset)} images from {folder}", main_process_only=False)
         return _read_latent_cache(folder, dataset, orientations)
     means, logvars = {flip: [] for flip in orientations}, {flip: [] for flip in orientations}
     with accelerator.split_between_processes(list(range(len(dataset)))) as indices:

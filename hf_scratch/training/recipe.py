@@ -137,7 +137,8 @@ def stage_flags(plan: Plan, output_dir: Path, data_dir: Path) -> dict[str, list[
         "unet": lambda: [
             *common, "--output_dir", folder["unet"], "--vae_path", vae,
             "--text_encoder_path", str(Path(text, "text_encoder")), "--tokenizer_path", str(Path(text, "tokenizer")),
-            "--cache_latents", "--block_out_channels", "64", "128", "128", "--layers_per_block", "1",
+            "--cache_latents", "--latent_cache_dir", str(output_dir / "latent-cache"),
+            "--block_out_channels", "64", "128", "128", "--layers_per_block", "1",
             "--cross_attention_levels", "0", "1", "2", "--objective", "flow_matching",
             "--weighting_scheme", "logit_normal", "--logit_mean", "0", "--logit_std", "1", "--immiscible_noise",
             "--caption_dropout_prob", "0.1", "--use_ema", "--ema_decay", "0.999",

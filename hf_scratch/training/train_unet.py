@@ -170,7 +170,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     diffusion.add_argument(
         "--cache_latents",
         action="store_true",
-        help="encode the dataset once and sample latents from the cached posteriors",
+        help="encode the dataset once and sample latents from the cached posteriors, kept on disk (see "
+        "--latent_cache_dir) so that resumes, other ranks and later runs on the same data and VAE reuse them",
+    )
+    diffusion.add_argument(
+        "--latent_cache_dir",
+        default=None,
+        help="where --cache_latents keeps its shards, one folder per (data, VAE) pair; default: "
+        "<output_dir>/latent-cache",
     )
 
     lora = parser.add_argument_group("LoRA (Hu et al. 2021): adapt the pipeline folder's U-Net instead of training one")
@@ -454,7 +461,11 @@ def main(args: argparse.Namespace) -> None:
         unet.to(memory_format=torch.channels_last)  # before the optimizer, so its moments take the same layout
 
     images = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
-    dataset = cache_latents(images, vae, accelerator, args.train_batch_size) if args.cache_latents else images
+    if args.cache_latents:
+        cache_dir = args.latent_cache_dir or Path(args.output_dir, "latent-cache")
+        dataset = cache_latents(images, vae, accelerator, args.train_batch_size, cache_dir)
+    else:
+        dataset = images
     batches = EpochBatches(len(dataset), args.train_batch_size, accelerator, args.seed)
     args = with_run_length(args, batches.updates_per_epoch)
     trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]

@@ -68,7 +68,7 @@ RESUME_FREE_FLAGS = frozenset({
     "checkpoints_total_limit", "dataloader_num_workers", "validation_steps", "validation_prompts",
     "num_validation_images", "validation_inference_steps", "guidance_scale", "snapshot_steps", "train_data_dir",
     "dataset_name", "pretrained_model_name_or_path", "vae_path", "text_encoder_path", "tokenizer_path",
-    "pretrained_vae", "validation_epochs",
+    "pretrained_vae", "validation_epochs", "latent_cache_dir",
 })  # fmt: skip
 # Flags a resumed run applies from the resume on (the advice after a divergence is to lower the learning rate).
 RESUME_APPLIED_FLAGS = ("learning_rate", "max_grad_norm")
