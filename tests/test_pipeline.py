@@ -290,7 +290,7 @@ def test_image_to_image_strength_sets_the_number_of_steps(img2img_pipe):
 
 
 def test_model_cpu_offload_sequence(pipe):
-    assert pipe.model_cpu_offload_seq == "text_encoder->unet->vae"
+    assert pipe.model_cpu_offload_seq == "text_encoder->image_encoder->unet->vae"  # diffusers' own sequence
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="accelerator"):
             pipe.enable_model_cpu_offload()

@@ -28,6 +28,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
 # diffusers resolves a saved component's class (e.g. `["hf_scratch.models.unet", ...]` in model_index.json) only from
 # modules already imported, so the pipeline brings our component modules with it.
@@ -90,7 +91,8 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
     processors of the U-Net (`pipe.unet.set_attn_processor`, `pipe.enable_attention_slicing()`).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["image_encoder", "feature_extractor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "noise_pred", "pred_original_sample"]
 
     def __init__(
@@ -100,9 +102,13 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
         tokenizer: PreTrainedTokenizerBase,
         unet: ScratchUNet2DConditionModel | UNet2DConditionModel,
         scheduler: SchedulerMixin,
+        image_encoder: PreTrainedModel | None = None,
+        feature_extractor: BaseImageProcessor | None = None,
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        # IP-Adapter's CLIP image encoder and its preprocessing (`load_ip_adapter` sets them), optional.
+        self.register_modules(image_encoder=image_encoder, feature_extractor=feature_extractor)
         self.vae_scale_factor = downsampling_factor(self.vae.config.block_out_channels)
         # Pixel sizes must be a multiple of 8 (as in diffusers) and of the VAE's downsampling factor.
         self.size_multiple = math.lcm(8, self.vae_scale_factor)
@@ -118,8 +124,12 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
         the same model and tokenizer objects (no copies), but a new scheduler of the same class and config.
         Schedulers carry per-run state, and diffusers' `StableDiffusionPipeline.__init__` rewrites its scheduler's
         config (`steps_offset` to 1, `clip_sample` off), which on a shared scheduler would change this pipeline's
-        later images."""
+        later images. The optional IP-Adapter components are left out while they are None, so that diffusers'
+        pipelines, which take `feature_extractor` beside `safety_checker`, accept the dict as it is."""
         components = dict(super().components)
+        for name in self._optional_components:
+            if components.get(name) is None:
+                components.pop(name, None)
         scheduler = components.get("scheduler")
         if scheduler is not None:
             components["scheduler"] = type(scheduler).from_config(scheduler.config)
@@ -384,13 +394,15 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
         conditioning: torch.Tensor | None = None,
         step_end: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         unet_extras: UNetExtras | None = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Run x_t -> ε̂ -> x_{t-1} over `timesteps`. With guidance, `prompt_embeds` is `[uncond; cond]`, and
         `guidance_rescale` > 0 rescales the guided prediction (`rescale_noise_cfg`). `conditioning` is stacked after
         the latents on the U-Net's channel axis (an inpainting U-Net's mask and masked image), and
         `step_end(step_index, latents)` returns the latents to go on with after each step (inpainting's blending).
         `unet_extras(step_index, timestep, model_input, prompt_embeds)` gives further U-Net arguments for a step (a
-        ControlNet's residuals), from the scaled input before `conditioning` is stacked on."""
+        ControlNet's residuals), from the scaled input before `conditioning` is stacked on; `added_cond_kwargs` goes
+        to every U-Net call (IP-Adapter's image embeddings, `ip_adapter_embeddings`)."""
         do_classifier_free_guidance = guidance_scale > 1
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step_index, timestep in enumerate(timesteps):
@@ -398,6 +410,8 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
                 model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
                 model_input = self.scale_model_input(model_input, timestep)
                 extras = {} if unet_extras is None else unet_extras(step_index, timestep, model_input, prompt_embeds)
+                if added_cond_kwargs is not None:
+                    extras["added_cond_kwargs"] = added_cond_kwargs
                 if conditioning is not None:
                     model_input = torch.cat([model_input, conditioning], dim=1)
                 noise_pred = self.unet(

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, ControlNetModel, SchedulerMixin, UNet2DCond
 from diffusers.image_processor import PipelineImageInput
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
 
 from hf_scratch.images import batch_of, read_images
 from hf_scratch.models.controlnet import ScratchControlNetModel
@@ -44,8 +45,6 @@ class ScratchStableDiffusionControlNetPipeline(ScratchPipelineBase):
     """Stable Diffusion text-to-image with one ControlNet or several (a list, or diffusers' `MultiControlNetModel`):
     ours (`ScratchControlNetModel`) or diffusers' `ControlNetModel`, on our U-Net or diffusers'."""
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-
     def __init__(
         self,
         vae: ScratchAutoencoderKL | AutoencoderKL,
@@ -58,8 +57,10 @@ class ScratchStableDiffusionControlNetPipeline(ScratchPipelineBase):
         | tuple[ControlNet, ...]
         | MultiControlNetModel,
         scheduler: SchedulerMixin,
+        image_encoder: PreTrainedModel | None = None,
+        feature_extractor: BaseImageProcessor | None = None,
     ):
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, image_encoder, feature_extractor)
         if isinstance(controlnet, (list, tuple)):
             controlnet = MultiControlNetModel(list(controlnet))
         self.register_modules(controlnet=controlnet)
@@ -136,6 +137,8 @@ class ScratchStableDiffusionControlNetPipeline(ScratchPipelineBase):
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        ip_adapter_image: PipelineImageInput | list | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         controlnet_conditioning_scale: float | list[float] = 1.0,
         guess_mode: bool = False,
         control_guidance_start: float | list[float] = 0.0,
@@ -153,7 +156,8 @@ class ScratchStableDiffusionControlNetPipeline(ScratchPipelineBase):
                 for ControlNets with `global_pool_conditions`.
             control_guidance_start, control_guidance_end: the fraction of the steps in which each ControlNet acts
                 (step i of n acts when start <= i / n and (i + 1) / n <= end); one for all or one per ControlNet.
-            The other arguments are those of `ScratchStableDiffusionPipeline.__call__` (text-to-image).
+            The other arguments (`ip_adapter_image` and `ip_adapter_image_embeds` among them) are those of
+            `ScratchStableDiffusionPipeline.__call__` (text-to-image).
         """
         batch_size = self.check_inputs(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, num_inference_steps,
@@ -198,6 +202,9 @@ class ScratchStableDiffusionControlNetPipeline(ScratchPipelineBase):
             prompt, device, num_images_per_prompt, guidance_scale, negative_prompt, prompt_embeds,
             negative_prompt_embeds, clip_skip,
         )  # fmt: skip
+        image_embeds = self.ip_adapter_embeddings(
+            ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt, guidance_scale > 1
+        )
         timesteps, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
         # keep[i][k] = 1 while step i lies in ControlNet k's window [start, end) of the steps, else 0
         keep = [
@@ -230,6 +237,7 @@ class ScratchStableDiffusionControlNetPipeline(ScratchPipelineBase):
         latents = self.prepare_latents(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
         latents = self.denoise(
             latents, timesteps, prompt_embeds, guidance_scale, self.prepare_extra_step_kwargs(generator, eta),
-            callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale, unet_extras=control_residuals,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale,
+            unet_extras=control_residuals, added_cond_kwargs=image_embeds,
         )  # fmt: skip
         return self.finish(latents, output_type, return_dict)

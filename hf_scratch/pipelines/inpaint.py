@@ -81,6 +81,8 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        ip_adapter_image: PipelineImageInput | list | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ) -> ScratchPipelineOutput | tuple:
         """Repaint the white part of `mask_image` in `image`, guided by text.
 
@@ -128,6 +130,9 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
             prompt, device, num_images_per_prompt, guidance_scale, negative_prompt, prompt_embeds,
             negative_prompt_embeds, clip_skip,
         )  # fmt: skip
+        image_embeds = self.ip_adapter_embeddings(
+            ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt, guidance_scale > 1
+        )
         dtype = prompt_embeds.dtype
 
         _, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
@@ -184,5 +189,6 @@ class ScratchStableDiffusionInpaintPipeline(ScratchStableDiffusionImg2ImgPipelin
         latents = self.denoise(
             latents, timesteps, prompt_embeds, guidance_scale, self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale, conditioning, blend,
+            added_cond_kwargs=image_embeds,
         )  # fmt: skip
         return self.finish(latents, output_type, return_dict)

@@ -9,6 +9,10 @@ work on our components:
 - `TextualInversionLoaderMixin`: `load_textual_inversion` (diffusers' `.bin` / `.safetensors` and AUTOMATIC1111
   embeddings) and `maybe_convert_prompt`, which spells a multi-vector token `<t>` as `<t> <t>_1 ... <t>_{n-1}`.
 - `StableDiffusionMixin`: `enable_freeu` / `disable_freeu`, `unfuse_qkv_projections`.
+- `IPAdapterMixin`: `load_ip_adapter` (the official `ip-adapter_*.safetensors` / `.bin` layout, with its CLIP image
+  encoder folder or `image_encoder_folder=None`), `set_ip_adapter_scale`, `unload_ip_adapter`. The pipelines'
+  `ip_adapter_image` / `ip_adapter_image_embeds` become the U-Net's image tokens through `ip_adapter_embeddings`
+  (IP-Adapter, Ye et al. 2023, arXiv:2308.06721: decoupled cross-attention on image tokens beside the text's).
 
 The overrides below refuse a LoRA file that loads nothing, read kohya's text-encoder keys into our text encoder, make
 `unfuse_lora` exact, name both widths when a textual-inversion embedding does not fit, refuse a textual-inversion token
@@ -26,7 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models.embeddings import ImageProjection
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import scale_lora_layers, unscale_lora_layers
 
@@ -91,9 +96,92 @@ def check_new_token(token: Any, tokenizer: Any) -> None:
         )
 
 
-class ScratchLoadersMixin(StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin):
+class ScratchLoadersMixin(
+    StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin, IPAdapterMixin
+):
     """The loaders of diffusers' `StableDiffusionPipeline`, for a pipeline with `unet`, `text_encoder`, `tokenizer`
-    and `vae`, ours or diffusers' / transformers'."""
+    and `vae`, ours or diffusers' / transformers', and the optional `image_encoder` and `feature_extractor`."""
+
+    def ip_adapter_embeddings(
+        self,
+        ip_adapter_image: Any,
+        ip_adapter_image_embeds: list[torch.Tensor] | None,
+        device: torch.device,
+        num_images: int,
+        do_classifier_free_guidance: bool,
+    ) -> dict[str, list[torch.Tensor]] | None:
+        """The U-Net's `added_cond_kwargs` for the loaded IP-Adapters, `{"image_embeds": [one tensor per adapter]}`,
+        each `[uncond; cond]` on the batch axis under guidance (as diffusers' `prepare_ip_adapter_image_embeds`);
+        None when neither input is given.
+
+        `ip_adapter_image` is one image per adapter (a PIL image or array for `feature_extractor`, or a tensor of its
+        pixel values), encoded by `image_encoder`: its projected `image_embeds`, or its penultimate hidden states for
+        adapters whose projection is not a plain `ImageProjection` (IP-Adapter Plus); the unconditional embedding
+        is zeros, or the encoding of a black image. `ip_adapter_image_embeds` gives one tensor per adapter instead,
+        `[uncond; cond]` stacked on the first axis when guidance is on."""
+        if ip_adapter_image is None and ip_adapter_image_embeds is None:
+            return None
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("Pass at most one of `ip_adapter_image` and `ip_adapter_image_embeds`, got both.")
+        projection = getattr(self.unet, "encoder_hid_proj", None)
+        layers = getattr(projection, "image_projection_layers", None)
+        if layers is None:
+            raise ValueError(
+                "`ip_adapter_image` / `ip_adapter_image_embeds` need an IP-Adapter: load one first with "
+                "pipe.load_ip_adapter(folder, subfolder=..., weight_name=...)."
+            )
+        if ip_adapter_image_embeds is not None:
+            if not isinstance(ip_adapter_image_embeds, list) or not all(
+                isinstance(embeds, torch.Tensor) and embeds.ndim in (3, 4) for embeds in ip_adapter_image_embeds
+            ):
+                raise ValueError(
+                    "`ip_adapter_image_embeds` must be a list of 3- or 4-dimensional tensors, one per IP-Adapter, got "
+                    f"{type(ip_adapter_image_embeds).__name__}."
+                )
+            pairs = [
+                embeds.chunk(2) if do_classifier_free_guidance else (None, embeds) for embeds in ip_adapter_image_embeds
+            ]
+        else:
+            images = ip_adapter_image if isinstance(ip_adapter_image, list) else [ip_adapter_image]
+            if len(images) != len(layers):
+                raise ValueError(
+                    f"`ip_adapter_image` gives {len(images)} images for {len(layers)} loaded IP-Adapters; pass one "
+                    "each."
+                )
+            if self.image_encoder is None:
+                raise ValueError(
+                    "`ip_adapter_image` needs the IP-Adapter's image encoder, which was not loaded "
+                    "(`image_encoder_folder=None`); load it with load_ip_adapter(..., image_encoder_folder=...), or "
+                    "pass `ip_adapter_image_embeds`."
+                )
+            pairs = [
+                self._encode_ip_adapter_image(image, device, not isinstance(layer, ImageProjection))
+                for image, layer in zip(images, layers)
+            ]
+        embeddings = []
+        for negative, positive in pairs:
+            positive = torch.cat([positive] * num_images)
+            if do_classifier_free_guidance:
+                positive = torch.cat([torch.cat([negative] * num_images), positive])
+            embeddings.append(positive.to(device))
+        return {"image_embeds": embeddings}
+
+    def _encode_ip_adapter_image(
+        self, image: Any, device: torch.device, hidden_states: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond, cond) image embeddings of one image by `image_encoder`, each with a leading axis of 1."""
+        dtype = next(self.image_encoder.parameters()).dtype
+        if not isinstance(image, torch.Tensor):
+            image = self.feature_extractor(image, return_tensors="pt").pixel_values
+        image = image.to(device=device, dtype=dtype)
+        if hidden_states:
+            encode = self.image_encoder
+            cond = encode(image, output_hidden_states=True).hidden_states[-2]
+            uncond = encode(torch.zeros_like(image), output_hidden_states=True).hidden_states[-2]
+        else:
+            cond = self.image_encoder(image).image_embeds
+            uncond = torch.zeros_like(cond)
+        return uncond[None], cond[None]
 
     def _loaded_adapters(self) -> set[tuple[str, str]]:
         return {

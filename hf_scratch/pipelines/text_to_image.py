@@ -10,6 +10,7 @@ There is no safety checker: the pipeline returns exactly what the decoder produc
 from typing import Any
 
 import torch
+from diffusers.image_processor import PipelineImageInput
 
 from hf_scratch.pipelines.base import Generator, ScratchPipelineBase, ScratchPipelineOutput
 from hf_scratch.pipelines.checks import StepCallback
@@ -47,6 +48,8 @@ class ScratchStableDiffusionPipeline(ScratchPipelineBase):
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        ip_adapter_image: PipelineImageInput | list | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ) -> ScratchPipelineOutput | tuple:
         """Generate images from text.
 
@@ -73,6 +76,9 @@ class ScratchStableDiffusionPipeline(ScratchPipelineBase):
                 number of steps).
             cross_attention_kwargs: `{"scale": s}` scales the loaded LoRA adapters' updates by s for this call
                 (applied by `scales_lora`); no other key is taken.
+            ip_adapter_image: one image per loaded IP-Adapter (`load_ip_adapter`), encoded by its image encoder.
+            ip_adapter_image_embeds: or their embeddings, one tensor per IP-Adapter, `[uncond; cond]` on the first
+                axis under guidance (see `ip_adapter_embeddings`).
         """
         default_height, default_width = self._default_size()
         height = default_height if height is None else height
@@ -98,11 +104,15 @@ class ScratchStableDiffusionPipeline(ScratchPipelineBase):
             prompt, device, num_images_per_prompt, guidance_scale, negative_prompt, prompt_embeds,
             negative_prompt_embeds, clip_skip,
         )  # fmt: skip
+        image_embeds = self.ip_adapter_embeddings(
+            ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt, guidance_scale > 1
+        )
 
         timesteps, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
         latents = self.denoise(
             latents, timesteps, prompt_embeds, guidance_scale, self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale,
+            added_cond_kwargs=image_embeds,
         )  # fmt: skip
         return self.finish(latents, output_type, return_dict)
