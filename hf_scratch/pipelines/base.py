@@ -355,12 +355,11 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
         device: torch.device,
         generator: Generator,
         latents: torch.Tensor | None = None,
-        channels: int | None = None,
     ) -> torch.Tensor:
-        """x_T = σ_init ε (`init_noise_sigma`), with ε drawn here or given as unit-variance `latents`, of `channels`
-        channels (default: the U-Net's input channels)."""
+        """x_T = σ_init ε (`init_noise_sigma`), with ε of the U-Net's input shape drawn here or given as unit-variance
+        `latents`."""
         if latents is None:
-            shape = self.latent_shape(num_images, height, width, channels)
+            shape = self.latent_shape(num_images, height, width)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * self.init_noise_sigma
 
