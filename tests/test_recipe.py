@@ -133,8 +133,8 @@ SHIPPED_FLAGS = {
 PARSERS = {"vae": train_vae.parse_args, "decoder": train_vae.parse_args, "text": train_clip.parse_args,
            "unet": train_unet.parse_args}  # fmt: skip
 # What a resumed or repeated run may differ in without changing its result (trainer.RESUME_FREE_FLAGS's kind).
-WHERE_AND_HOW_OFTEN = {"dataset_name", "train_data_dir", "output_dir", "report_to", "checkpointing_steps", "latent_cache_dir",
-                       "validation_steps", "resume_from_checkpoint"}  # fmt: skip
+WHERE_AND_HOW_OFTEN = {"dataset_name", "train_data_dir", "output_dir", "report_to", "checkpointing_steps",
+                       "latent_cache_dir", "validation_steps", "resume_from_checkpoint"}  # fmt: skip
 
 
 def test_emoji32_reaches_each_stage_with_the_shipped_settings(tmp_path):
@@ -233,3 +233,33 @@ def test_two_processes_train_every_stage_with_the_recipe_batches_shared(tmp_path
         assert [report["world_size"] for report in reports] == [2, 2], folder
         assert [report["distributed_type"] for report in reports] == ["MULTI_CPU"] * 2, folder
         assert reports[0]["final_checksum"] == reports[1]["final_checksum"] != reports[0]["initial_checksum"], folder
+
+
+@pytest.mark.slow
+def test_a_stopped_run_stops_its_stage_and_resumes(tmp_path):
+    """SIGTERM to `hf-scratch train` alone (a scheduler's kill, not the terminal's Ctrl-C, which reaches the whole
+    process group) stops the running stage too, with one line; the same command then resumes and finishes."""
+    import signal
+    import time
+
+    data = write_kohya_folder(tmp_path / "mine")
+    output_dir = tmp_path / "stopped"
+    command = train_command(data, output_dir, "--steps", "vae=80", "decoder=2", "text=2", "unet=2")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((output_dir / "vae").glob("checkpoint-*")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143 and "stopped; re-run the same command to resume" in output
+    assert "Traceback" not in output.split("hf-scratch train: stopped")[-1]
+    time.sleep(2)
+    survivors = subprocess.run(["pgrep", "-f", str(output_dir)], capture_output=True, text=True).stdout.split()
+    assert survivors == [], "the stage outlived hf-scratch train"
+    assert not (output_dir / "vae" / "run_finished.json").exists()
+
+    resumed = run(train_command(data, output_dir, "--steps", "vae=80", "decoder=2", "text=2", "unet=2"))
+    assert "keeping the plan of the first run" in resumed and "resuming from" in resumed
+    assert (output_dir / "model" / "model_index.json").is_file()

@@ -24,6 +24,8 @@ import math
 import os
 import re
 import shlex
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -212,25 +214,24 @@ class _Vocabulary:
         return self.size
 
 
-def measure_seconds_per_step(stage: str, plan: Plan, threads: int, repeats: int = 3) -> float:
+def measure_seconds_per_step(stage: str, plan: Plan, threads: int, warmup: int = 2, repeats: int = 5) -> float:
     """Seconds per optimizer step of `stage`'s model at its batch and resolution: forward, backward and AdamW on
-    random inputs, timed over `repeats` steps after one warm-up step (the data path is left to STEP_OVERHEAD)."""
+    random inputs, the median of `repeats` timed steps after `warmup` untimed ones (the first steps pay for memory
+    and kernel set-up, and a busy machine makes single steps slow); the data path is left to STEP_OVERHEAD."""
     import torch
 
     torch.set_num_threads(threads)
     model, loss = _probe_model(stage, plan, plan.flags[stage])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
+    seconds = []
+    for step in range(warmup + repeats):
+        start = time.perf_counter()
         loss().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-    step()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats
+        if step >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 # ------------------------------------------------------------------------------------------------------------ the data
@@ -364,14 +365,23 @@ def run_stage(stage: str, plan: Plan, args: argparse.Namespace, output_dir: Path
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     start = time.perf_counter()
-    result = subprocess.run(stage_command(stage, plan, args), env=env)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
+    process = subprocess.Popen(stage_command(stage, plan, args), env=env)
+    try:
+        returncode = process.wait()
+    except BaseException:  # Ctrl-C, or SIGTERM (see `main`): the stage stops too, its checkpoints are whole
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+    if returncode != 0:
         raise RuntimeError(
-            f"stage {stage} failed (exit status {result.returncode}; its output is above). Re-run the same command "
+            f"stage {stage} failed (exit status {returncode}; its output is above). Re-run the same command "
             f"to resume it from its last checkpoint in {folder}"
         )
-    return seconds
+    return time.perf_counter() - start
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -545,8 +555,15 @@ def check_args(args: argparse.Namespace) -> None:
     check_output_dir(Path(args.output_dir))
 
 
+def _stop(number: int, frame: Any) -> None:
+    """SIGTERM: one line, then unwind through `run_stage`, which stops the running stage."""
+    print("hf-scratch train: stopped; re-run the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(128 + number)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         check_args(args)
         import torch
@@ -559,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as error:
         print(f"hf-scratch train: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("hf-scratch train: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
 
 
 def train(args: argparse.Namespace) -> int:
