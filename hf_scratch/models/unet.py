@@ -790,7 +790,10 @@ class ScratchUNet2DConditionModel(
         for up_block in self.up_blocks:
             remaining = len(skips) - len(up_block.resnets)  # the skips left for the blocks above this one
             upsample_size = skips[remaining - 1].shape[-2:] if odd_size and remaining > 0 else None
-            sample = up_block(sample, skips, temb, encoder_hidden_states, upsample_size, extras)
+            # Its own list, not the shared one popped in place: a hook that copies the arguments (FSDP's) would
+            # otherwise leave the popped skips in the list for the next block.
+            skips, block_skips = skips[:remaining], skips[remaining:]
+            sample = up_block(sample, block_skips, temb, encoder_hidden_states, upsample_size, extras)
         sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))  # (B, out_channels, H, W)
 
         if not return_dict:

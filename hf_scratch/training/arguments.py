@@ -75,6 +75,29 @@ def build_parser(description: str, captions: bool = True) -> argparse.ArgumentPa
         "--max_train_samples", type=int, default=None, help="use only the first N training images (default: all)"
     )
     data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read the training split as a datasets IterableDataset, never whole into memory nor converted to Arrow: "
+        "an epoch is one pass over the stream, shuffled per epoch through a buffer seeded by (--seed, epoch); its "
+        "number of updates is counted by one pass at start (reading no pixel) or set by --streaming_epoch_updates, "
+        "so a resumed run skips exactly the rows already used (see hf_scratch/training/streaming.py); needs "
+        "--max_train_steps; not with --cache_latents or --dataloader_num_workers (default: off)",
+    )
+    data.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="--streaming: rows in the shuffle buffer (datasets' IterableDataset.shuffle), held undecoded "
+        "(default: %(default)s)",
+    )
+    data.add_argument(
+        "--streaming_epoch_updates",
+        type=int,
+        default=None,
+        help="--streaming: optimizer updates in an epoch, instead of counting the stream's rows at start; the rest "
+        "of a longer pass is unused in that epoch (default: counted)",
+    )
+    data.add_argument(
         "--dataloader_num_workers",
         type=int,
         default=0,
@@ -196,6 +219,27 @@ def check_optional_packages(args: argparse.Namespace) -> None:
         raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop --use_8bit_adam)")
 
 
+def check_streaming(args: argparse.Namespace) -> None:
+    """--streaming and its flags: a stream has no length known in advance and is read in one process."""
+    check_at_least(args, 1, "shuffle_buffer_size", "streaming_epoch_updates")
+    if not args.streaming:
+        if args.streaming_epoch_updates is not None:
+            raise ValueError("--streaming_epoch_updates sets the epoch of a stream; pass --streaming with it")
+        return
+    if args.max_train_steps is None:
+        raise ValueError("--streaming needs --max_train_steps: a stream's length is not known before it is read")
+    if args.dataloader_num_workers:
+        raise ValueError(
+            f"--dataloader_num_workers={args.dataloader_num_workers} is not supported with --streaming, which decodes "
+            "in the training process; drop --dataloader_num_workers"
+        )
+    if getattr(args, "cache_latents", False):
+        raise ValueError(
+            "--cache_latents encodes the whole training split once, which a stream is not held for; drop "
+            "--cache_latents or --streaming"
+        )
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Reject argument values that would fail later, naming the flag, the value and what is allowed."""
     check_finite(args)
@@ -224,6 +268,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit={args.checkpoints_total_limit} must be at least 1 (or unset)")
+    check_streaming(args)
     if args.max_train_steps is None and args.num_train_epochs < 1:
         raise ValueError(
             f"--num_train_epochs={args.num_train_epochs} must be at least 1 when --max_train_steps is unset"

@@ -12,6 +12,9 @@
    The order is a pure function of (seed, epoch), so a resumed run sees exactly the batches it would have seen.
 4. `cache_latents` encodes the images once with the frozen VAE, for the U-Net's training (both orientations when
    --random_flip is on).
+
+With --streaming the training split is read by `streaming.ImageTextStream` instead (the same batch structure, from a
+`datasets.IterableDataset`); a validation split is then streamed once and kept (it should be small).
 """
 
 import argparse
@@ -209,8 +212,9 @@ def load_image_text_dataset(
     source_flag = "train_data_dir" if args.train_data_dir else "dataset_name"
     source = getattr(args, source_flag)
     caption_column = getattr(args, "caption_column", None)
+    streaming = getattr(args, "streaming", False)
     with accelerator.main_process_first():
-        splits = load_splits(source, args.image_column, caption_column, flag=f"--{source_flag}")
+        splits = load_splits(source, args.image_column, caption_column, flag=f"--{source_flag}", streaming=streaming)
     if split not in splits:
         which = "--validation_split" if split == getattr(args, "validation_split", None) else "--train_split"
         advice = (
@@ -221,6 +225,8 @@ def load_image_text_dataset(
             f"{', '.join(splits)}{advice}"
         )
     data = splits[split]
+    if streaming:  # read this split whole (the training split streams through streaming.ImageTextStream instead)
+        data = datasets.Dataset.from_list(list(data), features=data.features)
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     training = split == getattr(args, "train_split", "train")

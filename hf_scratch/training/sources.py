@@ -17,7 +17,10 @@
 - a table file, or a pattern of them: the `csv`, `json` or `parquet` builder, `train`.
 
 In every result the image column holds undecoded `datasets.Image(decode=False)` cells ({"bytes", "path"}): the rows
-stay in memory-mapped Arrow files and an image is read only when a row is. Table image columns may hold paths (relative
+stay in memory-mapped Arrow files and an image is read only when a row is. With `streaming=True` (--streaming) every
+kind is read as a `datasets.IterableDataset` instead, never converted to Arrow: the `datasets` builders stream their
+files, a save_to_disk folder is iterated, and the `.txt`-caption layout is generated file by file; rows are checked as
+they are read. Table image columns may hold paths (relative
 to the table's folder, or absolute) or image bytes. Webdataset samples give their image from the `jpg`, `jpeg`, `png`
 or `webp` member and their caption from `txt`, or from the `json` member's field --caption_column (else `caption` or
 `text`).
@@ -54,33 +57,47 @@ LAYOUTS = (
 )
 
 
+Splits = datasets.DatasetDict | datasets.IterableDatasetDict
+Split = datasets.Dataset | datasets.IterableDataset
+
+
 def load_splits(
-    source: str, image_column: str = "image", caption_column: str | None = "text", flag: str = "--train_data_dir"
-) -> datasets.DatasetDict:
+    source: str,
+    image_column: str = "image",
+    caption_column: str | None = "text",
+    flag: str = "--train_data_dir",
+    streaming: bool = False,
+) -> Splits:
     """Every split of `source` (see the module docstring), its `image_column` cast to undecoded `datasets.Image`
     cells and its `caption_column` (unless None) checked to hold a string in every row. `flag` names the argument in
-    errors."""
+    errors. `streaming`: `datasets.IterableDataset` splits, read lazily (an empty split then shows when it is read)."""
     named = f"{flag}={source!r}"
     if os.path.isdir(source):
-        splits = _load_folder(source, image_column, caption_column, named)
+        splits = _load_folder(source, image_column, caption_column, named, streaming)
     elif os.path.isfile(source) or any(character in source for character in PATTERN_CHARACTERS):
-        splits = _load_files(source, _expand(source, named), image_column, caption_column, named)
+        splits = _load_files(source, _expand(source, named), image_column, caption_column, named, streaming)
     else:
         raise ValueError(
             f"{named} is not an existing folder, file or pattern; training reads local data only: {LAYOUTS}"
         )
     for name, split in splits.items():
-        if len(split) == 0:
+        if not streaming and len(split) == 0:
             raise ValueError(f"split {name!r} of {named} is empty: it holds no rows")
         splits[name] = _normalise(split, image_column, caption_column, f"split {name!r} of {named}")
     return splits
 
 
 # ----------------------------------------------------------------------------------------------------------- folders
-def _load_folder(root: str, image_column: str, caption_column: str | None, named: str) -> datasets.DatasetDict:
+def _load_folder(
+    root: str, image_column: str, caption_column: str | None, named: str, streaming: bool = False
+) -> Splits:
+    load_dataset = functools.partial(datasets.load_dataset, streaming=streaming)
     if os.path.exists(os.path.join(root, "dataset_dict.json")) or os.path.exists(os.path.join(root, "state.json")):
         saved = _read(lambda: datasets.load_from_disk(root), named, "a save_to_disk folder")
-        return saved if isinstance(saved, datasets.DatasetDict) else datasets.DatasetDict(train=saved)
+        saved = saved if isinstance(saved, datasets.DatasetDict) else datasets.DatasetDict(train=saved)
+        if streaming:  # already Arrow on disk, memory-mapped: iterate it
+            return datasets.IterableDatasetDict({name: split.to_iterable_dataset() for name, split in saved.items()})
+        return saved
     files = sorted(_walk(root))
     images = [path for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
     metadata = [path for path in files if os.path.basename(path) in METADATA_FILES]
@@ -92,24 +109,29 @@ def _load_folder(root: str, image_column: str, caption_column: str | None, named
             split = parts[0] if len(parts) > 1 else "train"
             _check_rows(rows, path, "file_name", caption_column, image_column, base, split=split)
     if _card_names_configs(root):
-        return _read(lambda: load_dataset_folder(root), named, "a dataset whose README.md names its configs")
+        card_folder = (lambda: load_dataset(root)) if streaming else (lambda: load_dataset_folder(root))
+        return _read(card_folder, named, "a dataset whose README.md names its configs")
     if metadata:
-        return _read(lambda: datasets.load_dataset("imagefolder", data_dir=root), named, "an image folder")
+        return _read(lambda: load_dataset("imagefolder", data_dir=root), named, "an image folder")
     shards = [path for path in files if path.endswith(".tar")]
     if shards and not images:
-        return _read(lambda: datasets.load_dataset("webdataset", data_dir=root), named, "webdataset shards")
+        return _read(lambda: load_dataset("webdataset", data_dir=root), named, "webdataset shards")
     if images and any(os.path.exists(os.path.splitext(path)[0] + ".txt") for path in images):
-        return _captions_beside(root, images, image_column, caption_column or "text", named)
+        return _captions_beside(root, images, image_column, caption_column or "text", named, streaming)
     if images:
-        return _read(lambda: datasets.load_dataset("imagefolder", data_dir=root), named, "an image folder")
+        return _read(lambda: load_dataset("imagefolder", data_dir=root), named, "an image folder")
     tables = [entry.path for entry in os.scandir(root) if entry.is_file() and _table_builder(entry.path)]
     if tables:
         stems = [os.path.splitext(os.path.basename(path))[0] for path in sorted(tables)]
         if len(set(stems)) < len(stems):
             raise ValueError(f"{named} holds tables with the same name and different types: {', '.join(stems)}")
         split_names = ["train"] if len(tables) == 1 else stems
-        return datasets.DatasetDict(
-            {name: _load_table(path, image_column, caption_column, named) for name, path in zip(split_names, tables)}
+        kind = datasets.IterableDatasetDict if streaming else datasets.DatasetDict
+        return kind(
+            {
+                name: _load_table(path, image_column, caption_column, named, streaming)
+                for name, path in zip(split_names, tables)
+            }
         )
     raise ValueError(f"{named} holds nothing training can read; it reads {LAYOUTS}")
 
@@ -132,38 +154,52 @@ def _card_names_configs(root: str) -> bool:
 
 
 def _captions_beside(
-    root: str, images: list[str], image_column: str, caption_column: str, named: str
-) -> datasets.DatasetDict:
+    root: str, images: list[str], image_column: str, caption_column: str, named: str, streaming: bool = False
+) -> Splits:
     """The kohya / DreamBooth layout: `x.png` captioned by `x.txt`. Split folders `train/`, `validation/`, `test/`
-    are splits; without them the whole tree is `train`. An image without its `.txt` gets the caption "" (counted)."""
+    are splits; without them the whole tree is `train`. An image without its `.txt` gets the caption "" (counted; when
+    streaming, warned of as it is read)."""
     present = [name for name in SPLIT_FOLDERS if os.path.isdir(os.path.join(root, name))]
     prefixes = {name: os.path.join(root, name, "") for name in present} or {"train": os.path.join(root, "")}
+    features = datasets.Features({image_column: datasets.Image(decode=False), caption_column: datasets.Value("string")})
     splits, uncaptioned = {}, 0
     for name, prefix in prefixes.items():
         paths = [os.path.abspath(path) for path in images if path.startswith(prefix)]
-        captions = []
-        for path in paths:
-            caption_file = os.path.splitext(path)[0] + ".txt"
-            if not os.path.exists(caption_file):
-                uncaptioned += 1
-                captions.append("")
-                continue
-            try:
-                with open(caption_file, encoding="utf-8") as handle:
-                    captions.append(handle.read().strip())
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{caption_file}: the caption is not UTF-8 text ({error.reason})") from None
-        splits[name] = datasets.Dataset.from_dict(
-            {image_column: paths, caption_column: captions},
-            features=datasets.Features(
-                {image_column: datasets.Image(decode=False), caption_column: datasets.Value("string")}
-            ),
-        )
+        if streaming:
+            splits[name] = datasets.IterableDataset.from_generator(
+                _caption_rows, features=features, gen_kwargs=dict(paths=paths, columns=(image_column, caption_column))
+            )
+            continue
+        captions = [_caption_beside(path) for path in paths]
+        uncaptioned += sum(caption is None for caption in captions)
+        captions = ["" if caption is None else caption for caption in captions]
+        splits[name] = datasets.Dataset.from_dict({image_column: paths, caption_column: captions}, features=features)
     if uncaptioned:
         datasets.logging.get_logger(__name__).warning(
             f'{uncaptioned} images of {named} have no .txt caption beside them; they train with the caption ""'
         )
-    return datasets.DatasetDict(splits)
+    return datasets.IterableDatasetDict(splits) if streaming else datasets.DatasetDict(splits)
+
+
+def _caption_beside(path: str) -> str | None:
+    """The text of `x.txt` beside image `x.png`, stripped; None when there is no such file."""
+    caption_file = os.path.splitext(path)[0] + ".txt"
+    if not os.path.exists(caption_file):
+        return None
+    try:
+        with open(caption_file, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{caption_file}: the caption is not UTF-8 text ({error.reason})") from None
+
+
+def _caption_rows(paths: list[str], columns: tuple[str, str]) -> Iterator[dict[str, Any]]:
+    """The streamed rows of the `.txt`-caption layout (`paths` is split into shards by `datasets`)."""
+    for path in paths:
+        caption = _caption_beside(path)
+        if caption is None:
+            datasets.logging.get_logger(__name__).warning(f'{path} has no .txt caption beside it; it trains with ""')
+        yield {columns[0]: {"path": path, "bytes": None}, columns[1]: caption or ""}
 
 
 # ------------------------------------------------------------------------------------------------- files and patterns
@@ -197,15 +233,18 @@ def _table_builder(path: str) -> str | None:
 
 
 def _load_files(
-    source: str, files: list[str], image_column: str, caption_column: str | None, named: str
-) -> datasets.DatasetDict:
+    source: str, files: list[str], image_column: str, caption_column: str | None, named: str, streaming: bool = False
+) -> Splits:
     if all(path.endswith(".tar") for path in files):
         return _read(
-            lambda: datasets.load_dataset("webdataset", data_files={"train": files}), named, "webdataset shards"
+            lambda: datasets.load_dataset("webdataset", data_files={"train": files}, streaming=streaming),
+            named,
+            "webdataset shards",
         )
     if all(_table_builder(path) for path in files):
-        tables = [_load_table(path, image_column, caption_column, named) for path in files]
-        return datasets.DatasetDict(train=datasets.concatenate_datasets(tables) if len(tables) > 1 else tables[0])
+        tables = [_load_table(path, image_column, caption_column, named, streaming) for path in files]
+        table = datasets.concatenate_datasets(tables) if len(tables) > 1 else tables[0]
+        return datasets.IterableDatasetDict(train=table) if streaming else datasets.DatasetDict(train=table)
     kinds = sorted({os.path.splitext(path)[1] or os.path.basename(path) for path in files})
     raise ValueError(
         f"{named} names files of kinds {', '.join(kinds)}; training reads .tar shards or .csv / .jsonl / .json / "
@@ -213,8 +252,9 @@ def _load_files(
     )
 
 
-def _load_table(path: str, image_column: str, caption_column: str | None, named: str) -> datasets.Dataset:
-    """One table file as a Dataset whose image column holds absolute paths or bytes."""
+def _load_table(path: str, image_column: str, caption_column: str | None, named: str, streaming: bool = False) -> Split:
+    """One table file as a Dataset (or, `streaming`, an IterableDataset) whose image column holds absolute paths or
+    bytes."""
     builder, base = _table_builder(path), os.path.dirname(os.path.abspath(path))
     kwargs: dict[str, Any] = {}
     if path.endswith(".jsonl"):
@@ -225,8 +265,12 @@ def _load_table(path: str, image_column: str, caption_column: str | None, named:
         kwargs = dict(
             features=datasets.Features({column: datasets.Value("string") for column in header}), keep_default_na=False
         )
-    load = functools.partial(datasets.load_dataset, builder, data_files=path, split="train", **kwargs)
+    load = functools.partial(
+        datasets.load_dataset, builder, data_files=path, split="train", streaming=streaming, **kwargs
+    )
     table = _read(load, named, f"a {builder} table ({path})")
+    if table.features is None:  # a streamed JSON table: its columns are known once its first rows are read
+        table = _read(table._resolve_features, named, f"a {builder} table ({path})")
     if image_column not in table.column_names:
         raise ValueError(
             f"--image_column={image_column!r} is not a column of {path}; available columns: "
@@ -335,9 +379,12 @@ def _inside(value: Any, base: str, where: str, key: str, absolute: bool) -> str:
     return resolved
 
 
-def _normalise(split: datasets.Dataset, image_column: str, caption_column: str | None, named: str) -> datasets.Dataset:
+def _normalise(split: Split, image_column: str, caption_column: str | None, named: str) -> Split:
     """Webdataset members renamed to the image and caption columns, the image column cast to undecoded cells, and
-    every caption checked to be a string."""
+    every caption checked to be a string (a streamed split: each row as it is read)."""
+    streaming = isinstance(split, datasets.IterableDataset)
+    if streaming and split.features is None:
+        split = _read(split._resolve_features, named, "a stream")
     columns = split.column_names
     if image_column not in columns:
         members = [column for column in WEBDATASET_IMAGE_KEYS if column in columns]
@@ -355,7 +402,12 @@ def _normalise(split: datasets.Dataset, image_column: str, caption_column: str |
             split = split.rename_column(members[0], image_column)
     if caption_column is not None and caption_column not in split.column_names:
         split = _webdataset_caption(split, caption_column, named)
+    if streaming and split.features is None:  # a map above leaves a stream's columns to be read again
+        split = split._resolve_features()
     split = split.cast_column(image_column, datasets.Image(decode=False))
+    if caption_column is not None and streaming:
+        check = functools.partial(_check_caption, caption_column=caption_column, named=named)
+        return split.map(check, with_indices=True, features=split.features)
     if caption_column is not None:
         for index, caption in enumerate(split[caption_column]):
             if not isinstance(caption, str):
@@ -366,12 +418,25 @@ def _normalise(split: datasets.Dataset, image_column: str, caption_column: str |
     return split
 
 
-def _webdataset_caption(split: datasets.Dataset, caption_column: str, named: str) -> datasets.Dataset:
+def _check_caption(row: dict[str, Any], index: int, caption_column: str, named: str) -> dict[str, Any]:
+    """A streamed row, refused unless its caption is a string."""
+    if not isinstance(row[caption_column], str):
+        raise ValueError(
+            f"row {index} of {named} has caption {row[caption_column]!r} in column {caption_column!r}; every row needs "
+            'a text caption (use "" for none)'
+        )
+    return row
+
+
+def _webdataset_caption(split: Split, caption_column: str, named: str) -> Split:
     columns = split.column_names
     if "txt" in columns:
         return split.rename_column("txt", caption_column)
     if "json" in columns and isinstance(split.features["json"], dict):
         fields = [field for field in (caption_column, *WEBDATASET_CAPTION_FIELDS) if field in split.features["json"]]
+        if fields and isinstance(split, datasets.IterableDataset):
+            field = fields[0]
+            return split.map(lambda row: {caption_column: None if row["json"] is None else row["json"].get(field)})
         if fields:
             captions = [None if row is None else row.get(fields[0]) for row in split["json"]]
             return split.add_column(caption_column, captions)

@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--projection_dim", type=int, default=256, help="dimension of the shared image-text embedding")
     args = parser.parse_args(argv)
     check_args(args)
+    if args.streaming:
+        raise ValueError(
+            "--streaming is for train_vae.py and train_unet.py; train_clip.py learns its tokenizer and validates "
+            "retrieval over every caption, so it reads its split whole (drop --streaming)"
+        )
     check_at_least(args, 1, "patch_size", "text_layers", "vision_layers", "projection_dim")
     check_at_least(args, 2, "max_length")  # BOS and EOS
     if args.resolution % args.patch_size:

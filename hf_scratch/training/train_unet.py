@@ -57,6 +57,7 @@ from hf_scratch.training.arguments import build_parser, check_args, check_at_lea
 from hf_scratch.training.cards import write_lora_model_card, write_model_card
 from hf_scratch.training.data import EpochBatches, cache_latents, image_grid, load_image_text_dataset
 from hf_scratch.training.lora import add_lora_adapters, check_lora_args, save_lora_weights
+from hf_scratch.training.streaming import load_image_text_stream
 from hf_scratch.training.trainer import (
     Trainer,
     create_accelerator,
@@ -180,6 +181,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "<output_dir>/latent-cache",
     )
 
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the U-Net over the GPUs with FSDP2 through accelerate: each down, mid and up block one unit, "
+        "checkpoints sharded, the final weights gathered for saving (trainer.fsdp_plugin); needs accelerate launch "
+        "--multi_gpu on CUDA, refused elsewhere; not with --use_ema, LoRA, --validation_prompts or --snapshot_steps "
+        "(default: off)",
+    )
     lora = parser.add_argument_group("LoRA (Hu et al. 2021): adapt the pipeline folder's U-Net instead of training one")
     lora.add_argument("--lora_rank", type=int, default=None, help="r, the rank of each low-rank update B·A")
     lora.add_argument("--lora_alpha", type=float, default=None, help="α, which scales B·A by α/r (default: r)")
@@ -264,6 +273,16 @@ def check_unet_args(args: argparse.Namespace) -> None:
                 f"--cross_attention_levels={args.cross_attention_levels} names levels {outside}, but "
                 f"--block_out_channels gives {levels} levels (0 to {levels - 1}); without cross-attention the U-Net "
                 "ignores the text"
+            )
+    if args.fsdp:
+        # Each of these runs the U-Net or reads its weights on the main process alone, which sharded weights forbid.
+        unsupported = [flag for flag in ("use_ema", "lora_rank", "validation_prompts", "snapshot_steps")
+                       if getattr(args, flag) not in (None, False, [])]  # fmt: skip
+        if unsupported:
+            raise ValueError(
+                f"--fsdp does not support {', '.join('--' + flag for flag in unsupported)} yet: they use the whole "
+                "U-Net on the main process while its weights are sharded; drop them (validate the saved pipeline "
+                "afterwards) or drop --fsdp"
             )
     last = args.max_train_steps
     wrong = [step for step in args.snapshot_steps if step < 1 or (last is not None and step > last)]
@@ -460,13 +479,16 @@ def main(args: argparse.Namespace) -> None:
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)  # before the optimizer, so its moments take the same layout
 
-    images = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
-    if args.cache_latents:
-        cache_dir = args.latent_cache_dir or Path(args.output_dir, "latent-cache")
-        dataset = cache_latents(images, vae, accelerator, args.train_batch_size, cache_dir)
+    if args.streaming:
+        images = dataset = batches = load_image_text_stream(args, accelerator)
     else:
-        dataset = images
-    batches = EpochBatches(len(dataset), args.train_batch_size, accelerator, args.seed)
+        images = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
+        if args.cache_latents:
+            cache_dir = args.latent_cache_dir or Path(args.output_dir, "latent-cache")
+            dataset = cache_latents(images, vae, accelerator, args.train_batch_size, cache_dir)
+        else:
+            dataset = images
+        batches = EpochBatches(len(dataset), args.train_batch_size, accelerator, args.seed)
     args = with_run_length(args, batches.updates_per_epoch)
     trainable = [p for model in (unet, text_encoder) for p in model.parameters() if p.requires_grad]
     optimizer, lr_scheduler = create_optimizer(args, trainable, accelerator)
@@ -499,7 +521,9 @@ def main(args: argparse.Namespace) -> None:
             save_lora_weights(folder, accelerator.unwrap_model(unet), adapted_text_encoder)
         else:
             with trainer.ema_weights():
-                pipeline().save_pretrained(folder)
+                whole = pipeline()
+                whole.unet = trainer.gathered(whole.unet)  # under FSDP, the weights gathered from every rank
+                whole.save_pretrained(folder)
 
     def validate(step: int) -> None:
         with trainer.ema_weights():

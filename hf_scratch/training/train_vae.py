@@ -35,6 +35,7 @@ from hf_scratch.metrics import psnr, tensor_to_image
 from hf_scratch.models.vae import ScratchAutoencoderKL
 from hf_scratch.training.arguments import build_parser, check_args, check_at_least, check_divisible
 from hf_scratch.training.data import EpochBatches, collate, image_grid, load_image_text_dataset
+from hf_scratch.training.streaming import load_image_text_stream
 from hf_scratch.training.trainer import (
     Trainer,
     create_accelerator,
@@ -207,11 +208,14 @@ def main(args: argparse.Namespace) -> None:
         vae.enable_gradient_checkpointing()
     autoencoder = AutoencoderForTraining(vae)
 
-    train = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
+    if args.streaming:
+        train = batches = load_image_text_stream(args, accelerator)
+    else:
+        train = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
+        batches = EpochBatches(len(train), args.train_batch_size, accelerator, args.seed)
     validation = None
     if args.validation_split != "none":
         validation = load_image_text_dataset(args, args.validation_split, accelerator)
-    batches = EpochBatches(len(train), args.train_batch_size, accelerator, args.seed)
     args = with_run_length(args, batches.updates_per_epoch)
     trainable = [parameter for parameter in autoencoder.parameters() if parameter.requires_grad]
     optimizer, lr_scheduler = create_optimizer(args, trainable, accelerator)
@@ -269,8 +273,9 @@ def main(args: argparse.Namespace) -> None:
     def save() -> None:
         with trainer.ema_weights():
             if not args.train_decoder_only:  # a kept encoder keeps its latents' scale
+                samples = train.head(args.num_scaling_samples) if args.streaming else train
                 vae.register_to_config(
-                    scaling_factor=latent_scaling_factor(vae, train, args.num_scaling_samples, args.train_batch_size)
+                    scaling_factor=latent_scaling_factor(vae, samples, args.num_scaling_samples, args.train_batch_size)
                 )
             vae.save_pretrained(args.output_dir)
 

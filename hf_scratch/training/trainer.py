@@ -4,7 +4,8 @@ checkpoints and resume.
 `train_vae.py`, `train_clip.py` and `train_unet.py` each define a model, a loss and a validation; the loop around them
 lives here:
 
-1. `create_accelerator` claims the output folder (a lock, and no fresh run on top of an old one) and sets up logging;
+1. `create_accelerator` claims the output folder (a lock, and no fresh run on top of an old one) and sets up logging
+   (with --fsdp it hands accelerate `fsdp_plugin()`, and refuses a launch where accelerate would not shard);
    `with_run_length` fills in the run's steps and epochs, and `create_optimizer` builds AdamW and the LR schedule.
 2. `Trainer.resume` seeds the run, or restores a checkpoint's full state (RNG included): a resumed run is
    bit-identical to an uninterrupted one, and resuming a finished run trains nothing.
@@ -28,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +37,12 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from hf_scratch.models import unet as unet_module
 from hf_scratch.training.checkpoints import (
     TRAIN_LOG,
     OutputDirLock,
@@ -58,6 +61,7 @@ from hf_scratch.training.checkpoints import (
     save_checkpoint,
 )
 from hf_scratch.training.data import EpochBatches, collate
+from hf_scratch.training.streaming import ImageTextStream
 
 logger = get_logger(__name__)
 
@@ -116,9 +120,48 @@ def set_learning_rate(lr_scheduler: Any, learning_rate: float) -> None:
     schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
 
 
+# The U-Net's blocks, each one FSDP unit (its parameters gathered together, for its forward and backward only).
+FSDP_WRAPPED_BLOCKS = tuple(
+    block.__name__
+    for block in (
+        unet_module.DownBlock2D,
+        unet_module.CrossAttnDownBlock2D,
+        unet_module.UNetMidBlock2DCrossAttn,
+        unet_module.UpBlock2D,
+        unet_module.CrossAttnUpBlock2D,
+    )
+)
+
+
+def fsdp_plugin() -> FullyShardedDataParallelPlugin:
+    """What --fsdp hands accelerate: FSDP2 (`torch.distributed.fsdp.fully_shard`), each U-Net block wrapped by class
+    (FSDP_WRAPPED_BLOCKS) and the rest of the model as the root unit, parameters resharded after each forward, and
+    checkpoints written sharded (each rank its part, through torch.distributed.checkpoint) by `save_state` and read
+    back by `load_state`. The final weights are gathered whole onto the main process (`Trainer.gathered`)."""
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=list(FSDP_WRAPPED_BLOCKS),
+        reshard_after_forward=True,
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+
+
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
-    """An Accelerator logging to <output_dir>/<logging_dir>, with INFO logs on the main process only."""
+    """An Accelerator logging to <output_dir>/<logging_dir>, with INFO logs on the main process only.
+
+    A launch whose accelerate config asks for DeepSpeed fails at once, naming `pip install deepspeed`, when it is not
+    installed. With --fsdp it gets `fsdp_plugin()`, and a launch on which accelerate does not choose FSDP is refused:
+    accelerate keeps the plugin only for a multi-GPU launch, and would otherwise train as plain DDP (MULTI_CPU on CPU)
+    or as one process while the user asked for sharding."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not find_spec("deepspeed"):
+        raise ValueError(
+            "accelerate's config asks for DeepSpeed, which is not installed: pip install deepspeed (or pick another "
+            "distributed type in `accelerate config`)"
+        )
+    fsdp = getattr(args, "fsdp", False)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -126,7 +169,15 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
+        fsdp_plugin=fsdp_plugin() if fsdp else None,
     )
+    if fsdp and accelerator.distributed_type != DistributedType.FSDP:
+        raise ValueError(
+            f"--fsdp: accelerate chose {accelerator.distributed_type.value} ({accelerator.num_processes} process(es) "
+            f"on {accelerator.device.type}), not FSDP, so nothing would be sharded. FSDP needs several GPUs: "
+            "accelerate launch --multi_gpu --num_processes N (on CPU accelerate refuses FSDP v1 and runs v2 as plain "
+            "DDP); drop --fsdp to train unsharded"
+        )
     if not accelerator.is_main_process:
         for name in ("datasets", "transformers", "diffusers"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -154,6 +205,8 @@ def with_run_length(args: argparse.Namespace, updates_per_epoch: int) -> argpars
         max_train_steps = args.num_train_epochs * updates_per_epoch
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
     derived = {"max_train_steps": max_train_steps, "num_train_epochs": num_train_epochs}
+    if getattr(args, "streaming", False):  # recorded, so a resume on a stream of another length is refused
+        derived["streaming_epoch_updates"] = updates_per_epoch
     return argparse.Namespace(**{**vars(args), **derived})
 
 
@@ -233,8 +286,8 @@ class Trainer:
         self,
         accelerator: Accelerator,
         args: argparse.Namespace,
-        dataset: torch.utils.data.Dataset,
-        batches: EpochBatches,
+        dataset: torch.utils.data.Dataset | ImageTextStream,
+        batches: EpochBatches | ImageTextStream,
         model: torch.nn.Module,
         lr_scheduler: Any,
         collate_fn: Callable[[list], dict[str, Any]] = collate,
@@ -262,7 +315,8 @@ class Trainer:
             args.validation_epochs * batches.updates_per_epoch if args.validation_epochs else args.validation_steps
         )
         self.wall_seconds = 0.0
-        self.initial_checksum = parameter_checksum(accelerator.unwrap_model(model))
+        self.initial_checksum = self.checksum()
+        self.full_state_dict: dict[str, torch.Tensor] | None = None  # under FSDP, gathered for the final save
 
     def resume(self) -> None:
         """Seed this rank's RNG, then, if asked, restore the full state (RNG included) of a checkpoint.
@@ -328,6 +382,9 @@ class Trainer:
         return rows
 
     def _batches(self, epoch: int, skip_updates: int) -> Iterator[dict[str, Any]]:
+        """This rank's micro-batches of `epoch` after its first `skip_updates` optimizer updates."""
+        if isinstance(self.epoch_batches, ImageTextStream):
+            return self.epoch_batches.batches(epoch, skip_updates, self.collate_fn)
         return iter(
             torch.utils.data.DataLoader(
                 self.dataset,
@@ -380,6 +437,8 @@ class Trainer:
         if validate is not None and self.global_step % self.validation_steps:
             self.on_main_process(validate, self.global_step)
         self.write_rank_report()
+        if self.accelerator.distributed_type == DistributedType.FSDP:  # every rank sends its shards; main gets all
+            self.full_state_dict = self.accelerator.get_state_dict(self.model)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save()
@@ -499,12 +558,27 @@ class Trainer:
             "distributed_type": self.accelerator.distributed_type.value,
             "global_step": self.global_step,
             "initial_checksum": self.initial_checksum,
-            "final_checksum": parameter_checksum(self.accelerator.unwrap_model(self.model)),
+            "final_checksum": self.checksum(),
             **extra,
         }
         folder = self.output_dir / "ranks"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank-{report['rank']}.json").write_text(json.dumps(report, indent=2))
+
+    def checksum(self) -> str | None:
+        """`parameter_checksum` of the trained model; None under FSDP, where each rank holds other shards."""
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return None
+        return parameter_checksum(self.accelerator.unwrap_model(self.model))
+
+    def gathered(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` (the unwrapped trained model), or under FSDP an unsharded copy holding the weights gathered by
+        `run` onto the main process, for `save_pretrained`."""
+        if self.full_state_dict is None:
+            return module
+        whole = type(module).from_config(module.config)
+        whole.load_state_dict(self.full_state_dict)
+        return whole
 
     def compute_summary(self) -> dict[str, Any]:
         """What the run cost, for model cards: steps, samples, wall time, throughput, processes and CPU."""
