@@ -367,3 +367,34 @@ def image_quality_floor(
     features = efficientnet_features(images_to_pixels(true), batch_size, device)
     half_a, half_b = floor_halves(len(features), seed)
     return feature_quality(features[half_a], features[half_b], seed)
+
+
+# ------------------------------------------------------------------------------------------------ caption agreement
+def nearest_caption_agreement(
+    features_queries: np.ndarray, captions_queries: Sequence[str], features_reference: np.ndarray,
+    captions_reference: Sequence[str],
+) -> float:  # fmt: skip
+    """The share of queries whose nearest reference image (Euclidean, on the judge's features) carries the query's
+    own caption: whether an image shows what its caption asks, as far as the true images of that caption tell. It
+    means something where captions repeat (classes, say); with every caption unique it is near 0 for true images too,
+    which the floor shows."""
+    distances = torch.cdist(torch.from_numpy(features_queries), torch.from_numpy(features_reference))  # (Q, R)
+    nearest = distances.argmin(dim=1).tolist()
+    return float(np.mean([captions_reference[j] == caption for j, caption in zip(nearest, captions_queries)]))
+
+
+def caption_agreement(
+    generated: Sequence[PIL.Image.Image], true: Sequence[PIL.Image.Image], captions: Sequence[str], seed: int = 0,
+    batch_size: int = 64, device: str | torch.device = "cpu",
+) -> dict[str, float]:  # fmt: skip
+    """`nearest_caption_agreement` of the generated images of one half of the captions (`floor_halves`) against the
+    true images of the other half, and its floor: the true images of the first half against the same reference."""
+    features_generated = efficientnet_features(images_to_pixels(generated), batch_size, device)
+    features_true = efficientnet_features(images_to_pixels(true), batch_size, device)
+    half_a, half_b = floor_halves(len(captions), seed)
+    queries, reference = [captions[i] for i in half_a], [captions[i] for i in half_b]
+    return {
+        "generated": nearest_caption_agreement(features_generated[half_a], queries, features_true[half_b], reference),
+        "true": nearest_caption_agreement(features_true[half_a], queries, features_true[half_b], reference),
+        "chance": float(np.mean([sum(r == q for r in reference) / len(reference) for q in queries])),
+    }

@@ -411,3 +411,21 @@ def test_the_training_pixels_read_wide_modes_as_the_pipelines_do(mode, tmp_path)
     assert pixels.max() < 0.04  # 2000 / 65535 = 0.031
     expected = read_image(image)[0]
     assert torch.allclose(pixels, expected, atol=0.5 / 255 + 1e-6)
+
+
+def test_nearest_caption_agreement_counts_queries_whose_nearest_reference_has_their_caption():
+    """Two tight clusters far apart, captioned "cat" and "dog": queries drawn near their own caption's cluster agree
+    fully, queries placed on the other cluster agree never, and a half-and-half set scores one half."""
+    from hf_scratch.metrics import nearest_caption_agreement
+
+    rng = np.random.default_rng(0)
+    centres = {"cat": np.zeros(8), "dog": np.full(8, 10.0)}
+    reference_captions = ["cat"] * 5 + ["dog"] * 5
+    reference = np.stack([centres[c] + 0.1 * rng.standard_normal(8) for c in reference_captions])
+    captions = ["cat", "dog", "cat", "dog"]
+    right = np.stack([centres[c] + 0.1 * rng.standard_normal(8) for c in captions])
+    wrong = np.stack([centres["dog" if c == "cat" else "cat"] for c in captions])
+    assert nearest_caption_agreement(right, captions, reference, reference_captions) == 1.0
+    assert nearest_caption_agreement(wrong, captions, reference, reference_captions) == 0.0
+    half = np.concatenate([right[:2], wrong[2:]])
+    assert nearest_caption_agreement(half, captions, reference, reference_captions) == 0.5

@@ -67,6 +67,8 @@ def test_one_command_trains_a_loadable_model_judges_it_and_a_rerun_changes_nothi
     for key in ("generated_vs_true", "generated_vs_true_at_floor_size", "floor_true_vs_true"):
         assert set(report[key]) >= {"frechet_distance", "kid", "kid_standard_error", "precision", "recall"}
     assert report["floor_true_vs_true"]["num_generated"] == report["generated_vs_true_at_floor_size"]["num_true"] == 4
+    assert set(report["caption_agreement"]) == {"generated", "true", "chance"}
+    assert all(0 <= value <= 1 for value in report["caption_agreement"].values())
     assert (output_dir / "eval" / "grid.png").is_file() and "floor" in (output_dir / "eval" / "report.md").read_text()
 
     from diffusers import DiffusionPipeline

@@ -407,6 +407,7 @@ def evaluate_model(
 
     from hf_scratch.metrics import (
         MIN_QUALITY_IMAGES,
+        caption_agreement,
         floor_halves,
         image_quality,
         image_quality_floor,
@@ -437,6 +438,7 @@ def evaluate_model(
             [generated[i] for i in half_a], [true_images[i] for i in half_b], seed
         ).to_dict()
         report["floor_true_vs_true"] = image_quality_floor(true_images, seed).to_dict()
+        report["caption_agreement"] = caption_agreement(generated, true_images, captions, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = min(8, len(captions))
     image_grid(generated[:columns] + true_images[:columns], columns).save(out_dir / "grid.png")
@@ -463,6 +465,7 @@ def report_markdown(report: dict[str, Any], grid_captions: list[str]) -> str:
     )  # fmt: skip
     full, half, floor = (report[key] for key in ("generated_vs_true", "generated_vs_true_at_floor_size",
                                                  "floor_true_vs_true"))  # fmt: skip
+    agreement = report["caption_agreement"]
     lines += [
         f"| figure | generated vs true ({full['num_generated']} vs {full['num_true']}) | generated vs true "
         f"({half['num_generated']} vs {half['num_true']}) | floor: true vs true ({floor['num_generated']} vs "
@@ -470,6 +473,11 @@ def report_markdown(report: dict[str, Any], grid_captions: list[str]) -> str:
         "|---|---:|---:|---:|",
         *(f"| {name} | {fmt.format(full[key])} | {fmt.format(half[key])} | {fmt.format(floor[key])} |"
           for name, key, fmt in rows),
+        "",
+        "**Does an image show its caption?** For the generated images of half the captions, the share whose nearest "
+        "true image of the other half (on the same features) carries the same caption: "
+        f"{agreement['generated']:.3f}, against {agreement['true']:.3f} for the true images of those captions and "
+        f"{agreement['chance']:.3f} by chance. It means something where captions repeat (classes, say).",
         "",
         "`grid.png`: generated (top row) and true (bottom row) for the captions " + "; ".join(
             f"“{caption}”" for caption in grid_captions) + ".",
@@ -624,6 +632,8 @@ def summary(output_dir: Path, plan: Plan, timings: dict[str, float]) -> str:
                 f"quality ({quality['num_generated']} held-out captions): Fréchet distance "
                 f"{quality['frechet_distance']:.2f} (floor {floor['frechet_distance']:.2f}), KID {quality['kid']:.4f} "
                 f"(floor {floor['kid']:.4f}), precision {quality['precision']:.2f}, recall {quality['recall']:.2f}; "
+                f"nearest true image has the caption: {report['caption_agreement']['generated']:.2f} (true images "
+                f"{report['caption_agreement']['true']:.2f}, chance {report['caption_agreement']['chance']:.2f}); "
                 f"details in {output_dir / 'eval' / 'report.md'}"
             )
     model = output_dir / "model"
