@@ -265,3 +265,23 @@ def test_a_stopped_run_stops_its_stage_and_resumes(tmp_path):
     resumed = run(train_command(data, output_dir, "--steps", "vae=80", "decoder=2", "text=2", "unet=2"))
     assert "keeping the plan of the first run" in resumed and "resuming from" in resumed
     assert (output_dir / "model" / "model_index.json").is_file()
+
+
+def test_the_prepared_data_is_kept_for_a_rerun_and_other_data_is_refused(tmp_path):
+    """`prepared-data/` holds the train and held-out validation split once; a re-run reads it back (the same held-out
+    captions), and a re-run naming other data is refused rather than mixing two datasets in one run."""
+    import datasets
+
+    data = write_kohya_folder(tmp_path / "mine", count=20)
+    args = recipe.build_parser().parse_args(["--data", str(data), "--output-dir", str(tmp_path / "out")])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".prepared-data.partial").mkdir()  # what an interrupted first run left
+    folder, num_train, num_validation, where = recipe.prepare_data(args, tmp_path / "out")
+    assert (num_train, num_validation) == (12, 8) and "held out" in where
+    held_out = datasets.load_from_disk(str(folder))["validation"]["text"]
+    assert recipe.prepare_data(args, tmp_path / "out")[1:] == (12, 8, where)
+    assert datasets.load_from_disk(str(folder))["validation"]["text"] == held_out
+    other = write_kohya_folder(tmp_path / "other", count=20)
+    args.data = str(other)
+    with pytest.raises(ValueError, match="holds a run on --data=.*mine.*, not .*other"):
+        recipe.prepare_data(args, tmp_path / "out")

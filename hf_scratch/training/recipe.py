@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -245,8 +246,15 @@ def prepare_data(args: argparse.Namespace, output_dir: Path) -> tuple[Path, int,
 
     from hf_scratch.training.sources import load_splits
 
-    folder = output_dir / "prepared-data"
-    if not (folder / "dataset_dict.json").is_file():
+    folder, record = output_dir / "prepared-data", output_dir / "prepared-data.json"
+    if record.is_file() and folder.is_dir():
+        source = json.loads(record.read_text())["source"]
+        if os.path.abspath(source) != os.path.abspath(args.data):
+            raise ValueError(
+                f"--output-dir={str(output_dir)!r} holds a run on --data={source!r}, not {args.data!r}; re-run it "
+                "with its own data, or give this data another --output-dir"
+            )
+    else:
         splits = load_splits(args.data, args.image_column, args.caption_column, flag="--data")
         if "train" not in splits:
             raise ValueError(f"--data={args.data!r} has no 'train' split; its splits: {', '.join(splits)}")
@@ -272,16 +280,18 @@ def prepare_data(args: argparse.Namespace, output_dir: Path) -> tuple[Path, int,
                 split = split.rename_column(args.caption_column, "text")
             result[name] = split
         staging = output_dir / ".prepared-data.partial"
+        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted first run left
         result.save_to_disk(str(staging))
         note = (
             f"the data's own {args.validation_split!r} split"
             if args.validation_split in splits
             else f"held out of the training images (seeded): the data has no {args.validation_split!r} split"
         )
-        (output_dir / "prepared-data.json").write_text(json.dumps({"source": str(args.data), "validation": note}))
+        shutil.rmtree(folder, ignore_errors=True)
         os.replace(staging, folder)
+        record.write_text(json.dumps({"source": os.path.abspath(args.data), "validation": note}))
     saved = datasets.load_from_disk(str(folder))
-    note = json.loads((output_dir / "prepared-data.json").read_text())["validation"]
+    note = json.loads(record.read_text())["validation"]
     return folder, len(saved["train"]), len(saved["validation"]), note
 
 
