@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the split judged at the end; held out of the training images when the data lacks it",
     )
     parser.add_argument("--eval-images", type=int, default=256, help="validation captions generated and judged")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the held-out split, every stage and the judging")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
         "--mixed-precision",
@@ -553,7 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: bf16 on CUDA, none on CPU",
     )
-    parser.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (accelerate launch)")
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="data-parallel processes (accelerate launch); they share the recipe's batches",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per process")
     return parser
 
