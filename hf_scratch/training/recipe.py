@@ -20,6 +20,7 @@ with a validation split made from the training images when the source has none.
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import hf_scratch
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("vae", "decoder", "text", "unet", "eval")
 STAGE_FOLDERS = {"vae": "vae", "decoder": "vae-decoder", "text": "text", "unet": "model", "eval": "eval"}
@@ -321,10 +324,9 @@ def make_plan(args: argparse.Namespace, output_dir: Path, data_dir: Path, num_tr
         seconds = measure_seconds_per_step(stage, plan, args.threads) * STEP_OVERHEAD
         plan.seconds_per_step[stage] = round(seconds, 4)
         plan.steps[stage] = max(MIN_STEPS, int((budget * shares[stage] - STAGE_STARTUP_SECONDS) / seconds))
-        print(
+        logger.info(
             f"  {stage}: {seconds:.3f} s per step of {batch[stage]} measured, so {plan.steps[stage]} steps fit its "
-            f"{budget * shares[stage] / 60:.1f} min",
-            flush=True,
+            f"{budget * shares[stage] / 60:.1f} min"
         )
     plan.flags = stage_flags(plan, output_dir, data_dir)
     return plan
@@ -335,9 +337,9 @@ def load_or_make_plan(args: argparse.Namespace, output_dir: Path, data_dir: Path
     path = output_dir / "plan.json"
     if path.is_file():
         plan = Plan(**json.loads(path.read_text()))
-        print(f"keeping the plan of the first run ({path}): the stages resume where they stopped", flush=True)
+        logger.info(f"keeping the plan of the first run ({path}): the stages resume where they stopped")
         return plan
-    print(f"planning the stages for a budget of {args.budget}:", flush=True)
+    logger.info(f"planning the stages for a budget of {args.budget}:")
     plan = make_plan(args, output_dir, data_dir, *sizes)
     staging = path.with_suffix(".partial")
     staging.write_text(json.dumps(asdict(plan), indent=2))
@@ -369,7 +371,7 @@ def run_stage(stage: str, plan: Plan, args: argparse.Namespace, output_dir: Path
 
     folder = output_dir / STAGE_FOLDERS[stage]
     if finished_step(folder) == plan.steps[stage]:
-        print(f"{stage}: finished earlier ({plan.steps[stage]} steps in {folder}), kept", flush=True)
+        logger.info(f"{stage}: finished earlier ({plan.steps[stage]} steps in {folder}), kept")
         return 0.0
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     if args.num_processes > 1 and args.device == "cpu":
@@ -582,12 +584,26 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _stop(number: int, frame: Any) -> None:
     """SIGTERM: one line, then unwind through `run_stage`, which stops the running stage."""
-    print("hf-scratch train: stopped; re-run the same command to resume", file=sys.stderr, flush=True)
+    os.write(2, b"hf-scratch train: stopped; re-run the same command to resume\n")  # signal-safe, unlike logging
     sys.exit(128 + number)
+
+
+def show_progress() -> None:
+    """The command's own lines, bare: progress on stdout, errors on stderr (the stages' tqdm bars go to stderr)."""
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers.clear()
+    progress, errors = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    errors.setLevel(logging.WARNING)
+    for handler in (progress, errors):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_progress()
     signal.signal(signal.SIGTERM, _stop)
     try:
         check_args(args)
@@ -599,10 +615,10 @@ def main(argv: list[str] | None = None) -> int:
             args.mixed_precision = "bf16" if args.device == "cuda" else "no"
         return train(args)
     except (ValueError, RuntimeError) as error:
-        print(f"hf-scratch train: error: {error}", file=sys.stderr)
+        logger.error(f"hf-scratch train: error: {error}")
         return 2
     except KeyboardInterrupt:
-        print("hf-scratch train: interrupted; re-run the same command to resume", file=sys.stderr)
+        logger.error("hf-scratch train: interrupted; re-run the same command to resume")
         return 130
 
 
@@ -610,7 +626,7 @@ def train(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data_dir, num_train, num_validation, where = prepare_data(args, output_dir)
-    print(f"data: {num_train} training images; validation: {num_validation} images, {where}", flush=True)
+    logger.info(f"data: {num_train} training images; validation: {num_validation} images, {where}")
     plan = load_or_make_plan(args, output_dir, data_dir, (num_train, num_validation))
     timings_path = output_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -618,20 +634,21 @@ def train(args: argparse.Namespace) -> int:
     for number, stage in enumerate(selected, start=1):
         if stage == "eval":
             start = time.perf_counter()
-            print(f"[{number}/{len(selected)}] eval: generating {min(args.eval_images, num_validation)} images of the "
-                  "validation captions and judging them", flush=True)  # fmt: skip
+            count = min(args.eval_images, num_validation)
+            logger.info(f"[{number}/{len(selected)}] eval: generating {count} images of the validation captions and "
+                        "judging them")  # fmt: skip
             evaluate_model(output_dir / "model", data_dir, output_dir / "eval", plan.resolution, plan.seed,
                                     args.eval_images, args.device)  # fmt: skip
             seconds = time.perf_counter() - start
         else:
             planned = plan.steps[stage] * plan.seconds_per_step.get(stage, float("nan")) / 60
             eta = f", about {planned:.0f} min" if math.isfinite(planned) else ""
-            print(f"[{number}/{len(selected)}] {stage}: {plan.steps[stage]} steps of {plan.batch[stage]} images"
-                  f"{eta}, in {output_dir / STAGE_FOLDERS[stage]}", flush=True)  # fmt: skip
+            logger.info(f"[{number}/{len(selected)}] {stage}: {plan.steps[stage]} steps of {plan.batch[stage]} images"
+                  f"{eta}, in {output_dir / STAGE_FOLDERS[stage]}")  # fmt: skip
             seconds = run_stage(stage, plan, args, output_dir)
         timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
         timings_path.write_text(json.dumps(timings, indent=2))
-    print(summary(output_dir, plan, timings), flush=True)
+    logger.info(summary(output_dir, plan, timings))
     return 0
 
 
