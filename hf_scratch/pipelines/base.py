@@ -24,6 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
+from diffusers.guiders import BaseGuidance
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -43,6 +44,7 @@ from hf_scratch.schedulers import scheduler_family  # isort: skip
 from hf_scratch.schedulers.schedule import original_sample_of_step  # isort: skip
 from hf_scratch.pipelines.checks import PipelineChecks, StepCallback, checked_callback_tensor  # isort: skip
 from hf_scratch.pipelines.loaders import ScratchLoadersMixin  # isort: skip
+from hf_scratch.pipelines.guidance import classifier_free_guidance, start_guider_step  # isort: skip
 
 logger = logging.get_logger(__name__)
 
@@ -61,15 +63,18 @@ class ScratchPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_pred_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
-    """Rescaled classifier-free guidance (Lin et al. 2024, arXiv:2305.08891, Sec. 3.4, Eq. 15–16): the guided
-    prediction x_cfg is scaled to the standard deviation of the text-conditioned one,
-    x_rescaled = x_cfg · σ_pos / σ_cfg, then mixed back, φ x_rescaled + (1 − φ) x_cfg, with φ = `guidance_rescale`
-    (each σ over a sample's elements)."""
-    dims = list(range(1, noise_cfg.ndim))
-    std_text = noise_pred_text.std(dim=dims, keepdim=True)
-    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
-    return guidance_rescale * (noise_cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * noise_cfg
+def conditional_half(added_cond_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The conditional half of `[uncond; cond]`-stacked extra U-Net inputs (IP-Adapter's image embeddings), for a
+    step that a guider leaves unguided."""
+
+    def half(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.chunk(2)[1]
+        if isinstance(value, (list, tuple)):
+            return type(value)(half(item) for item in value)
+        return value
+
+    return {name: half(value) for name, value in added_cond_kwargs.items()}
 
 
 class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin):
@@ -307,14 +312,24 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
         prompt_embeds: torch.Tensor | None,
         negative_prompt_embeds: torch.Tensor | None,
         clip_skip: int | None,
+        guider: BaseGuidance | None = None,
     ) -> torch.Tensor:
-        """The text embeddings the denoising loop reads: `[uncond; cond]` stacked on the batch axis when guidance is
-        on (w > 1), else the prompts' alone (`encode_prompt`)."""
+        """The text embeddings the denoising loop reads: `[uncond; cond]` stacked on the batch axis when guidance
+        reads the unconditional prediction (`stacks_uncond`), else the prompts' alone (`encode_prompt`)."""
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, guidance_scale > 1, negative_prompt,
+            prompt, device, num_images_per_prompt, self.stacks_uncond(guidance_scale, guider), negative_prompt,
             prompt_embeds, negative_prompt_embeds, clip_skip,
         )  # fmt: skip
         return prompt_embeds if negative_prompt_embeds is None else torch.cat([negative_prompt_embeds, prompt_embeds])
+
+    @staticmethod
+    def stacks_uncond(guidance_scale: float, guider: BaseGuidance | None) -> bool:
+        """Whether guidance reads the unconditional prediction, so that the text embeddings are `[uncond; cond]`:
+        classifier-free guidance with w > 1, or any guider but autoguidance (whose second prediction is its guide
+        model's, on the conditional text)."""
+        if guider is None:
+            return guidance_scale > 1
+        return getattr(guider, "guide", None) is None
 
     def prepare_extra_step_kwargs(self, generator: Generator, eta: float) -> dict[str, Any]:
         """`eta` and `generator` for `scheduler.step`, each only if the scheduler's `step` accepts it."""
@@ -339,8 +354,9 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
 
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """x_t ~ q(x_t | x_0 = latents) with the given noise: `add_noise` (√ᾱ_t x_0 + √(1 − ᾱ_t) ε, or x_0 + σ ε) for
-        the DDPM and EDM families, the flow's x_σ = (1 − σ) x_0 + σ ε (`scale_noise`) for flow schedulers."""
-        if scheduler_family(self.scheduler) == "flow":
+        the DDPM and EDM families, the flow's x_σ = (1 − σ) x_0 + σ ε (`scale_noise`) for flow schedulers (diffusers'
+        multistep solvers in flow mode compute it in `add_noise`)."""
+        if scheduler_family(self.scheduler) == "flow" and hasattr(self.scheduler, "scale_noise"):
             return self.scheduler.scale_noise(latents, timestep, noise)
         return self.scheduler.add_noise(latents, noise, timestep)
 
@@ -394,33 +410,51 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
         step_end: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         unet_extras: UNetExtras | None = None,
         added_cond_kwargs: dict[str, Any] | None = None,
+        guider: BaseGuidance | None = None,
     ) -> torch.Tensor:
-        """Run x_t -> ε̂ -> x_{t-1} over `timesteps`. With guidance, `prompt_embeds` is `[uncond; cond]`, and
-        `guidance_rescale` > 0 rescales the guided prediction (`rescale_noise_cfg`). `conditioning` is stacked after
-        the latents on the U-Net's channel axis (an inpainting U-Net's mask and masked image), and
-        `step_end(step_index, latents)` returns the latents to go on with after each step (inpainting's blending).
-        `unet_extras(step_index, timestep, model_input, prompt_embeds)` gives further U-Net arguments for a step (a
-        ControlNet's residuals), from the scaled input before `conditioning` is stacked on; `added_cond_kwargs` goes
-        to every U-Net call (IP-Adapter's image embeddings, `ip_adapter_embeddings`)."""
-        do_classifier_free_guidance = guidance_scale > 1
+        """Run x_t -> ε̂ -> x_{t-1} over `timesteps`. With guidance, `prompt_embeds` is `[uncond; cond]` (see
+        `stacks_uncond`), and the two predictions of a step are mixed by classifier-free guidance with
+        `guidance_scale` and `guidance_rescale` (`classifier_free_guidance`), or by `guider` when one is given (a
+        diffusers guider, or one of `hf_scratch.pipelines.guidance`; a step it leaves unguided costs one U-Net batch,
+        and `ModelAutoGuidance` takes its second prediction from its guide U-Net on the conditional text).
+        `conditioning` is stacked after the latents on the U-Net's channel axis (an inpainting U-Net's mask and
+        masked image), and `step_end(step_index, latents)` returns the latents to go on with after each step
+        (inpainting's blending). `unet_extras(step_index, timestep, model_input, prompt_embeds)` gives further U-Net
+        arguments for a step (a ControlNet's residuals), from the scaled input before `conditioning` is stacked on;
+        `added_cond_kwargs` goes to every U-Net call (IP-Adapter's image embeddings, `ip_adapter_embeddings`)."""
+        stacked = self.stacks_uncond(guidance_scale, guider)
+        guide_model = getattr(guider, "guide", None)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step_index, timestep in enumerate(timesteps):
+                if guider is not None:
+                    start_guider_step(guider, self.scheduler, step_index, len(timesteps), timestep)
+                guided = guidance_scale > 1 if guider is None else guider.num_conditions > 1
                 # Classifier-free guidance: one U-Net call on [x_t; x_t] with [uncond; cond] text.
-                model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+                both_halves = stacked and guided
+                embeds = prompt_embeds if both_halves or not stacked else prompt_embeds.chunk(2)[1]
+                model_input = torch.cat([latents] * 2) if both_halves else latents
                 model_input = self.scale_model_input(model_input, timestep)
-                extras = {} if unet_extras is None else unet_extras(step_index, timestep, model_input, prompt_embeds)
+                extras = {} if unet_extras is None else unet_extras(step_index, timestep, model_input, embeds)
                 if added_cond_kwargs is not None:
-                    extras["added_cond_kwargs"] = added_cond_kwargs
+                    extras["added_cond_kwargs"] = (
+                        added_cond_kwargs if both_halves or not stacked else conditional_half(added_cond_kwargs)
+                    )
                 if conditioning is not None:
                     model_input = torch.cat([model_input, conditioning], dim=1)
                 noise_pred = self.unet(
-                    model_input, timestep, encoder_hidden_states=prompt_embeds, **extras, return_dict=False
+                    model_input, timestep, encoder_hidden_states=embeds, **extras, return_dict=False
                 )[0]
-                if do_classifier_free_guidance:
+                if both_halves:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
-                    if guidance_rescale > 0:
-                        noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
+                    if guider is None:
+                        noise_pred = classifier_free_guidance(
+                            noise_pred_uncond, noise_pred_text, guidance_scale, guidance_rescale
+                        )
+                    else:
+                        noise_pred = guider.forward(noise_pred_text, noise_pred_uncond).pred
+                elif guided and guide_model is not None:
+                    guide_pred = guide_model(model_input, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+                    noise_pred = guider.forward(noise_pred, guide_pred.to(noise_pred.dtype)).pred
 
                 step_output = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs, return_dict=True)
                 sample, latents = latents, step_output.prev_sample

@@ -192,6 +192,38 @@ class PipelineChecks:
                 raise ValueError(f"`clip_skip` must be an integer in [0, {num_layers - 1}], got {clip_skip!r}.")
         return batch_size
 
+    def check_guider(
+        self, guider: Any, guidance_rescale: float, ip_adapter_image: Any = None, ip_adapter_image_embeds: Any = None
+    ) -> None:
+        """A `guider` must be a diffusers guider (`diffusers.guiders.BaseGuidance`); it replaces `guidance_scale` and
+        `guidance_rescale` (so a rescale beside it is refused, as is IP-Adapter beside a guide model, which would
+        need the image embeddings too)."""
+        if guider is None:
+            return
+        from diffusers.guiders import BaseGuidance
+
+        if not isinstance(guider, BaseGuidance):
+            raise TypeError(
+                "`guider` must be a diffusers guider (diffusers.guiders.BaseGuidance, e.g. AdaptiveProjectedGuidance) "
+                f"or one of hf_scratch.pipelines.guidance, got {type(guider).__name__}."
+            )
+        if guidance_rescale > 0:
+            raise ValueError(
+                "`guidance_rescale` applies to the pipeline's own classifier-free guidance; with a `guider`, pass the "
+                "rescale to the guider instead (e.g. ClassifierFreeGuidance(guidance_rescale=0.7))."
+            )
+        guide = getattr(guider, "guide", None)
+        if guide is not None:
+            if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+                raise ValueError("IP-Adapter images cannot be used with a guide model (`ModelAutoGuidance`).")
+            for name in ("in_channels", "cross_attention_dim"):
+                if getattr(guide.config, name, None) != getattr(self.unet.config, name, None):
+                    raise ValueError(
+                        f"The guide model's {name} ({getattr(guide.config, name, None)}) differs from the U-Net's "
+                        f"({getattr(self.unet.config, name, None)}); autoguidance needs a guide of the same latents "
+                        "and text encoder."
+                    )
+
     def check_size(self, height: int, width: int, names: tuple[str, str] = ("`height`", "`width`")) -> None:
         """Raise `ValueError` unless `height` and `width` are positive multiples of `self.size_multiple`."""
         for name, value in zip(names, (height, width)):

@@ -10,6 +10,7 @@ There is no safety checker: the pipeline returns exactly what the decoder produc
 from typing import Any
 
 import torch
+from diffusers.guiders import BaseGuidance
 from diffusers.image_processor import PipelineImageInput
 
 from hf_scratch.pipelines.base import Generator, ScratchPipelineBase, ScratchPipelineOutput
@@ -50,6 +51,7 @@ class ScratchStableDiffusionPipeline(ScratchPipelineBase):
         cross_attention_kwargs: dict[str, Any] | None = None,
         ip_adapter_image: PipelineImageInput | list | None = None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        guider: BaseGuidance | None = None,
     ) -> ScratchPipelineOutput | tuple:
         """Generate images from text.
 
@@ -79,6 +81,9 @@ class ScratchStableDiffusionPipeline(ScratchPipelineBase):
             ip_adapter_image: one image per loaded IP-Adapter (`load_ip_adapter`), encoded by its image encoder.
             ip_adapter_image_embeds: or their embeddings, one tensor per IP-Adapter, `[uncond; cond]` on the first
                 axis under guidance (see `ip_adapter_embeddings`).
+            guider: guidance other than classifier-free guidance with `guidance_scale` (which it replaces, with
+                `guidance_rescale`): a diffusers guider such as `AdaptiveProjectedGuidance(guidance_scale=...)`, or
+                `IntervalGuidance` / `ModelAutoGuidance` of `hf_scratch.pipelines.guidance`.
         """
         default_height, default_width = self._default_size()
         height = default_height if height is None else height
@@ -88,6 +93,7 @@ class ScratchStableDiffusionPipeline(ScratchPipelineBase):
             num_images_per_prompt, generator, output_type, callback_on_step_end_tensor_inputs, clip_skip,
             guidance_scale, eta, callback_on_step_end, return_dict, guidance_rescale,
         )  # fmt: skip
+        self.check_guider(guider, guidance_rescale, ip_adapter_image, ip_adapter_image_embeds)
         self.check_size(height, width)
         height, width = int(height), int(width)
         num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
@@ -102,17 +108,18 @@ class ScratchStableDiffusionPipeline(ScratchPipelineBase):
         device = self._execution_device
         prompt_embeds = self.guidance_embeddings(
             prompt, device, num_images_per_prompt, guidance_scale, negative_prompt, prompt_embeds,
-            negative_prompt_embeds, clip_skip,
+            negative_prompt_embeds, clip_skip, guider,
         )  # fmt: skip
         image_embeds = self.ip_adapter_embeddings(
-            ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt, guidance_scale > 1
-        )
+            ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt,
+            self.stacks_uncond(guidance_scale, guider),
+        )  # fmt: skip
 
         timesteps, num_inference_steps = self.retrieve_timesteps(num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
         latents = self.denoise(
             latents, timesteps, prompt_embeds, guidance_scale, self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale,
-            added_cond_kwargs=image_embeds,
+            added_cond_kwargs=image_embeds, guider=guider,
         )  # fmt: skip
         return self.finish(latents, output_type, return_dict)
