@@ -41,10 +41,52 @@ __all__ = [
     "ClassifierFreeGuidance",
     "IntervalGuidance",
     "ModelAutoGuidance",
+    "GUIDANCE_KINDS",
     "classifier_free_guidance",
+    "guidance_kwargs",
     "noise_level",
     "start_guider_step",
 ]
+
+
+# The guidance kinds by name (`guidance_kwargs`), as the CLI, the demo and the sampling study offer them.
+GUIDANCE_KINDS = ("cfg", "interval", "apg", "auto")
+
+
+def guidance_kwargs(
+    kind: str,
+    guidance_scale: float,
+    *,
+    guidance_rescale: float = 0.0,
+    sigma_low: float = 0.28,
+    sigma_high: float | None = 5.42,
+    eta: float = 0.0,
+    momentum: float | None = None,
+    guide: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """The pipeline arguments of a guidance kind of `GUIDANCE_KINDS`: "cfg" (the pipeline's own classifier-free
+    guidance, with `guidance_rescale`), "interval" (`IntervalGuidance` on σ ∈ (`sigma_low`, `sigma_high`], None for
+    no upper end), "apg" (diffusers' `AdaptiveProjectedGuidance` with η = `eta` and momentum β = `momentum`, no norm
+    cap) or "auto" (`ModelAutoGuidance` by the U-Net `guide`)."""
+    if kind == "cfg":
+        return {"guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale}
+    if guidance_rescale > 0 and kind != "interval":
+        raise ValueError(f"guidance_rescale applies to the cfg and interval guidance kinds, not to {kind!r}.")
+    if kind == "interval":
+        high = math.inf if sigma_high is None else sigma_high
+        return {"guider": IntervalGuidance(guidance_scale, sigma_low, high, guidance_rescale=guidance_rescale)}
+    if kind == "apg":
+        return {
+            "guider": AdaptiveProjectedGuidance(
+                guidance_scale, adaptive_projected_guidance_momentum=momentum,
+                adaptive_projected_guidance_rescale=0.0, eta=eta,
+            )
+        }  # fmt: skip
+    if kind == "auto":
+        if guide is None:
+            raise ValueError("Autoguidance needs a guide U-Net (a smaller, shorter-trained model of the same latents).")
+        return {"guider": ModelAutoGuidance(guide, guidance_scale)}
+    raise ValueError(f"Unknown guidance kind {kind!r}; choose one of: {', '.join(GUIDANCE_KINDS)}.")
 
 
 def classifier_free_guidance(
