@@ -1,0 +1,361 @@
+"""The sampling study: which solver, guidance and timestep schedule draw the shipped flow model's best images for a
+given number of network evaluations (NFE), judged by an image model that no model here was trained with.
+
+    python training/sampling_study.py tune      # each guidance kind's scale and options, on tuning prompts
+    python training/sampling_study.py run       # every method x NFE x split x seed not yet in the results
+    python training/sampling_study.py report    # docs/sampling_study.md and docs/sampling_study.png
+
+Design:
+- **Model**: the shipped `hf_scratch/pretrained/emoji32` (flow matching, v = ε − x_0); autoguidance's guides are
+  U-Nets of `training/recipes/emoji32_guide.sh` (`--guides`): a 1.9M-parameter U-Net (the main one has 7.2M)
+  trained for 1/16 ("T/16", the paper's choice) or 1/8 ("T/8") of the main model's steps.
+- **Prompts**: per split (`validation`: emoji never trained on; `train`), the first `--prompts` captions in SHA-256
+  order (`hash_sample`), each drawn once per sampling seed s with the noise of `torch.Generator().manual_seed(s ·
+  100000 + i)` for prompt i, so every method sees the same noise. `tune` uses the next 128 captions of the same
+  order (64 per split), disjoint from them.
+- **Figures** (`hf_scratch.metrics`, EfficientNet-lite0 ImageNet features): KID as the unbiased squared MMD over all
+  pairs of the generated and the true images of the same prompts (×10³), the Fréchet distance, precision and
+  recall; beside them the floor, KID between two disjoint halves of the true images. KID is the primary figure: FD
+  of a few hundred images in 1,280 dimensions rests on a singular covariance.
+- **Cost**: NFE = U-Net calls per image (a classifier-free guidance batch [uncond; cond] is one call, as in the
+  papers), and beside it the U-Net sample-evaluations per image (two for such a call) and seconds per image, on
+  whatever else the machine ran at the time.
+- **Verdict**: a method beats plain classifier-free guidance (Euler, the tuned scale) at the same NFE only when its
+  worst seed is better than the baseline's best seed, on both splits.
+
+`tune` and `run` record each finished cell in the results JSON (`--results`) under a file lock and skip it when
+re-run, so several processes (one thread each) can share the work; `report` reads only the JSON.
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "hf_scratch" / "pretrained" / "emoji32"
+SPLITS = ("validation", "train")
+SEEDS = (0, 1, 2)
+NFES = (4, 8, 16)
+BASELINE_NFES = (4, 8, 16, 20)  # plain CFG also at today's 20 steps
+TUNE_NFE = 8
+TUNE_PROMPTS = 64
+SHIPPED_GUIDANCE = 4.0
+
+# The options each guidance kind is tuned over (`tune`): classifier-free guidance (CFG), rescaled CFG, CFG in an
+# interval of EDM's σ (None: no upper end), APG (η = 0 as the paper recommends; momentum β), and autoguidance.
+GRIDS: dict[str, list[dict]] = {
+    "cfg": [{"guidance_scale": w} for w in (2.0, 3.0, 4.0, 5.0, 6.0)],
+    "cfg-rescale": [{"guidance_scale": w, "guidance_rescale": phi} for w, phi in ((6.0, 0.5), (6.0, 0.7), (8.0, 0.7))],
+    "interval": [
+        {"guidance_scale": w, "sigma_low": low, "sigma_high": high}
+        for w in (4.0, 6.0, 8.0)
+        for low, high in ((0.28, 5.42), (0.28, None), (1.0, None))
+    ],  # fmt: skip
+    "apg": [
+        {"guidance_scale": w, "eta": 0.0, "momentum": m}
+        for w, m in ((6.0, None), (8.0, None), (10.0, None), (8.0, -0.5))
+    ],
+    "auto": [{"guidance_scale": w, "guide": guide} for guide in ("T/16", "T/8") for w in (1.5, 2.0, 3.0)],
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A sampler: `solver` (a `hf_scratch.schedulers.SCHEDULERS` name), a guidance kind of `GRIDS` with its options
+    (the tuned ones when None), and a timestep schedule ("linear", "shift-3" or "optimised")."""
+
+    solver: str
+    guidance: str
+    schedule: str = "linear"
+    options: tuple = field(default=None)
+    nfes: tuple = NFES
+
+
+METHODS: dict[str, Method] = {  # in the order `run` draws them
+    "euler, CFG": Method("flow-euler", "cfg", nfes=BASELINE_NFES),
+    "heun, CFG": Method("flow-heun", "cfg"),
+    "unipc, CFG": Method("flow-unipc", "cfg"),
+    "euler, guidance interval": Method("flow-euler", "interval"),
+    "euler, autoguidance": Method("flow-euler", "auto"),
+    "euler, APG": Method("flow-euler", "apg"),
+    "euler, rescaled CFG": Method("flow-euler", "cfg-rescale"),
+    "euler, CFG, optimised σ": Method("flow-euler", "cfg", schedule="optimised"),
+    "euler, CFG, shift 3": Method("flow-euler", "cfg", schedule="shift-3"),
+    "dpm++ 2M, CFG": Method("flow-dpm++", "cfg"),
+    "euler, CFG 4 (today)": Method(
+        "flow-euler", "cfg", options=(("guidance_scale", SHIPPED_GUIDANCE),), nfes=BASELINE_NFES
+    ),
+}
+BASELINE = "euler, CFG"
+
+
+# ------------------------------------------------------------------------------------------------------ results file
+@contextmanager
+def locked_results(path: Path):
+    """The results dict, read under an exclusive lock and written back (atomically) when the block ends."""
+    lock = Path(tempfile.gettempdir()) / f"{path.name}.lock"
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {"tune": {}, "cells": {}, "floor": {}}
+        yield results
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        os.replace(partial, path)
+
+
+def read_results(path: Path) -> dict:
+    with locked_results(path) as results:
+        return results
+
+
+# ------------------------------------------------------------------------------------------------------- the sampler
+def load(args: argparse.Namespace) -> dict:
+    from hf_scratch.data.folder import load_dataset_folder
+    from hf_scratch.models.unet import ScratchUNet2DConditionModel
+    from hf_scratch.pipelines import ScratchStableDiffusionPipeline
+
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    guides = {}
+    for name, folder in (entry.split("=", 1) for entry in args.guides):
+        if Path(folder).is_dir():
+            guides[name] = ScratchUNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    schedules = {}
+    if args.schedules and Path(args.schedules).is_file():
+        schedules = json.loads(Path(args.schedules).read_text())
+    return {
+        "pipe": pipe, "scheduler_config": dict(pipe.scheduler.config), "guides": guides,
+        "data": load_dataset_folder(args.data), "schedules": schedules,
+    }  # fmt: skip
+
+
+def prompts_and_images(dataset: Any, first: int, count: int, resolution: int) -> tuple[list[str], torch.Tensor]:
+    """Captions `first` .. `first + count` of the SHA-256 order and their true images (N, 3, H, W) in [0, 1]."""
+    from hf_scratch.evaluation import hash_sample
+    from hf_scratch.metrics import image_to_tensor
+
+    indices = hash_sample(dataset["text"], first + count)[first:]
+    return [dataset[i]["text"] for i in indices], torch.stack(
+        [image_to_tensor(dataset[i]["image"], resolution) for i in indices]
+    )
+
+
+def steps_for(solver: str, nfe: int) -> int:
+    """Solver steps within `nfe` U-Net calls: Heun spends two per step but one on the last (2n − 1)."""
+    return (nfe + 1) // 2 if solver == "flow-heun" else nfe
+
+
+def guidance_of(kind: str, options: dict, guides: dict[str, torch.nn.Module]) -> dict:
+    """The pipeline arguments of a guidance kind of `GRIDS` with its options (`guidance_kwargs`)."""
+    from hf_scratch.pipelines.guidance import guidance_kwargs
+
+    options = dict(options)
+    if kind == "auto":
+        if options["guide"] not in guides:
+            raise ValueError(f"autoguidance needs the guide {options['guide']!r} (--guides NAME=FOLDER)")
+        options["guide"] = guides[options["guide"]]
+    return guidance_kwargs("cfg" if kind == "cfg-rescale" else kind, **options)
+
+
+def schedule_kwargs(pipe: Any, scheduler_config: dict, solver: str, schedule: str, steps: int, schedules: dict) -> dict:
+    """Set `pipe.scheduler` to `solver` with the schedule's shift, and return the `sigmas=` of an optimised schedule."""
+    from hf_scratch.schedulers import make_scheduler
+
+    config = dict(scheduler_config)
+    if schedule == "shift-3":
+        config["shift"] = 3.0
+    pipe.scheduler = make_scheduler(solver, config)
+    if schedule != "optimised":
+        return {}
+    entry = schedules.get("schedules", schedules).get(str(steps))
+    if entry is None:
+        raise KeyError(f"no optimised schedule of {steps} steps")
+    return {"sigmas": entry["sigmas"] if isinstance(entry, dict) else entry}
+
+
+@torch.no_grad()
+def sample(loaded: dict, prompts: list[str], seed: int, method: Method, options: dict, nfe: int) -> dict:
+    """Images of `prompts` with one method at one NFE, and what they cost."""
+    pipe = loaded["pipe"]
+    guide = loaded["guides"].get(options.get("guide"))
+    steps = steps_for(method.solver, nfe)
+    kwargs = schedule_kwargs(
+        pipe, loaded["scheduler_config"], method.solver, method.schedule, steps, loaded["schedules"]
+    )
+    kwargs.update(guidance_of(method.guidance, options, loaded["guides"]))
+    kwargs.setdefault("guidance_scale", 1.0)
+    calls, evaluations = [0], [0]
+
+    def count(module: torch.nn.Module, inputs: tuple, kwargs_: dict) -> None:
+        calls[0] += module is pipe.unet
+        evaluations[0] += inputs[0].shape[0]
+
+    hooks = [
+        model.register_forward_pre_hook(count, with_kwargs=True) for model in (pipe.unet, guide) if model is not None
+    ]
+    generators = [torch.Generator().manual_seed(seed * 100_000 + i) for i in range(len(prompts))]
+    start = time.perf_counter()
+    try:
+        images = pipe(prompts, num_inference_steps=steps, generator=generators, output_type="pt", **kwargs).images
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {
+        "images": images.float(),
+        "nfe": calls[0],
+        "unet_evaluations_per_image": evaluations[0] / len(prompts),
+        "seconds_per_image": (time.perf_counter() - start) / len(prompts),
+        "steps": steps,
+    }
+
+
+def figures(generated: np.ndarray, true: np.ndarray) -> dict:
+    """KID (all pairs, ×10³), Fréchet distance, precision and recall of generated against true features."""
+    from hf_scratch.metrics import frechet_distance, mmd_squared_unbiased, precision_recall
+
+    precision, recall = precision_recall(generated, true)
+    return {
+        "kid_x1e3": 1e3 * mmd_squared_unbiased(generated, true),
+        "fd": frechet_distance(generated, true),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def features(images: torch.Tensor) -> np.ndarray:
+    from hf_scratch.metrics import efficientnet_features
+
+    return efficientnet_features(images, batch_size=128)
+
+
+# ---------------------------------------------------------------------------------------------------------- commands
+def tune(args: argparse.Namespace, loaded: dict) -> None:
+    """Each guidance kind's options on the tuning prompts (Euler, `TUNE_NFE`, seed 0): KID averaged over the splits."""
+    truths = {}
+    for split in SPLITS:
+        prompts, real = prompts_and_images(loaded["data"][split], args.prompts, TUNE_PROMPTS, args.resolution)
+        truths[split] = (prompts, features(real))
+    for kind, grid in GRIDS.items():
+        for options in grid:
+            if kind == "auto" and options["guide"] not in loaded["guides"]:
+                print(f"tune: no guide {options['guide']!r}, skipped", flush=True)
+                continue
+            key = f"{kind} {json.dumps(options, sort_keys=True)}"
+            if key in read_results(args.results)["tune"]:
+                continue
+            scores = {}
+            for split, (prompts, real_features) in truths.items():
+                drawn = sample(loaded, prompts, 0, Method("flow-euler", kind), options, TUNE_NFE)
+                scores[split] = figures(features(drawn["images"]), real_features)
+            entry = {"kind": kind, "options": options, "scores": scores}
+            entry["kid_x1e3"] = float(np.mean([scores[s]["kid_x1e3"] for s in SPLITS]))
+            with locked_results(args.results) as results:
+                results["tune"][key] = entry
+            print(f"tune {key}: KID×1e3 {entry['kid_x1e3']:.3f}", flush=True)
+
+
+def tuned_options(results: dict, kind: str) -> dict:
+    """The options of `kind` with the lowest tuning KID."""
+    entries = [entry for entry in results["tune"].values() if entry["kind"] == kind]
+    if not entries:
+        raise KeyError(f"guidance kind {kind!r} is not tuned yet: run `tune` first")
+    return min(entries, key=lambda entry: entry["kid_x1e3"])["options"]
+
+
+def claim(path: Path, key: str) -> bool:
+    """Mark `key` as being drawn by this process, unless it is recorded or claimed by another live process."""
+    with locked_results(path) as results:
+        claims = results.setdefault("claims", {})
+        owner = claims.get(key)
+        if key in results["cells"] or (owner is not None and owner != os.getpid() and Path(f"/proc/{owner}").exists()):
+            return False
+        claims[key] = os.getpid()
+        return True
+
+
+def run(args: argparse.Namespace, loaded: dict) -> None:
+    """Every cell (method, NFE, seed, split) of the study not yet recorded, method by method in `METHODS` order
+    (several processes share the work through `claim`). Plain CFG at 4 ("today") is drawn only when tuning chose
+    another CFG scale."""
+    from hf_scratch.metrics import floor_halves
+
+    results = read_results(args.results)
+    truths = {}
+    for split in SPLITS:
+        prompts, real = prompts_and_images(loaded["data"][split], 0, args.prompts, args.resolution)
+        truths[split] = (prompts, features(real))
+        if split not in results["floor"]:
+            half_a, half_b = floor_halves(len(real), 0)
+            with locked_results(args.results) as shared:
+                shared["floor"][split] = figures(truths[split][1][half_a], truths[split][1][half_b])
+    for name in [name for name in METHODS if not args.methods or name in args.methods]:
+        method = METHODS[name]
+        if method.guidance == "auto" and not loaded["guides"]:
+            continue
+        if method.schedule == "optimised" and not loaded["schedules"]:
+            continue
+        options = dict(method.options) if method.options else tuned_options(results, method.guidance)
+        if method.options and options == tuned_options(results, method.guidance):
+            continue  # the tuned method draws the same images
+        for nfe in method.nfes:
+            for seed in args.seeds:
+                for split, (prompts, real_features) in truths.items():
+                    key = f"{name} | {nfe} | {split} | {seed}"
+                    if not claim(args.results, key):
+                        continue
+                    try:
+                        drawn = sample(loaded, prompts, seed, method, options, nfe)
+                    except KeyError as error:  # an optimised schedule of this length does not exist
+                        print(f"skip {key}: {error}", flush=True)
+                        continue
+                    cell = figures(features(drawn.pop("images")), real_features)
+                    cell.update(drawn, method=name, split=split, seed=seed, nfe_target=nfe, options=options)
+                    with locked_results(args.results) as shared:
+                        shared["cells"][key] = cell
+                        shared["claims"].pop(key, None)
+                    print(f"{key}: KID×1e3 {cell['kid_x1e3']:.3f} FD {cell['fd']:.1f}", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("tune", "run", "report"))
+    parser.add_argument("--model", default=str(SHIPPED))
+    parser.add_argument(
+        "--guides", nargs="*", help="autoguidance guides, NAME=U-Net folder",
+        default=[f"T/16={ROOT / 'outputs' / 'guide' / 'unet'}", f"T/8={ROOT / 'outputs' / 'guide-t8' / 'unet'}"],
+    )  # fmt: skip
+    parser.add_argument("--schedules", default=str(ROOT / "docs" / "optimised_schedules.json"))
+    parser.add_argument("--data", default="/tmp/emoji_eval/data", help="an emoji dataset (`hf-scratch data emoji`)")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "sampling_study.json")
+    parser.add_argument("--prompts", type=int, default=256, help="prompts per split")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--methods", nargs="*", default=None, help="run only these methods (names of METHODS)")
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.command == "report":
+        from sampling_study_report import write_report
+
+        write_report(read_results(args.results), METHODS, BASELINE, args.results.with_suffix(""))
+        return
+    loaded = load(args)
+    {"tune": tune, "run": run}[args.command](args, loaded)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""docs/sampling_study.md and docs/sampling_study.png from the sampling study's results (`sampling_study.py report`).
+
+A cell's figure is the mean over sampling seeds with its spread (min to max). A method beats another at the same NFE
+only when its worst seed is better than the other's best seed, on every split: `compare` says "better", "worse" or
+"within the spread".
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FIGURES = (("kid_x1e3", "KID ×10³"), ("fd", "Fréchet distance"))
+
+
+def seeds_of(cells: dict, method: str, nfe: int, split: str, figure: str = "kid_x1e3") -> list[float]:
+    return [
+        cell[figure]
+        for cell in cells.values()
+        if (cell["method"], cell["nfe_target"], cell["split"]) == (method, nfe, split)
+    ]
+
+
+def cost_of(cells: dict, method: str, nfe: int) -> dict:
+    """NFE, U-Net sample-evaluations and seconds per image of one method at one NFE target (means over cells)."""
+    chosen = [cell for cell in cells.values() if (cell["method"], cell["nfe_target"]) == (method, nfe)]
+    return {
+        name: float(np.mean([cell[name] for cell in chosen]))
+        for name in ("nfe", "unet_evaluations_per_image", "seconds_per_image")
+    }
+
+
+def compare(cells: dict, method: str, baseline: str, nfe: int, splits: list[str]) -> str | None:
+    """The verdict on KID against `baseline` at `nfe` ("better", "worse" or "within the spread"); None where a
+    cell is missing."""
+    verdicts = set()
+    for split in splits:
+        ours, theirs = seeds_of(cells, method, nfe, split), seeds_of(cells, baseline, nfe, split)
+        if not ours or not theirs:
+            return None
+        verdicts.add("better" if max(ours) < min(theirs) else "worse" if min(ours) > max(theirs) else "within")
+    return verdicts.pop() if len(verdicts) == 1 and "within" not in verdicts else "within the spread"
+
+
+def _cell_text(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{np.mean(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def write_report(results: dict, methods: dict, baseline: str, out_stem: Path) -> None:
+    cells = results["cells"]
+    splits = sorted({cell["split"] for cell in cells.values()}, key=lambda s: ("validation", "train").index(s))
+    present = [name for name in methods if any(cell["method"] == name for cell in cells.values())]
+    nfes = sorted({cell["nfe_target"] for cell in cells.values()})
+    seeds = sorted({cell["seed"] for cell in cells.values()})
+    lines = [
+        "# Sampling study: solvers, guidance and schedules for the shipped flow model",
+        "",
+        "Written by `python training/sampling_study.py report` from [sampling_study.json](sampling_study.json), which",
+        "`tune` and `run` filled (see the script's docstring for the design). Model `hf_scratch/pretrained/emoji32`;",
+        f"splits {', '.join(splits)}, sampling seeds {', '.join(map(str, seeds))}; KID ×10³ is the unbiased squared",
+        "MMD over all pairs of EfficientNet-lite0 features of the generated and the true images of the same prompts",
+        "(lower is better); each cell is the mean over seeds (min–max).",
+        "",
+    ]
+    if results.get("floor"):
+        floor = ", ".join(
+            f"{split} {results['floor'][split]['kid_x1e3']:.2f}" for split in splits if split in results["floor"]
+        )
+        lines += [f"Floor (true images against true images, two disjoint halves): KID ×10³ {floor}.", ""]
+    for figure, title in FIGURES:
+        for split in splits:
+            lines += [
+                f"## {title}, {split}",
+                "",
+                "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                "|---" * (len(nfes) + 1) + "|",
+            ]
+            for name in present:
+                row = [_cell_text(seeds_of(cells, name, n, split, figure)) for n in nfes]
+                lines.append(f"| {name} | " + " | ".join(row) + " |")
+            lines.append("")
+    lines += [
+        "## Against plain CFG (Euler, tuned scale) at the same NFE",
+        "",
+        "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+        "|---" * (len(nfes) + 1) + "|",
+    ]
+    for name in present:
+        if name == baseline:
+            continue
+        lines.append(f"| {name} | " + " | ".join(compare(cells, name, baseline, n, splits) or "–" for n in nfes) + " |")
+    lines += [
+        "",
+        "## Cost per image",
+        "",
+        "| method | NFE target | U-Net calls | U-Net sample-evaluations | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for name in present:
+        for n in nfes:
+            if seeds_of(cells, name, n, splits[0]):
+                cost = cost_of(cells, name, n)
+                lines.append(
+                    f"| {name} | {n} | {cost['nfe']:.0f} | {cost['unet_evaluations_per_image']:.0f} "
+                    f"| {cost['seconds_per_image']:.3f} |"
+                )
+    if results.get("tune"):
+        lines += [
+            "",
+            "## Tuning (Euler, NFE 8, seed 0, prompts disjoint from the study's)",
+            "",
+            "| kind | options | KID ×10³ (mean of splits) |",
+            "|---|---|---|",
+        ]
+        for entry in sorted(results["tune"].values(), key=lambda e: (e["kind"], e["kid_x1e3"])):
+            lines.append(
+                f"| {entry['kind']} | `{json.dumps(entry['options'], sort_keys=True)}` | {entry['kid_x1e3']:.2f} |"
+            )
+    out_stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(cells, present, splits, nfes, out_stem.with_suffix(".png"))
+
+
+def plot(cells: dict, methods: list[str], splits: list[str], nfes: list[int], path: Path) -> None:
+    """KID and FD against NFE, one line per method, the band spanning the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(FIGURES), len(splits), figsize=(6 * len(splits), 4.5 * len(FIGURES)), squeeze=False)
+    colours: dict[str, Any] = {}
+    for row, (name, title) in enumerate(FIGURES):
+        for column, split in enumerate(splits):
+            axis = axes[row][column]
+            for method in methods:
+                points = [(n, seeds_of(cells, method, n, split, name)) for n in nfes]
+                points = [(n, values) for n, values in points if values]
+                if not points:
+                    continue
+                x = [n for n, _ in points]
+                line = axis.plot(
+                    x, [np.mean(v) for _, v in points], marker="o", label=method, color=colours.get(method)
+                )[0]
+                colours[method] = line.get_color()
+                axis.fill_between(
+                    x, [min(v) for _, v in points], [max(v) for _, v in points], alpha=0.2, color=line.get_color()
+                )
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(nfes, [str(n) for n in nfes])
+            axis.set_xlabel("network evaluations (NFE)")
+            axis.set_ylabel(title)
+            axis.set_title(f"{title}, {split}")
+            axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
