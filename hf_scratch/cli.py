@@ -6,7 +6,9 @@ Heavy imports (torch, diffusers) happen inside the sub-commands, so `hf-scratch 
 import argparse
 import io
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -168,6 +170,141 @@ TASKS = {
 }
 
 
+# The sampling a model folder's `sampling.json` may set, and the defaults where it is silent (or absent). The options
+# of each guidance kind (`hf_scratch.pipelines.guidance.guidance_kwargs`) are set in the file for its own kind only;
+# `guide` names a subfolder of the model folder holding the autoguidance U-Net, for any kind.
+SAMPLING_FILE = "sampling.json"
+SAMPLING_DEFAULTS = {"num_inference_steps": 20, "guidance_kind": "cfg", "guidance_scale": 5.0,
+                     "guidance_rescale": 0.0, "sigma_low": 0.28, "sigma_high": 5.42, "eta": 0.0, "momentum": None,
+                     "guide": None}  # fmt: skip
+KIND_OPTIONS = {"cfg": ("guidance_rescale",), "interval": ("guidance_rescale", "sigma_low", "sigma_high"),
+                "apg": ("eta", "momentum"), "auto": ()}  # fmt: skip
+
+
+def default_sampling(model_folder: str | Path) -> dict:
+    """The default sampling of a pipeline folder: `SAMPLING_DEFAULTS` updated by the folder's `sampling.json` (beside
+    model_index.json) when there is one, e.g. {"num_inference_steps": 20, "guidance_kind": "interval",
+    "guidance_scale": 4.0, "sigma_low": 0.3, "sigma_high": null}. `sigma_high` null means no upper end, and `guide`
+    comes back as the path of its subfolder. ValueError naming the file and the key for anything else."""
+    from hf_scratch.pipelines.guidance import GUIDANCE_KINDS
+
+    path = Path(model_folder) / SAMPLING_FILE
+    sampling = dict(SAMPLING_DEFAULTS)
+    if not path.is_file():
+        return sampling
+    given = _read_json(path)
+
+    def refuse(key: str, allowed: str) -> ValueError:
+        return ValueError(f"{str(path)!r}: {key!r} is {given[key]!r}; {allowed}.")
+
+    for key, value in given.items():
+        if key not in SAMPLING_DEFAULTS:
+            raise ValueError(f"{str(path)!r}: unknown key {key!r}; the keys are {', '.join(SAMPLING_DEFAULTS)}.")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key == "num_inference_steps" and not (number and value == int(value) and value >= 1):
+            raise refuse(key, "it must be a whole number of at least 1")
+        if key == "guidance_kind" and value not in GUIDANCE_KINDS:
+            raise refuse(key, f"choose one of {', '.join(GUIDANCE_KINDS)}")
+        if key == "guide" and not (isinstance(value, str) and (Path(model_folder) / value / "config.json").is_file()):
+            raise refuse(key, "it must name a subfolder of the model folder holding a U-Net (config.json)")
+        if key in ("guidance_scale", "eta", "sigma_low") and not number:
+            raise refuse(key, "it must be a number")
+        if key in ("momentum", "sigma_high") and not (number or value is None):
+            raise refuse(key, "it must be a number or null")
+        if key == "guidance_rescale" and not (number and 0 <= value <= 1):
+            raise refuse(key, "it must be a number in [0, 1]")
+    sampling.update(given)
+    kind = sampling["guidance_kind"]
+    for key in given.keys() & {option for options in KIND_OPTIONS.values() for option in options}:
+        if key not in KIND_OPTIONS[kind]:
+            raise ValueError(f"{str(path)!r}: {key!r} is an option of another guidance kind than {kind!r}.")
+    high = math.inf if sampling["sigma_high"] is None else sampling["sigma_high"]
+    if kind == "interval" and not 0 <= sampling["sigma_low"] < high:
+        raise ValueError(f"{str(path)!r}: the interval needs 0 <= 'sigma_low' < 'sigma_high'.")
+    if kind == "auto" and sampling["guide"] is None:
+        raise ValueError(f"{str(path)!r}: 'guidance_kind' 'auto' needs 'guide', the subfolder of the guide U-Net.")
+    sampling["num_inference_steps"] = int(sampling["num_inference_steps"])
+    if sampling["guide"] is not None:
+        sampling["guide"] = str(Path(model_folder) / sampling["guide"])
+    return sampling
+
+
+def _resolve_sampling(args: argparse.Namespace, sampling: dict) -> dict:
+    """The run's steps and guidance: the flags, else the model's `sampling` (`default_sampling`). The file's scale
+    and options belong to its guidance kind: under another --guidance-kind they fall back to `SAMPLING_DEFAULTS`.
+    Returns the guidance settings as recorded in the PNG (`guidance_kind` and that kind's options; `guide` a path);
+    sets args.steps and args.guidance. ValueError naming the flag for combinations that cannot run."""
+    generate = args.command == "generate"
+    guider_flags = {"--guidance-interval": args.guidance_interval, "--apg-eta": args.apg_eta,
+                    "--apg-momentum": args.apg_momentum, "--guide": args.guide}  # fmt: skip
+    if not generate:
+        given = [flag for flag, value in guider_flags.items() if value is not None]
+        if args.guidance_kind not in (None, "cfg"):
+            given.insert(0, f"--guidance-kind {args.guidance_kind}")
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: {args.command} guides with classifier-free guidance only (--guidance, "
+                "--guidance-rescale); the other guidance kinds are for `hf-scratch generate`."
+            )
+    kind = args.guidance_kind or (sampling["guidance_kind"] if generate else "cfg")
+    own = sampling if kind == sampling["guidance_kind"] else SAMPLING_DEFAULTS
+    args.steps = sampling["num_inference_steps"] if args.steps is None else args.steps
+    args.guidance = own["guidance_scale"] if args.guidance is None else args.guidance
+    for flag, value in {**guider_flags, "--guidance-rescale": args.guidance_rescale}.items():
+        option_of = {"--guidance-interval": ("interval",), "--apg-eta": ("apg",), "--apg-momentum": ("apg",),
+                     "--guide": ("auto",), "--guidance-rescale": ("cfg", "interval")}[flag]  # fmt: skip
+        if value is not None and kind not in option_of:
+            raise ValueError(
+                f"{flag} applies to --guidance-kind {' or '.join(option_of)}, not {kind}; add --guidance-kind "
+                f"{option_of[0]} or drop {flag}."
+            )
+    settings = {"guidance_kind": kind}
+    if kind in ("cfg", "interval"):
+        rescale = own["guidance_rescale"] if args.guidance_rescale is None else args.guidance_rescale
+        if not 0 <= rescale <= 1:
+            raise ValueError(f"--guidance-rescale {rescale} is out of range; use a φ in [0, 1] (0.7 in the paper).")
+        settings["guidance_rescale"] = rescale
+    if kind == "interval":
+        low, high = own["sigma_low"], own["sigma_high"]
+        if args.guidance_interval is not None:
+            low, high = args.guidance_interval
+            high = None if math.isinf(high) else high
+        if not 0 <= low < (math.inf if high is None else high):
+            raise ValueError(
+                f"--guidance-interval {low} {high}: needs 0 <= LOW < HIGH (EDM sigmas; HIGH may be inf), e.g. "
+                "--guidance-interval 0.28 5.42."
+            )
+        settings.update(sigma_low=low, sigma_high=high)
+    if kind == "apg":
+        settings["eta"] = own["eta"] if args.apg_eta is None else args.apg_eta
+        settings["momentum"] = own["momentum"] if args.apg_momentum is None else args.apg_momentum
+    if kind == "auto":
+        guide = args.guide or sampling["guide"]
+        if guide is None:
+            raise ValueError(
+                "--guidance-kind auto needs --guide FOLDER, the U-Net folder of a weaker guide model (or a 'guide' "
+                f"in the model folder's {SAMPLING_FILE})."
+            )
+        if not (Path(guide) / "config.json").is_file():
+            raise ValueError(f"--guide {guide!r} is not a U-Net folder (it holds no config.json).")
+        settings["guide"] = str(guide)
+    return settings
+
+
+def _guidance_kwargs(settings: dict, guidance_scale: float, device, dtype) -> dict:
+    """The pipeline arguments of the guidance `settings` (`_resolve_sampling`), the guide U-Net loaded in the run's
+    dtype onto its device."""
+    from hf_scratch.pipelines.guidance import guidance_kwargs
+
+    options = {key: value for key, value in settings.items() if key not in ("guidance_kind", "guide")}
+    guide = None
+    if settings["guidance_kind"] == "auto":
+        from hf_scratch.models.unet import ScratchUNet2DConditionModel
+
+        guide = ScratchUNet2DConditionModel.from_pretrained(settings["guide"], torch_dtype=dtype).to(device)
+    return guidance_kwargs(settings["guidance_kind"], guidance_scale, guide=guide, **options)
+
+
 def _device_and_dtype(args: argparse.Namespace) -> tuple:
     """(torch.device, torch.dtype) of --device and --dtype: "auto" is CUDA when there is one, and float16 on CUDA,
     float32 elsewhere."""
@@ -223,7 +360,8 @@ def _open_image(path: str | None, flag: str, grey: bool = False):
 
 def format_parameters(settings: dict) -> str:
     """The generation settings in AUTOMATIC1111's `parameters` text: the prompt, an optional "Negative prompt:" line,
-    then "Key: value" pairs."""
+    then "Key: value" pairs (a value holding a comma or a quote is written as a JSON string, as AUTOMATIC1111 does).
+    Guidance other than plain CFG adds "Guidance" (e.g. `interval (0.28, 5.42]`), "Guidance rescale" and "Guide"."""
     lines = [settings["prompt"]]
     if settings.get("negative_prompt"):
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
@@ -239,8 +377,64 @@ def format_parameters(settings: dict) -> str:
         fields.update({"Batch size": settings["batch_size"], "Batch pos": settings["batch_pos"]})
     if settings.get("strength") is not None:
         fields["Denoising strength"] = settings["strength"]
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    fields.update(_guidance_fields(settings))
+    lines.append(", ".join(f"{key}: {_quoted(value)}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def _quoted(value) -> str:
+    text = str(value)
+    return json.dumps(text) if "," in text or '"' in text else text
+
+
+def _guidance_fields(settings: dict) -> dict:
+    """The A1111 fields of the guidance in `settings` (none for plain CFG, as older images have)."""
+    kind, fields = settings.get("guidance_kind", "cfg"), {}
+    if kind == "interval":
+        high = "inf" if settings["sigma_high"] is None else settings["sigma_high"]
+        fields["Guidance"] = f"interval ({settings['sigma_low']}, {high}]"
+    elif kind == "apg":
+        momentum = "" if settings["momentum"] is None else f" momentum {settings['momentum']}"
+        fields["Guidance"] = f"apg eta {settings['eta']}{momentum}"
+    elif kind == "auto":
+        fields.update({"Guidance": "auto", "Guide": settings["guide"]})
+    if settings.get("guidance_rescale"):
+        fields["Guidance rescale"] = settings["guidance_rescale"]
+    return fields
+
+
+_GUIDANCE_TEXT = {
+    "interval": re.compile(r"interval \((?P<sigma_low>[^,]+), (?P<sigma_high>[^\]]+)\]"),
+    "apg": re.compile(r"apg eta (?P<eta>\S+)(?: momentum (?P<momentum>\S+))?"),
+    "auto": re.compile(r"auto"),
+}
+
+
+def _parse_guidance(fields: dict) -> dict:
+    """The guidance settings of A1111 fields written by `_guidance_fields`; plain CFG when there are none."""
+    settings = {"guidance_kind": "cfg"}
+    if "Guidance" in fields:
+        text = fields["Guidance"]
+        kind = text.split(" ", 1)[0]
+        match = _GUIDANCE_TEXT[kind].fullmatch(text) if kind in _GUIDANCE_TEXT else None
+        number = r"-?\d+(\.\d*)?(e-?\d+)?|inf"
+        if match is None or not all(re.fullmatch(number, value) for value in match.groupdict().values() if value):
+            raise ValueError(
+                f"the parameters text's 'Guidance' field is {text!r}; expected 'interval (LOW, HIGH]', "
+                "'apg eta ETA [momentum BETA]' or 'auto'."
+            )
+        values = {key: None if value in (None, "inf") else float(value) for key, value in match.groupdict().items()}
+        settings.update(guidance_kind=kind, **values)
+        if kind == "auto":
+            if "Guide" not in fields:
+                raise ValueError("the parameters text says 'Guidance: auto' but has no 'Guide' field.")
+            settings["guide"] = fields["Guide"]
+    if "Guidance rescale" in fields:
+        try:
+            settings["guidance_rescale"] = float(fields["Guidance rescale"])
+        except ValueError:
+            raise ValueError(f"the parameters text's 'Guidance rescale' is {fields['Guidance rescale']!r}.") from None
+    return settings
 
 
 # PNG text chunk holding the settings as JSON beside A1111's "parameters" text: it round-trips any prompt, those with
@@ -249,16 +443,24 @@ SETTINGS_CHUNK = "hf-scratch"
 SETTINGS_FIELDS = {"prompt": str, "negative_prompt": (str, type(None)), "steps": int, "sampler": str,
                    "guidance": (int, float), "seed": int, "width": int, "height": int, "model": str,
                    "batch_size": int, "batch_pos": int}  # fmt: skip
+# The guidance keys of the chunk, each optional: an image without them was drawn with plain CFG.
+GUIDANCE_FIELDS = {"guidance_kind": str, "guidance_rescale": (int, float), "sigma_low": (int, float),
+                   "sigma_high": (int, float, type(None)), "eta": (int, float), "momentum": (int, float, type(None)),
+                   "guide": str}  # fmt: skip
+# A1111's "Key: value" pairs, a value being a JSON string or running to the next comma.
+_A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parse_parameters(text: str) -> dict:
     """The inverse of `format_parameters`: prompt, negative_prompt, steps, sampler, guidance, seed, width, height,
-    model, and batch_size, batch_pos and strength when present. Lines after "Negative prompt:" belong to the negative
+    model, guidance_kind ("cfg" when the text names none) with its options, and batch_size, batch_pos and strength
+    when present. Lines after "Negative prompt:" belong to the negative
     prompt, as in AUTOMATIC1111. Raises ValueError naming a missing or malformed field."""
     lines = text.split("\n")
     if len(lines) < 2:
         raise ValueError("the parameters text has no settings line; it should end with 'Steps: ..., Seed: ...'.")
-    fields = dict(part.split(": ", 1) for part in lines[-1].split(", ") if ": " in part)
+    fields = {key: json.loads(value) if value.startswith('"') else value
+              for key, value in _A1111_FIELD.findall(lines[-1])}  # fmt: skip
     negative_start = next((i for i, line in enumerate(lines[:-1]) if line.startswith("Negative prompt: ")), None)
     prompt_lines = lines[: len(lines) - 1 if negative_start is None else negative_start]
     negative = None
@@ -295,6 +497,7 @@ def parse_parameters(text: str) -> dict:
     }
     if "Denoising strength" in fields:
         settings["strength"] = field("Denoising strength", float)
+    settings.update(_parse_guidance(fields))
     return settings
 
 
@@ -311,6 +514,9 @@ def _settings_from_json(text: str, path: str) -> dict:
     for name, kind in SETTINGS_FIELDS.items():
         if not isinstance(settings.get(name), kind) or isinstance(settings.get(name), bool):
             raise ValueError(f"--parameters-from {path!r}: its {SETTINGS_CHUNK!r} chunk has no valid {name!r}.")
+    for name, kind in GUIDANCE_FIELDS.items():
+        if name in settings and (not isinstance(settings[name], kind) or isinstance(settings[name], bool)):
+            raise ValueError(f"--parameters-from {path!r}: its {SETTINGS_CHUNK!r} chunk has an invalid {name!r}.")
     return settings
 
 
@@ -343,6 +549,13 @@ def _apply_parameters_from(args: argparse.Namespace) -> None:
         args.height, args.width = settings["height"], settings["width"]
     if settings.get("strength") is not None:
         args.strength = settings["strength"]
+    guidance = {"guidance_kind": "cfg", **{key: settings[key] for key in GUIDANCE_FIELDS if key in settings}}
+    args.guidance_kind = guidance["guidance_kind"]
+    args.guidance_rescale = guidance.get("guidance_rescale")
+    if "sigma_low" in guidance:
+        high = guidance["sigma_high"]
+        args.guidance_interval = [guidance["sigma_low"], math.inf if high is None else high]
+    args.apg_eta, args.apg_momentum, args.guide = (guidance.get(key) for key in ("eta", "momentum", "guide"))
 
 
 SHIPPED_MODEL_NAME = "hf-scratch/emoji32"
@@ -368,6 +581,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not 1 <= args.upscale <= 64:
         raise ValueError(f"--upscale {args.upscale} is out of range; use a factor from 1 to 64.")
     device, dtype = _device_and_dtype(args)
+    model = _resolve_model(args.model)
+    # An image's settings are complete: the model's sampling.json does not fill in what they leave at the defaults.
+    guidance = _resolve_sampling(args, SAMPLING_DEFAULTS if args.parameters_from else default_sampling(model))
     loras = _scaled_paths(args.lora, "--lora")
     embeddings = _scaled_paths(args.embedding, "--embedding")
     inputs = {}
@@ -386,11 +602,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     module, name = TASKS[args.command].split(":")
     pipeline_class = getattr(importlib.import_module(module), name)
-    model = _resolve_model(args.model)
     try:
         pipe = pipeline_class.from_pretrained(model, dtype=dtype).to(device)
     except (ImportError, AttributeError, KeyError, IndexError) as error:  # diffusers on a malformed model_index.json
         raise ValueError(f"--model {model!r} could not be loaded ({type(error).__name__}: {error}).") from None
+    guidance_inputs = _guidance_kwargs(guidance, args.guidance, device, dtype)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     for index, (path, scale) in enumerate(loras):
@@ -420,7 +636,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for index, prompt in mine:
             generator = torch.Generator("cpu").manual_seed(args.seed + index)
             images = pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance, num_images_per_prompt=args.num_images, generator=generator,
+                          num_images_per_prompt=args.num_images, generator=generator, **guidance_inputs,
                           **inputs).images  # fmt: skip
             for k, image in enumerate(images):
                 path = _output_path(output, index, k, many)
@@ -428,6 +644,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=sampler,
                     guidance=args.guidance, seed=args.seed + index, width=image.width, height=image.height,
                     model=model_name, batch_size=args.num_images, batch_pos=k, strength=inputs.get("strength"),
+                    **guidance,
                 )  # fmt: skip
                 metadata = PngImagePlugin.PngInfo()
                 metadata.add_text("parameters", format_parameters(settings))
@@ -653,6 +870,45 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def add_guidance_arguments(parser: argparse.ArgumentParser, shown: bool) -> None:
+    """The guidance flags. `img2img` and `inpaint` take only --guidance-rescale; the others are hidden from their help
+    and refused by name when given (`_resolve_sampling`)."""
+    from_file = f"default: the model folder's {SAMPLING_FILE}"
+
+    def shown_help(text: str) -> str:
+        return text if shown else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--guidance-kind", choices=("cfg", "interval", "apg", "auto"), default=None,
+        help=shown_help(
+            "cfg: classifier-free guidance; interval: CFG only for EDM noise levels in --guidance-interval "
+            "(Kynkäänniemi et al. 2024); apg: adaptive projected guidance (Sadat et al. 2024); auto: autoguidance by "
+            f"the weaker U-Net of --guide (Karras et al. 2024) ({from_file}, else cfg)"
+        ),
+    )  # fmt: skip
+    parser.add_argument(
+        "--guidance-rescale", type=float, default=None, metavar="PHI",
+        help=f"rescaled CFG φ in [0, 1] (Lin et al. 2024; 0.7 in the paper) for cfg and interval ({from_file}, else 0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+        help=shown_help(f"interval: guide only where LOW < σ <= HIGH, EDM's σ; HIGH may be inf ({from_file}, else "
+                        "0.28 5.42)"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--apg-eta", type=float, default=None, metavar="ETA",
+        help=shown_help(f"apg: weight η of the update's part parallel to the prediction ({from_file}, else 0)"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--apg-momentum", type=float, default=None, metavar="BETA",
+        help=shown_help(f"apg: momentum β of the update, negative in the paper, e.g. -0.5 ({from_file}, else none)"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--guide", default=None, metavar="FOLDER",
+        help=shown_help(f"auto: the guide U-Net folder ({from_file}'s 'guide' subfolder)"),
+    )  # fmt: skip
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """The flags of `generate`, `img2img` and `inpaint`, in one style (hyphens; the underscore spellings of earlier
     versions are kept as aliases)."""
@@ -666,8 +922,15 @@ def add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> N
     )
     parser.add_argument("--model", default=None, help="pipeline folder (default: the model shipped with hf-scratch)")
     parser.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default=None)
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight")
+    parser.add_argument(
+        "--steps", type=int, default=None,
+        help=f"denoising steps (default: the model folder's {SAMPLING_FILE}, else 20)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--guidance", type=float, default=None,
+        help=f"guidance weight w (default: the model folder's {SAMPLING_FILE}, else 5.0)",
+    )  # fmt: skip
+    add_guidance_arguments(parser, shown=command == "generate")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     parser.add_argument("--scheduler", default=None, help=f"one of: {', '.join(SCHEDULERS)} (default: the model's own)")
     if command in ("img2img", "inpaint"):
@@ -736,6 +999,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> N
     parser.set_defaults(func=cmd_generate)
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the default of a flag, unless it is None: those flags' help says where their default comes from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -751,7 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
                 command,
                 help=description,
                 description=description,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                formatter_class=_DefaultsHelpFormatter,
             ),
             command,
         )

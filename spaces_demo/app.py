@@ -6,6 +6,7 @@ takes a path typed by the user.
 """
 
 import json
+import math
 import os
 import random
 from functools import lru_cache
@@ -16,9 +17,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from hf_scratch.cli import KIND_OPTIONS, SAMPLING_DEFAULTS, default_sampling
 from hf_scratch.fast import freeze_for_inference
 from hf_scratch.images import open_image, read_image, resize
+from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.models.vae import downsampling_factor
+from hf_scratch.pipelines.guidance import guidance_kwargs
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_family, scheduler_name
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
@@ -36,6 +40,9 @@ FORWARD_SIZE = 128  # pixels a side of the forward-process picture
 SHIPPED = "shipped default"
 OWN_SCHEDULER = "the model's own"
 README_URL = "https://github.com/hf-scratch/hf-scratch#readme"
+# The Guidance dropdown's labels of the guidance kinds (`hf_scratch.pipelines.guidance.guidance_kwargs`); autoguidance
+# is offered for a model folder whose sampling.json names a guide U-Net.
+GUIDANCE_LABELS = {"CFG": "cfg", "interval": "interval", "APG": "apg", "autoguidance": "auto"}
 
 
 def allowed_models() -> dict[str, str]:
@@ -61,6 +68,33 @@ def load_pipeline(folder: str) -> ScratchStableDiffusionPipeline:
     pipe.set_progress_bar_config(disable=True)
     pipe.own_scheduler = pipe.scheduler
     return pipe
+
+
+@lru_cache(maxsize=2)
+def load_guide(folder: str) -> ScratchUNet2DConditionModel:
+    """The autoguidance guide U-Net of `folder` (a model folder's sampling.json's `guide`), run as frozen graphs too."""
+    return freeze_for_inference(ScratchUNet2DConditionModel.from_pretrained(folder))
+
+
+def sampling_of(folder: str) -> dict:
+    """The model folder's default sampling (`hf_scratch.cli.default_sampling`: its sampling.json, else the CLI's
+    defaults); a malformed file is a friendly gr.Error naming the file and key."""
+    try:
+        return default_sampling(folder)
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+
+
+def guidance_choices(sampling: dict) -> list[str]:
+    """The Guidance dropdown's labels for a model of this `sampling`: autoguidance only with a guide."""
+    return [label for label, kind in GUIDANCE_LABELS.items() if kind != "auto" or sampling["guide"]]
+
+
+def sampling_controls(sampling: dict) -> tuple:
+    """Steps, guidance scale, Guidance label, σ_lo and σ_hi (blank: ∞) of a model's default sampling."""
+    label = next(label for label, kind in GUIDANCE_LABELS.items() if kind == sampling["guidance_kind"])
+    steps = min(sampling["num_inference_steps"], MAX_STEPS)
+    return steps, sampling["guidance_scale"], label, sampling["sigma_low"], sampling["sigma_high"]
 
 
 def to_pil(pipe: ScratchStableDiffusionPipeline, latents: torch.Tensor) -> Image.Image:
@@ -132,16 +166,36 @@ def generate(
     size: int,
     frames: int,
     model: str,
+    guidance_kind: str = "CFG",
+    sigma_low: float = 0.28,
+    sigma_high: float | None = 5.42,
     progress: gr.Progress = gr.Progress(),
 ) -> tuple[Image.Image, list[Image.Image], str]:
     """Text to image; the trajectory strip holds the decoded predicted x0 at `frames` evenly spaced steps
-    (one per step when there are fewer steps than frames)."""
+    (one per step when there are fewer steps than frames). `guidance_kind` is a label of `GUIDANCE_LABELS`; interval
+    guidance guides where σ_lo < σ <= σ_hi (None: no upper end); APG takes its η and momentum from the model's
+    sampling.json, autoguidance its guide."""
     folder = check_request(prompt, steps, size, frames, model)
     if scheduler != OWN_SCHEDULER and scheduler not in SCHEDULERS:
         raise gr.Error(f"Unknown scheduler {scheduler!r}.")
     steps, size, frames = int(float(steps)), int(float(size)), min(int(float(frames)), int(float(steps)))
     guidance = real_number("Guidance scale", guidance, 0.0, 30.0)
     seed = whole_number("Seed", seed, 0, 2**63 - 1)
+    sampling = sampling_of(folder)
+    if guidance_kind not in guidance_choices(sampling):
+        raise gr.Error(
+            f"Guidance {guidance_kind!r} is not offered for {model}; choose {', '.join(guidance_choices(sampling))}."
+        )
+    kind = GUIDANCE_LABELS[guidance_kind]
+    # The file's options (rescale, η, momentum) are its own kind's; the UI sets the interval.
+    options = {key: sampling[key] for key in KIND_OPTIONS[kind]} if kind == sampling["guidance_kind"] else {}
+    if kind == "interval":
+        sigma_low = real_number("σ_lo", sigma_low, 0.0, math.inf)
+        sigma_high = None if sigma_high is None else real_number("σ_hi", sigma_high, 0.0, math.inf)
+        if sigma_high is not None and sigma_low >= sigma_high:
+            raise gr.Error(f"The guidance interval needs σ_lo < σ_hi; got ({sigma_low}, {sigma_high}].")
+        options.update(sigma_low=sigma_low, sigma_high=sigma_high)
+    guide = load_guide(sampling["guide"]) if kind == "auto" else None
     pipe = load_pipeline(folder)
     own = pipe.own_scheduler
     try:
@@ -166,7 +220,7 @@ def generate(
             prompt,
             negative_prompt=negative_prompt or None,
             num_inference_steps=steps,
-            guidance_scale=float(guidance),
+            **guidance_kwargs(kind, guidance, guide=guide, **options),
             height=size,
             width=size,
             generator=torch.Generator("cpu").manual_seed(int(seed)),
@@ -175,7 +229,11 @@ def generate(
         ).images[0]
     except ValueError as error:
         raise gr.Error(str(error)) from error
-    return image, trajectory, f"{model} · {scheduler} · {steps} steps · seed {int(seed)}"
+    described = guidance_kind
+    if kind == "interval":
+        high = "∞" if options["sigma_high"] is None else f"{options['sigma_high']:g}"
+        described += f" ({options['sigma_low']:g}, {high}]"
+    return image, trajectory, f"{model} · {scheduler} · {steps} steps · {described} {guidance:g} · seed {int(seed)}"
 
 
 def forward_schedule(config: dict | None = None) -> ScratchDDPMScheduler:
@@ -270,9 +328,24 @@ def trained_size(folder: str) -> int | None:
     return sample_size * downsampling_factor(vae["block_out_channels"]) if sample_size else None
 
 
+def model_sampling(model: str) -> tuple:
+    """The sampling controls of the model chosen (its sampling.json's defaults)."""
+    folder = allowed_models().get(model)
+    if folder is None:
+        raise gr.Error(f"Model {model!r} is not on this Space's allow-list.")
+    sampling = sampling_of(folder)
+    steps, guidance, label, low, high = sampling_controls(sampling)
+    return steps, guidance, gr.Dropdown(choices=guidance_choices(sampling), value=label), low, high
+
+
 def build_demo() -> gr.Blocks:
     models = list(allowed_models())
     native = trained_size(allowed_models()[models[0]]) if models else None
+    samplings = [default_sampling(folder) for folder in allowed_models().values()] or [dict(SAMPLING_DEFAULTS)]
+    default_steps, default_guidance, default_kind, default_low, default_high = sampling_controls(samplings[0])
+    # every label some model offers (a request is checked against its own model's), the first model's first
+    kinds = guidance_choices(samplings[0])
+    kinds += [label for sampling in samplings for label in guidance_choices(sampling) if label not in kinds]
     with gr.Blocks(title="hf-scratch") as demo:
         gr.HTML(PIXELATED)
         gr.Markdown("# hf-scratch: Stable Diffusion from scratch")
@@ -285,10 +358,24 @@ def build_demo() -> gr.Blocks:
                     scheduler = gr.Dropdown(
                         [OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Scheduler", elem_id="scheduler"
                     )
-                    steps = friendly_numbers(gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps"))
-                    guidance = friendly_numbers(
-                        gr.Slider(1.0, 15.0, value=5.0, step=0.5, label="Guidance scale", elem_id="guidance")
+                    steps = friendly_numbers(
+                        gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Steps", elem_id="steps")
                     )
+                    guidance = friendly_numbers(
+                        gr.Slider(
+                            1.0, 15.0, value=default_guidance, step=0.5, label="Guidance scale", elem_id="guidance"
+                        )
+                    )
+                    guidance_kind = gr.Dropdown(
+                        kinds, value=default_kind, label="Guidance", elem_id="guidance_kind",
+                        info="CFG; interval: CFG only for noise levels σ in (σ_lo, σ_hi]; APG: adaptive projected "
+                        "guidance; autoguidance: by the model's weaker guide U-Net",
+                    )  # fmt: skip
+                    with gr.Row(visible=default_kind == "interval") as interval_row:
+                        sigma_low = friendly_numbers(gr.Number(value=default_low, label="σ_lo", elem_id="sigma_low"))
+                        sigma_high = friendly_numbers(
+                            gr.Number(value=default_high, label="σ_hi (empty: ∞)", elem_id="sigma_high")
+                        )
                     size = friendly_numbers(
                         gr.Slider(
                             8,
@@ -318,10 +405,19 @@ def build_demo() -> gr.Blocks:
             randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=seed, api_visibility="private")
             run.click(
                 generate,
-                inputs=[prompt, negative, steps, guidance, seed, scheduler, size, frames, model],
+                inputs=[prompt, negative, steps, guidance, seed, scheduler, size, frames, model, guidance_kind,
+                        sigma_low, sigma_high],
                 outputs=[image, strip, info],
                 api_name="generate",
-            )
+            )  # fmt: skip
+            guidance_kind.change(
+                lambda label: gr.Row(visible=label == "interval"), inputs=guidance_kind, outputs=interval_row,
+                api_visibility="private",
+            )  # fmt: skip
+            model.change(
+                model_sampling, inputs=model, outputs=[steps, guidance, guidance_kind, sigma_low, sigma_high],
+                api_visibility="private",
+            )  # fmt: skip
         with gr.Tab("Forward process"):
             gr.Markdown(
                 "q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I), with ᾱ_t = ∏ (1 − β_s): DDPM's forward process on "

@@ -271,6 +271,7 @@ def test_png_parameters_reproduce_the_image(model_dir, tmp_path):
     assert parse_parameters(text) == {
         "prompt": "red heart", "negative_prompt": "blurry", "steps": 3, "sampler": "ddim", "guidance": 3.5,
         "seed": 11, "width": 32, "height": 40, "model": str(model_dir), "batch_size": 1, "batch_pos": 0,
+        "guidance_kind": "cfg",
     }  # fmt: skip
     again = tmp_path / "again.png"
     assert main(["generate", "--parameters-from", str(first), "--output", str(again)]) == 0
@@ -309,7 +310,8 @@ def test_help_shows_defaults_and_old_spellings_still_work(model_dir, tmp_path, c
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out
-        assert "(default: 20)" in text and "--device" in text and "--lora PATH[:SCALE]" in text, command
+        assert "sampling.json, else 20)" in text and "--device" in text and "--lora PATH[:SCALE]" in text, command
+        assert "(default: None)" not in text, command
     out = tmp_path / "old.png"
     assert main(["generate", "x", "--model", str(model_dir), "--steps", "1", "--num_images", "1",
                  "--negative_prompt", "dark", "--output", str(out)]) == 0  # fmt: skip
@@ -482,3 +484,242 @@ def test_parameters_round_trip_prompts_with_newlines_and_negative_prompt_lines(m
     settings = parse_parameters("a cat\nNegative prompt: blurry\nfoggy\nSteps: 3, Sampler: ddim, CFG scale: 5, "
                                 "Seed: 1, Size: 32x32, Model: m")  # fmt: skip
     assert (settings["prompt"], settings["negative_prompt"]) == ("a cat", "blurry\nfoggy")
+
+
+# ----------------------------------------------------------------------------------- guidance kinds and sampling.json
+@pytest.fixture(scope="module")
+def shipped_copy(tmp_path_factory) -> Path:
+    """The shipped 32-px model copied (to add a sampling.json to), with a guide U-Net in guide/: its own U-Net with
+    the output convolution halved, a weaker stand-in for a trained guide."""
+    import shutil
+
+    import torch
+
+    from hf_scratch.models.unet import ScratchUNet2DConditionModel
+    from hf_scratch.pretrained import default_model_path
+
+    folder = tmp_path_factory.mktemp("sampling") / "emoji32"
+    shutil.copytree(default_model_path(), folder)
+    guide = ScratchUNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    with torch.no_grad():
+        guide.conv_out.weight.mul_(0.5)
+    guide.save_pretrained(str(folder / "guide"))
+    return folder
+
+
+def _settings(path: Path) -> dict:
+    return json.loads(Image.open(path).info["hf-scratch"])
+
+
+def _expected_guidance(kind: str, folder: Path) -> dict:
+    import math
+
+    from hf_scratch.models.unet import ScratchUNet2DConditionModel
+    from hf_scratch.pipelines.guidance import AdaptiveProjectedGuidance, IntervalGuidance, ModelAutoGuidance
+
+    if kind == "cfg":
+        return {"guidance_scale": 3.0, "guidance_rescale": 0.7}
+    if kind == "interval":  # with 4 flow steps σ = ∞, 3, 1, 1/3: guided twice (batch 2), unguided twice (batch 1)
+        return {"guider": IntervalGuidance(3.0, 0.5, math.inf, guidance_rescale=0.7)}
+    if kind == "apg":
+        return {"guider": AdaptiveProjectedGuidance(3.0, adaptive_projected_guidance_momentum=-0.5,
+                                                    adaptive_projected_guidance_rescale=0.0, eta=0.5)}  # fmt: skip
+    return {"guider": ModelAutoGuidance(ScratchUNet2DConditionModel.from_pretrained(str(folder / "guide")), 3.0)}
+
+
+GUIDANCE_FLAGS = {
+    "cfg": ["--guidance-rescale", "0.7"],
+    "interval": ["--guidance-kind", "interval", "--guidance-interval", "0.5", "inf", "--guidance-rescale", "0.7"],
+    "apg": ["--guidance-kind", "apg", "--apg-eta", "0.5", "--apg-momentum", "-0.5"],
+    "auto": ["--guidance-kind", "auto", "--guide", "GUIDE"],
+}
+GUIDANCE_TEXT = {"cfg": "Guidance rescale: 0.7", "interval": 'Guidance: "interval (0.5, inf]", Guidance rescale: 0.7',
+                 "apg": "Guidance: apg eta 0.5 momentum -0.5", "auto": "Guidance: auto, Guide: "}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(GUIDANCE_FLAGS))
+def test_guidance_flags_give_the_pipelines_guider_and_round_trip_through_the_png(shipped_copy, kind, tmp_path):
+    """Each kind's flags equal the pipeline called with that guider (the CLI's frozen U-Net beside eager: one level),
+    the PNG records it in both chunks, and --parameters-from draws the same image again."""
+    import torch
+
+    from hf_scratch.cli import parse_parameters
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    flags = [str(shipped_copy / "guide") if flag == "GUIDE" else flag for flag in GUIDANCE_FLAGS[kind]]
+    argv = ["generate", "red heart, twemoji style", "--model", str(shipped_copy), "--steps", "4", "--guidance", "3",
+            "--seed", "5", "--device", "cpu", "--output", str(first), *flags]  # fmt: skip
+    assert main(argv) == 0
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(str(shipped_copy))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("red heart, twemoji style", num_inference_steps=4, generator=torch.Generator().manual_seed(5),
+                    **_expected_guidance(kind, shipped_copy)).images[0]  # fmt: skip
+    assert_same_image(Image.open(first), expected, kind)
+    text = Image.open(first).info["parameters"]
+    assert GUIDANCE_TEXT[kind] in text, text
+    parsed, recorded = parse_parameters(text), _settings(first)
+    assert recorded["guidance_kind"] == parsed["guidance_kind"] == kind
+    assert {key: parsed[key] for key in recorded if key in parsed} == {key: recorded[key] for key in parsed
+                                                                         if key in recorded}  # fmt: skip
+    assert main(["generate", "--parameters-from", str(first), "--output", str(again)]) == 0
+    assert Image.open(again).tobytes() == Image.open(first).tobytes()
+    assert Image.open(again).info["parameters"] == text
+
+
+def test_interval_guidance_runs_one_batch_on_unguided_steps_with_the_frozen_unet(shipped_copy, tmp_path):
+    """The frozen U-Net keeps a graph per input shape, so interval guidance's batches of 1 and 2 both run frozen."""
+    from hf_scratch import cli
+    from hf_scratch.fast import frozen
+
+    batches = []
+    graph = frozen.FrozenForward.graph
+
+    def recording(self, sample, timestep, encoder_hidden_states):
+        batches.append(sample.shape[0])
+        return graph(self, sample, timestep, encoder_hidden_states)
+
+    frozen.FrozenForward.graph = recording
+    try:
+        argv = ["generate", "x", "--model", str(shipped_copy), "--steps", "4", "--device", "cpu", "--guidance-kind",
+                "interval", "--guidance-interval", "0.5", "5.42", "--output", str(tmp_path / "o.png")]  # fmt: skip
+        assert cli.main(argv) == 0
+    finally:
+        frozen.FrozenForward.graph = graph
+    assert batches == [1, 2, 2, 1]
+
+
+def test_png_settings_without_guidance_load_as_cfg(shipped_copy, tmp_path):
+    """An image written before guidance kinds existed (no guidance keys, no Guidance field) is drawn with plain CFG
+    again, even from a model folder whose sampling.json asks for another kind."""
+    model = _copy_model(shipped_copy, tmp_path / "model")
+    (model / "sampling.json").write_text(json.dumps({"guidance_kind": "interval", "sigma_low": 1.0}))
+    first, old, again = tmp_path / "first.png", tmp_path / "old.png", tmp_path / "again.png"
+    argv = ["generate", "x", "--model", str(model), "--steps", "3", "--guidance-kind", "cfg", "--output", str(first)]
+    assert main(argv) == 0
+    settings = _settings(first)
+    assert settings.pop("guidance_kind") == "cfg" and settings.pop("guidance_rescale") == 0
+    metadata = PngImagePlugin.PngInfo()
+    metadata.add_text("parameters", Image.open(first).info["parameters"])
+    metadata.add_text("hf-scratch", json.dumps(settings))
+    Image.open(first).save(old, pnginfo=metadata)
+    assert main(["generate", "--parameters-from", str(old), "--output", str(again)]) == 0
+    assert Image.open(again).tobytes() == Image.open(first).tobytes()
+    assert _settings(again)["guidance_kind"] == "cfg"
+
+
+def test_sampling_json_sets_the_defaults_and_flags_override_it(shipped_copy, tmp_path):
+    from hf_scratch.cli import default_sampling
+
+    model = _copy_model(shipped_copy, tmp_path / "model")
+    sampling = {"num_inference_steps": 3, "guidance_kind": "interval", "guidance_scale": 3.0, "sigma_low": 0.5,
+                "sigma_high": None, "guide": "guide"}  # fmt: skip
+    (model / "sampling.json").write_text(json.dumps(sampling))
+    assert default_sampling(model) == {"num_inference_steps": 3, "guidance_kind": "interval", "guidance_scale": 3.0,
+                                       "guidance_rescale": 0.0, "sigma_low": 0.5, "sigma_high": None, "eta": 0.0,
+                                       "momentum": None, "guide": str(model / "guide")}  # fmt: skip
+    runs = {
+        "file": ([], {"steps": 3, "guidance": 3.0, "guidance_kind": "interval", "sigma_low": 0.5, "sigma_high": None}),
+        "flags": (["--steps", "2", "--guidance", "2", "--guidance-interval", "1", "4"],
+                  {"steps": 2, "guidance": 2.0, "guidance_kind": "interval", "sigma_low": 1.0, "sigma_high": 4.0}),
+        # another kind: the file's scale and interval are its own kind's; the built-in defaults apply
+        "cfg": (["--guidance-kind", "cfg"], {"steps": 3, "guidance": 5.0, "guidance_kind": "cfg"}),
+        # the file's guide serves --guidance-kind auto without --guide
+        "auto": (["--guidance-kind", "auto"], {"steps": 3, "guidance_kind": "auto", "guide": str(model / "guide")}),
+    }  # fmt: skip
+    for name, (flags, expected) in runs.items():
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", "x", "--model", str(model), "--output", str(out), *flags]) == 0, name
+        settings = _settings(out)
+        assert {key: settings.get(key) for key in expected} == expected, name
+    # img2img keeps CFG: the file's steps, and the built-in scale since the file's is the interval's
+    picture = _picture(tmp_path / "in.png")
+    out = tmp_path / "img2img.png"
+    assert main(["img2img", "x", "--model", str(model), "--image", str(picture), "--output", str(out)]) == 0
+    assert {key: _settings(out)[key] for key in ("steps", "guidance", "guidance_kind")} == {
+        "steps": 3, "guidance": 5.0, "guidance_kind": "cfg"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"steps": 20}', "unknown key 'steps'"),
+        ('{"num_inference_steps": 0}', "'num_inference_steps' is 0; it must be a whole number"),
+        ('{"num_inference_steps": 2.5}', "'num_inference_steps' is 2.5"),
+        ('{"guidance_kind": "pag"}', "'guidance_kind' is 'pag'; choose one of cfg, interval, apg, auto"),
+        ('{"guidance_scale": "4"}', "'guidance_scale' is '4'; it must be a number"),
+        ('{"guidance_kind": "interval", "sigma_high": "inf"}', "'sigma_high' is 'inf'; it must be a number or null"),
+        ('{"guidance_kind": "interval", "sigma_low": 6}', "needs 0 <= 'sigma_low' < 'sigma_high'"),
+        ('{"guidance_rescale": 2}', "'guidance_rescale' is 2; it must be a number in [0, 1]"),
+        ('{"sigma_low": 0.5}', "'sigma_low' is an option of another guidance kind than 'cfg'"),
+        ('{"guidance_kind": "auto"}', "'guidance_kind' 'auto' needs 'guide'"),
+        ('{"guidance_kind": "auto", "guide": "nowhere"}', "'guide' is 'nowhere'; it must name a subfolder"),
+    ],
+)
+def test_malformed_sampling_json_is_refused_naming_the_file_and_key(shipped_copy, tmp_path, content, message, capsys):
+    from hf_scratch.cli import default_sampling
+
+    model = _copy_model(shipped_copy, tmp_path / "model")
+    (model / "sampling.json").write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        default_sampling(model)
+    assert str(model / "sampling.json") in str(error.value)
+    assert main(["generate", "x", "--model", str(model), "--output", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_bad_guidance_flag_combinations_name_the_flag_and_the_fix(shipped_copy, tmp_path, capsys):
+    guide = str(shipped_copy / "guide")
+    picture = str(_picture(tmp_path / "in.png"))
+    cases = [
+        (["--guide", guide], "--guide applies to --guidance-kind auto, not cfg; add --guidance-kind auto"),
+        (["--guidance-kind", "auto"], "--guidance-kind auto needs --guide FOLDER"),
+        (["--guidance-kind", "auto", "--guide", str(tmp_path)], "is not a U-Net folder"),
+        (["--guidance-kind", "interval", "--guidance-interval", "5", "1"], "--guidance-interval 5.0 1.0: needs 0 <="),
+        (["--guidance-kind", "interval", "--guidance-interval", "-1", "1"], "needs 0 <= LOW < HIGH"),
+        (["--guidance-interval", "0.3", "5"], "--guidance-interval applies to --guidance-kind interval, not cfg"),
+        (
+            ["--guidance-kind", "apg", "--guidance-rescale", "0.7"],
+            "--guidance-rescale applies to --guidance-kind cfg or",
+        ),
+        (["--apg-eta", "0.5"], "--apg-eta applies to --guidance-kind apg"),
+        (["--guidance-kind", "interval", "--apg-momentum", "-0.5"], "--apg-momentum applies to --guidance-kind apg"),
+        (["--guidance-rescale", "1.5"], "--guidance-rescale 1.5 is out of range"),
+    ]
+    for command in ("img2img", "inpaint"):
+        extra = ["--image", picture] + (["--mask", picture] if command == "inpaint" else [])
+        cases += [
+            ([command, *extra, "--guidance-kind", "interval"], f"--guidance-kind interval: {command} guides with"),
+            ([command, *extra, "--guide", guide, "--apg-eta", "1"], "--apg-eta, --guide: "),
+        ]
+    for flags, message in cases:
+        command = flags[0] if flags[0] in ("img2img", "inpaint") else "generate"
+        flags = flags[1:] if command != "generate" else flags
+        argv = [command, "x", "--model", str(shipped_copy), "--output", str(tmp_path / "o.png"), *flags]
+        assert main(argv) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
+    assert not (tmp_path / "o.png").exists()
+    for command in ("img2img", "inpaint"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--guidance-rescale" in text and "--guidance-kind" not in text and "--guide " not in text
+
+
+def test_parse_parameters_reads_guidance_fields_and_refuses_malformed_ones():
+    from hf_scratch.cli import parse_parameters
+
+    head = 'a\nSteps: 3, Sampler: ddim, CFG scale: 4, Seed: 1, Size: 32x32, Model: "m, with a comma"'
+    assert parse_parameters(head)["guidance_kind"] == "cfg" and parse_parameters(head)["model"] == "m, with a comma"
+    settings = parse_parameters(head + ', Guidance: "interval (1e-3, 5.42]", Guidance rescale: 0.7')
+    assert {key: settings[key] for key in ("guidance_kind", "sigma_low", "sigma_high", "guidance_rescale")} == {
+        "guidance_kind": "interval", "sigma_low": 0.001, "sigma_high": 5.42, "guidance_rescale": 0.7}  # fmt: skip
+    assert parse_parameters(head + ", Guidance: apg eta 0.5")["momentum"] is None
+    for field, message in [("Guidance: pag", "'Guidance' field is 'pag'"), ("Guidance: apg eta x", "'apg eta x'"),
+                           ("Guidance: auto", "has no 'Guide' field")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_parameters(f"{head}, {field}")

@@ -49,7 +49,7 @@ def app(tmp_path_factory):
     demo = demo_module.build_demo()
     port = _free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    yield {"url": f"http://127.0.0.1:{port}/", "model": folder.name, "module": demo_module}
+    yield {"url": f"http://127.0.0.1:{port}/", "model": folder.name, "module": demo_module, "folder": folder}
     demo.close()
     sys.path.remove(str(ROOT / "spaces_demo"))
     for key, value in saved.items():
@@ -78,6 +78,9 @@ def _predict(app, **overrides):
         size=32,
         frames=3,
         model=app["model"],
+        guidance_kind="CFG",
+        sigma_low=0.28,
+        sigma_high=5.42,
     )
     request.update(overrides)
     client = Client(app["url"], verbose=False)
@@ -127,6 +130,72 @@ def test_bad_requests_get_friendly_errors_and_the_app_keeps_serving(app, overrid
         _predict(app, **overrides)
     image_path, _, _ = _predict(app, steps=1, frames=1)
     assert Image.open(image_path).size == (32, 32)
+
+
+def _pipeline_image(folder: Path, **kwargs) -> np.ndarray:
+    import torch
+
+    from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("red heart", num_inference_steps=4, height=32, width=32, generator=torch.Generator().manual_seed(1),
+                 **kwargs).images[0]  # fmt: skip
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_interval_guidance_through_gradio_client_equals_the_pipelines_guider(app):
+    """The Guidance dropdown's interval with its σ fields (σ_hi empty: no upper end) is the pipeline's
+    IntervalGuidance; the demo's frozen U-Net runs its batches of one and two, within one level of eager. (Gradio
+    sends images as lossy WebP, so the pixels are compared on `generate`'s own output.)"""
+    from hf_scratch.pipelines.guidance import IntervalGuidance
+
+    demo = app["module"]
+    interval = dict(scheduler=demo.OWN_SCHEDULER, guidance_kind="interval", sigma_low=1.0, sigma_high=None)
+    image_path, _, info = _predict(app, **interval)
+    assert "interval (1, ∞] 3 ·" in info
+    plain, _, _ = _predict(app, scheduler=demo.OWN_SCHEDULER)
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(image_path)))
+    request = dict(prompt="red heart", negative_prompt="", steps=4, guidance=3.0, seed=1, size=32, frames=1,
+                   model=app["model"], **interval)  # fmt: skip
+    image, _, _ = demo.generate(**request)
+    expected = _pipeline_image(app["folder"], guider=IntervalGuidance(3.0, 1.0, float("inf")))
+    assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1
+
+
+def test_a_models_sampling_json_sets_the_controls_and_offers_autoguidance(app):
+    """sampling.json's steps, scale and kind become the controls' values when the model is chosen; its guide makes
+    autoguidance available, and a request for it equals the pipeline with ModelAutoGuidance."""
+    import gradio as gr
+
+    from hf_scratch.models.unet import ScratchUNet2DConditionModel
+    from hf_scratch.pipelines.guidance import ModelAutoGuidance
+
+    demo, folder = app["module"], app["folder"]
+    request = dict(prompt="red heart", negative_prompt="", steps=4, guidance=3.0, seed=1,
+                   scheduler=demo.OWN_SCHEDULER, size=32, frames=1, model=app["model"])  # fmt: skip
+    with pytest.raises(gr.Error, match="'autoguidance' is not offered"):
+        demo.generate(**request, guidance_kind="autoguidance")
+    ScratchUNet2DConditionModel.from_pretrained(str(folder / "unet")).save_pretrained(str(folder / "guide"))
+    sampling = folder / "sampling.json"
+    sampling.write_text('{"num_inference_steps": 12, "guidance_kind": "interval", "guidance_scale": 2.5, '
+                        '"sigma_low": 0.5, "sigma_high": null, "guide": "guide"}')  # fmt: skip
+    try:
+        steps, guidance, kind, low, high = demo.model_sampling(app["model"])
+        assert (steps, guidance, kind.value, low, high) == (12, 2.5, "interval", 0.5, None)
+        assert kind.choices[-1] == ("autoguidance", "autoguidance")
+        image, _, info = demo.generate(**request, guidance_kind="autoguidance")
+        assert "autoguidance 3 ·" in info
+        guide = ScratchUNet2DConditionModel.from_pretrained(str(folder / "guide"))
+        expected = _pipeline_image(folder, guider=ModelAutoGuidance(guide, 3.0))
+        assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1
+        with pytest.raises(gr.Error, match="σ_lo < σ_hi"):
+            demo.generate(**request, guidance_kind="interval", sigma_low=2.0, sigma_high=1.0)
+        sampling.write_text('{"guidance_kind": "pag"}')
+        with pytest.raises(gr.Error, match="sampling.json.*'guidance_kind' is 'pag'"):
+            demo.model_sampling(app["model"])
+    finally:
+        sampling.unlink()
 
 
 def test_forward_process_follows_the_closed_form(app):
