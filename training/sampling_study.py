@@ -8,7 +8,8 @@ given number of network evaluations (NFE), judged by an image model that no mode
 Design:
 - **Model**: the shipped `hf_scratch/pretrained/emoji32` (flow matching, v = ε − x_0); autoguidance's guides are
   U-Nets of `training/recipes/emoji32_guide.sh` (`--guides`): a 1.9M-parameter U-Net (the main one has 7.2M)
-  trained for 1/16 ("T/16", the paper's choice) or 1/8 ("T/8") of the main model's steps.
+  trained for 1/16 ("T/16", the paper's choice) or 1/8 ("T/8") of the main model's steps, and a 1.1M-parameter one
+  (channels 24-48-48) trained for 1/16 ("small T/16"), the largest that fits beside the shipped model in its 25 MB.
 - **Prompts**: per split (`validation`: emoji never trained on; `train`), the first `--prompts` captions in SHA-256
   order (`hash_sample`), each drawn once per sampling seed s with the noise of `torch.Generator().manual_seed(s ·
   100000 + i)` for prompt i, so every method sees the same noise. `tune` uses the next 128 captions of the same
@@ -46,7 +47,7 @@ SHIPPED = ROOT / "hf_scratch" / "pretrained" / "emoji32"
 SPLITS = ("validation", "train")
 SEEDS = (0, 1, 2)
 NFES = (4, 8, 16)
-BASELINE_NFES = (4, 8, 16, 20)  # plain CFG also at today's 20 steps
+BASELINE_NFES = (4, 8, 16, 20)  # plain CFG also at today's 20 steps, where today's scale of 4 is drawn too
 TUNE_NFE = 8
 TUNE_PROMPTS = 64
 SHIPPED_GUIDANCE = 4.0
@@ -55,7 +56,10 @@ SHIPPED_GUIDANCE = 4.0
 # interval of EDM's σ (None: no upper end), APG (η = 0 as the paper recommends; momentum β), and autoguidance.
 GRIDS: dict[str, list[dict]] = {
     "cfg": [{"guidance_scale": w} for w in (2.0, 3.0, 4.0, 5.0, 6.0)],
-    "cfg-rescale": [{"guidance_scale": w, "guidance_rescale": phi} for w, phi in ((6.0, 0.5), (6.0, 0.7), (8.0, 0.7))],
+    "cfg-rescale": [
+        {"guidance_scale": w, "guidance_rescale": phi}
+        for w, phi in ((3.0, 0.3), (4.0, 0.5), (6.0, 0.5), (6.0, 0.7), (8.0, 0.7))
+    ],
     "interval": [
         {"guidance_scale": w, "sigma_low": low, "sigma_high": high}
         for w in (4.0, 6.0, 8.0)
@@ -63,9 +67,9 @@ GRIDS: dict[str, list[dict]] = {
     ],  # fmt: skip
     "apg": [
         {"guidance_scale": w, "eta": 0.0, "momentum": m}
-        for w, m in ((6.0, None), (8.0, None), (10.0, None), (8.0, -0.5))
+        for w, m in ((3.0, None), (4.0, None), (6.0, None), (8.0, None), (10.0, None), (8.0, -0.5))
     ],
-    "auto": [{"guidance_scale": w, "guide": guide} for guide in ("T/16", "T/8") for w in (1.5, 2.0, 3.0)],
+    "auto": [{"guidance_scale": w, "guide": guide} for guide in ("T/16", "T/8", "small T/16") for w in (1.5, 2.0, 3.0)],
 }
 
 
@@ -79,6 +83,7 @@ class Method:
     schedule: str = "linear"
     options: tuple = field(default=None)
     nfes: tuple = NFES
+    guide: str | None = None  # autoguidance tuned with this guide only
 
 
 METHODS: dict[str, Method] = {  # in the order `run` draws them
@@ -86,15 +91,14 @@ METHODS: dict[str, Method] = {  # in the order `run` draws them
     "heun, CFG": Method("flow-heun", "cfg"),
     "unipc, CFG": Method("flow-unipc", "cfg"),
     "euler, guidance interval": Method("flow-euler", "interval"),
-    "euler, autoguidance": Method("flow-euler", "auto"),
-    "euler, APG": Method("flow-euler", "apg"),
-    "euler, rescaled CFG": Method("flow-euler", "cfg-rescale"),
+    "euler, autoguidance": Method("flow-euler", "auto", guide="T/16"),
+    "euler, autoguidance, small guide": Method("flow-euler", "auto", guide="small T/16"),
     "euler, CFG, optimised σ": Method("flow-euler", "cfg", schedule="optimised"),
+    "euler, CFG 4 (today)": Method("flow-euler", "cfg", options=(("guidance_scale", SHIPPED_GUIDANCE),), nfes=(20,)),
+    "euler, rescaled CFG": Method("flow-euler", "cfg-rescale"),
+    "euler, APG": Method("flow-euler", "apg"),
     "euler, CFG, shift 3": Method("flow-euler", "cfg", schedule="shift-3"),
     "dpm++ 2M, CFG": Method("flow-dpm++", "cfg"),
-    "euler, CFG 4 (today)": Method(
-        "flow-euler", "cfg", options=(("guidance_scale", SHIPPED_GUIDANCE),), nfes=BASELINE_NFES
-    ),
 }
 BASELINE = "euler, CFG"
 
@@ -264,9 +268,12 @@ def tune(args: argparse.Namespace, loaded: dict) -> None:
             print(f"tune {key}: KID×1e3 {entry['kid_x1e3']:.3f}", flush=True)
 
 
-def tuned_options(results: dict, kind: str) -> dict:
-    """The options of `kind` with the lowest tuning KID."""
-    entries = [entry for entry in results["tune"].values() if entry["kind"] == kind]
+def tuned_options(results: dict, kind: str, guide: str | None = None) -> dict:
+    """The options of `kind` (with autoguidance's `guide`, when given) with the lowest tuning KID."""
+    entries = [
+        entry for entry in results["tune"].values()
+        if entry["kind"] == kind and (guide is None or entry["options"].get("guide") == guide)
+    ]  # fmt: skip
     if not entries:
         raise KeyError(f"guidance kind {kind!r} is not tuned yet: run `tune` first")
     return min(entries, key=lambda entry: entry["kid_x1e3"])["options"]
@@ -300,11 +307,12 @@ def run(args: argparse.Namespace, loaded: dict) -> None:
                 shared["floor"][split] = figures(truths[split][1][half_a], truths[split][1][half_b])
     for name in [name for name in METHODS if not args.methods or name in args.methods]:
         method = METHODS[name]
-        if method.guidance == "auto" and not loaded["guides"]:
+        if method.guidance == "auto" and (not loaded["guides"] or method.guide not in (None, *loaded["guides"])):
             continue
         if method.schedule == "optimised" and not loaded["schedules"]:
             continue
-        options = dict(method.options) if method.options else tuned_options(results, method.guidance)
+        results = read_results(args.results)  # the tuning may have gone on meanwhile
+        options = dict(method.options) if method.options else tuned_options(results, method.guidance, method.guide)
         if method.options and options == tuned_options(results, method.guidance):
             continue  # the tuned method draws the same images
         for nfe in method.nfes:
@@ -332,7 +340,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default=str(SHIPPED))
     parser.add_argument(
         "--guides", nargs="*", help="autoguidance guides, NAME=U-Net folder",
-        default=[f"T/16={ROOT / 'outputs' / 'guide' / 'unet'}", f"T/8={ROOT / 'outputs' / 'guide-t8' / 'unet'}"],
+        default=[
+            f"T/16={ROOT / 'outputs' / 'guide' / 'unet'}", f"T/8={ROOT / 'outputs' / 'guide-t8' / 'unet'}",
+            f"small T/16={ROOT / 'outputs' / 'guide-s' / 'unet'}",
+        ],
     )  # fmt: skip
     parser.add_argument("--schedules", default=str(ROOT / "docs" / "optimised_schedules.json"))
     parser.add_argument("--data", default="/tmp/emoji_eval/data", help="an emoji dataset (`hf-scratch data emoji`)")

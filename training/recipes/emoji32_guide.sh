@@ -49,6 +49,8 @@ STEPS=${STEPS:-$((MAIN_STEPS / 16))}                                            
 WARMUP=${WARMUP:-$("$PYTHON" -c "print(max(1, round($STEPS / 36)))")}             # recipe.py SCHEDULES["unet"]: 12
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-$((STEPS / 24 > 0 ? STEPS / 24 : 1))}     # 18
 THREADS=${THREADS:-1}
+CHANNELS=${CHANNELS:-"32 64 64"}                                                 # the guide's --block_out_channels
+NORM_GROUPS=${NORM_GROUPS:-32}                                                   # must divide every CHANNELS entry
 
 if [ ! -f "$DATA/train/metadata.jsonl" ]; then
   "$(dirname "$PYTHON")/hf-scratch" data emoji --out "$DATA" --resolution "$RES"
@@ -62,7 +64,7 @@ start=$SECONDS
   --output_dir "$RUN" --vae_path "$MAIN/vae" \
   --text_encoder_path "$MAIN/text_encoder" --tokenizer_path "$MAIN/tokenizer" \
   --cache_latents --latent_cache_dir "$(dirname "$RUN")/latent-cache" \
-  --block_out_channels 32 64 64 --layers_per_block 1 \
+  --block_out_channels $CHANNELS --norm_num_groups "$NORM_GROUPS" --layers_per_block 1 \
   --cross_attention_levels 0 1 2 --objective flow_matching \
   --weighting_scheme logit_normal --logit_mean 0 --logit_std 1 --immiscible_noise \
   --caption_dropout_prob 0.1 --use_ema --ema_decay 0.999 \
