@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from hf_scratch.sampling import SAMPLING_DEFAULTS, SAMPLING_FILE, default_sampling
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
@@ -168,65 +169,6 @@ TASKS = {
     "img2img": "hf_scratch.pipelines.image_to_image:ScratchStableDiffusionImg2ImgPipeline",
     "inpaint": "hf_scratch.pipelines.inpaint:ScratchStableDiffusionInpaintPipeline",
 }
-
-
-# The sampling a model folder's `sampling.json` may set, and the defaults where it is silent (or absent). The options
-# of each guidance kind (`hf_scratch.pipelines.guidance.guidance_kwargs`) are set in the file for its own kind only;
-# `guide` names a subfolder of the model folder holding the autoguidance U-Net, for any kind.
-SAMPLING_FILE = "sampling.json"
-SAMPLING_DEFAULTS = {"num_inference_steps": 20, "guidance_kind": "cfg", "guidance_scale": 5.0,
-                     "guidance_rescale": 0.0, "sigma_low": 0.28, "sigma_high": 5.42, "eta": 0.0, "momentum": None,
-                     "guide": None}  # fmt: skip
-KIND_OPTIONS = {"cfg": ("guidance_rescale",), "interval": ("guidance_rescale", "sigma_low", "sigma_high"),
-                "apg": ("eta", "momentum"), "auto": ()}  # fmt: skip
-
-
-def default_sampling(model_folder: str | Path) -> dict:
-    """The default sampling of a pipeline folder: `SAMPLING_DEFAULTS` updated by the folder's `sampling.json` (beside
-    model_index.json) when there is one, e.g. {"num_inference_steps": 20, "guidance_kind": "interval",
-    "guidance_scale": 4.0, "sigma_low": 0.3, "sigma_high": null}. `sigma_high` null means no upper end, and `guide`
-    comes back as the path of its subfolder. ValueError naming the file and the key for anything else."""
-    from hf_scratch.pipelines.guidance import GUIDANCE_KINDS
-
-    path = Path(model_folder) / SAMPLING_FILE
-    sampling = dict(SAMPLING_DEFAULTS)
-    if not path.is_file():
-        return sampling
-    given = _read_json(path)
-
-    def refuse(key: str, allowed: str) -> ValueError:
-        return ValueError(f"{str(path)!r}: {key!r} is {given[key]!r}; {allowed}.")
-
-    for key, value in given.items():
-        if key not in SAMPLING_DEFAULTS:
-            raise ValueError(f"{str(path)!r}: unknown key {key!r}; the keys are {', '.join(SAMPLING_DEFAULTS)}.")
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key == "num_inference_steps" and not (number and value == int(value) and value >= 1):
-            raise refuse(key, "it must be a whole number of at least 1")
-        if key == "guidance_kind" and value not in GUIDANCE_KINDS:
-            raise refuse(key, f"choose one of {', '.join(GUIDANCE_KINDS)}")
-        if key == "guide" and not (isinstance(value, str) and (Path(model_folder) / value / "config.json").is_file()):
-            raise refuse(key, "it must name a subfolder of the model folder holding a U-Net (config.json)")
-        if key in ("guidance_scale", "eta", "sigma_low") and not number:
-            raise refuse(key, "it must be a number")
-        if key in ("momentum", "sigma_high") and not (number or value is None):
-            raise refuse(key, "it must be a number or null")
-        if key == "guidance_rescale" and not (number and 0 <= value <= 1):
-            raise refuse(key, "it must be a number in [0, 1]")
-    sampling.update(given)
-    kind = sampling["guidance_kind"]
-    for key in given.keys() & {option for options in KIND_OPTIONS.values() for option in options}:
-        if key not in KIND_OPTIONS[kind]:
-            raise ValueError(f"{str(path)!r}: {key!r} is an option of another guidance kind than {kind!r}.")
-    high = math.inf if sampling["sigma_high"] is None else sampling["sigma_high"]
-    if kind == "interval" and not 0 <= sampling["sigma_low"] < high:
-        raise ValueError(f"{str(path)!r}: the interval needs 0 <= 'sigma_low' < 'sigma_high'.")
-    if kind == "auto" and sampling["guide"] is None:
-        raise ValueError(f"{str(path)!r}: 'guidance_kind' 'auto' needs 'guide', the subfolder of the guide U-Net.")
-    sampling["num_inference_steps"] = int(sampling["num_inference_steps"])
-    if sampling["guide"] is not None:
-        sampling["guide"] = str(Path(model_folder) / sampling["guide"])
-    return sampling
 
 
 def _resolve_sampling(args: argparse.Namespace, sampling: dict) -> dict:

@@ -17,13 +17,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from hf_scratch.cli import KIND_OPTIONS, SAMPLING_DEFAULTS, default_sampling
 from hf_scratch.fast import freeze_for_inference
 from hf_scratch.images import open_image, read_image, resize
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.models.vae import downsampling_factor
 from hf_scratch.pipelines.guidance import guidance_kwargs
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
+from hf_scratch.sampling import KIND_OPTIONS, SAMPLING_DEFAULTS, default_sampling
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_family, scheduler_name
 from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
 from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
@@ -77,7 +77,7 @@ def load_guide(folder: str) -> ScratchUNet2DConditionModel:
 
 
 def sampling_of(folder: str) -> dict:
-    """The model folder's default sampling (`hf_scratch.cli.default_sampling`: its sampling.json, else the CLI's
+    """The model folder's default sampling (`hf_scratch.sampling.default_sampling`: its sampling.json, else the CLI's
     defaults); a malformed file is a friendly gr.Error naming the file and key."""
     try:
         return default_sampling(folder)

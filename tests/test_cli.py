@@ -609,7 +609,7 @@ def test_png_settings_without_guidance_load_as_cfg(shipped_copy, tmp_path):
 
 
 def test_sampling_json_sets_the_defaults_and_flags_override_it(shipped_copy, tmp_path):
-    from hf_scratch.cli import default_sampling
+    from hf_scratch.sampling import default_sampling
 
     model = _copy_model(shipped_copy, tmp_path / "model")
     sampling = {"num_inference_steps": 3, "guidance_kind": "interval", "guidance_scale": 3.0, "sigma_low": 0.5,
@@ -658,7 +658,7 @@ def test_sampling_json_sets_the_defaults_and_flags_override_it(shipped_copy, tmp
     ],
 )
 def test_malformed_sampling_json_is_refused_naming_the_file_and_key(shipped_copy, tmp_path, content, message, capsys):
-    from hf_scratch.cli import default_sampling
+    from hf_scratch.sampling import default_sampling
 
     model = _copy_model(shipped_copy, tmp_path / "model")
     (model / "sampling.json").write_text(content)

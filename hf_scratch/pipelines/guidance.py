@@ -34,6 +34,7 @@ from diffusers.guiders import BaseGuidance, ClassifierFreeGuidance
 from diffusers.guiders.adaptive_projected_guidance import AdaptiveProjectedGuidance, MomentumBuffer
 from diffusers.guiders.guider_utils import GuiderOutput, rescale_noise_cfg
 
+from hf_scratch.sampling import GUIDANCE_KINDS
 from hf_scratch.schedulers import scheduler_family
 
 __all__ = [
@@ -47,10 +48,6 @@ __all__ = [
     "noise_level",
     "start_guider_step",
 ]
-
-
-# The guidance kinds by name (`guidance_kwargs`), as the CLI, the demo and the sampling study offer them.
-GUIDANCE_KINDS = ("cfg", "interval", "apg", "auto")
 
 
 def guidance_kwargs(
