@@ -429,15 +429,17 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
                 if guider is not None:
                     start_guider_step(guider, self.scheduler, step_index, len(timesteps), timestep)
                 guided = guidance_scale > 1 if guider is None else guider.num_conditions > 1
-                # Classifier-free guidance: one U-Net call on [x_t; x_t] with [uncond; cond] text.
+                # Classifier-free guidance: one U-Net call on [x_t; x_t] with [uncond; cond] text; a step the guider
+                # leaves unguided runs the conditional half alone.
                 both_halves = stacked and guided
-                embeds = prompt_embeds if both_halves or not stacked else prompt_embeds.chunk(2)[1]
+                cond_only = stacked and not guided
+                embeds = prompt_embeds.chunk(2)[1] if cond_only else prompt_embeds
                 model_input = torch.cat([latents] * 2) if both_halves else latents
                 model_input = self.scale_model_input(model_input, timestep)
                 extras = {} if unet_extras is None else unet_extras(step_index, timestep, model_input, embeds)
                 if added_cond_kwargs is not None:
                     extras["added_cond_kwargs"] = (
-                        added_cond_kwargs if both_halves or not stacked else conditional_half(added_cond_kwargs)
+                        conditional_half(added_cond_kwargs) if cond_only else added_cond_kwargs
                     )
                 if conditioning is not None:
                     model_input = torch.cat([model_input, conditioning], dim=1)
