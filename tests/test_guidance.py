@@ -138,3 +138,24 @@ def test_bad_guiders_are_refused_by_name(pipe):
     other = ScratchUNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 4, "out_channels": 4})
     with pytest.raises(ValueError, match="guide model's in_channels"):
         draw(pipe, guider=ModelAutoGuidance(other, 2.0))
+
+
+def test_a_model_folders_sampling_json_gives_the_pipeline_its_guidance(pipe, tmp_path):
+    import json
+    import shutil
+
+    from hf_scratch.sampling import sampling_kwargs
+
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_path(), folder)
+    torch.manual_seed(0)
+    guide = ScratchUNet2DConditionModel.from_config({**pipe.unet.config, "block_out_channels": (32, 64, 64)})
+    guide.save_pretrained(folder / "my-guide")
+    (folder / "sampling.json").write_text(
+        json.dumps({"num_inference_steps": STEPS, "guidance_kind": "auto", "guidance_scale": 2.5, "guide": "my-guide"})
+    )
+    kwargs = sampling_kwargs(folder)
+    assert kwargs["num_inference_steps"] == STEPS and isinstance(kwargs["guider"], ModelAutoGuidance)
+    expected = draw(pipe, guider=ModelAutoGuidance(guide.eval(), 2.5))
+    kwargs.pop("num_inference_steps")
+    torch.testing.assert_close(draw(pipe, **kwargs), expected, atol=1e-6, rtol=1e-6)
