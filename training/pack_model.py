@@ -7,7 +7,9 @@ The judge CLIP (the full two-tower model emoji-bench scores with, trained on `tr
 pipeline as `<out>-judge`, so the shipped model's quality test runs on a fresh machine; a --judge that already is
 `<out>-judge` stays as it is. The model card takes its metrics from the emoji-bench run's own Markdown, and the
 training compute from the recipe's timings.tsv. Each `--compare LABEL=EVAL_DIR` (emoji-bench folders of other models,
-same judge and prompts) adds a row to a comparison table, whose last row is this model.
+same judge and prompts) adds a row to a comparison table, whose last row is this model. `--sampling FILE` ships the
+model's default sampling (`hf_scratch.sampling`) as its sampling.json, and `--guide FOLDER` the autoguidance guide
+U-Net it names, as `guide/` in fp16.
 """
 
 import argparse
@@ -35,9 +37,10 @@ openmoji or noto).
 
 ```python
 from hf_scratch import ScratchStableDiffusionPipeline, default_model_path
+from hf_scratch.sampling import sampling_kwargs
 
 pipe = ScratchStableDiffusionPipeline.from_pretrained(default_model_path())
-image = pipe("red heart, twemoji style", num_inference_steps=20, guidance_scale=4.0).images[0]
+image = pipe("red heart, twemoji style", **sampling_kwargs(default_model_path())).images[0]  # its default sampling
 ```
 
 ## Components
@@ -47,6 +50,10 @@ image = pipe("red heart, twemoji style", num_inference_steps=20, guidance_scale=
 {components}
 
 Weights are stored in fp16 ({size_mb:.1f} MB in all) and load as fp32 on the CPU.
+
+## Default sampling
+
+{sampling}
 
 ## Data and licences
 
@@ -75,6 +82,19 @@ Weights are stored in fp16 ({size_mb:.1f} MB in all) and load as fp32 on the CPU
 A {unet_params:.1f}M-parameter U-Net trained for {unet_minutes:.0f} minutes ({unet_machine}): shapes and colours follow
 the caption far more often than fine detail does, and prompts unlike the emoji captions give unrelated emoji-like blobs.
 """
+
+
+SAMPLING_DESCRIPTION = """`sampling.json`, which `hf-scratch generate`, the demo and `sampling_kwargs` (above)
+start from:
+
+```json
+{sampling}
+```
+
+It is the winner of hf-scratch's sampling study (`docs/sampling_study.md` in its repository: solvers, guidance kinds
+and timestep schedules at equal network evaluations, judged by EfficientNet-lite0 features against the true images).
+Autoguidance (Karras et al. 2024, arXiv:2406.02507) guides with `guide/`, a 1.1M-parameter U-Net trained for 1/16 of
+this U-Net's steps on the same latents and text encoder (`training/recipes/emoji32_guide.sh`)."""
 
 
 def parameter_count(model: torch.nn.Module) -> float:
@@ -133,6 +153,20 @@ def pack(args: argparse.Namespace) -> None:
         if staging.exists():
             shutil.rmtree(staging)
     pipe.to(torch.float16).save_pretrained(str(out))
+    modules = [("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)]
+    if args.guide:
+        from hf_scratch.models.unet import ScratchUNet2DConditionModel
+
+        guide = ScratchUNet2DConditionModel.from_pretrained(args.guide, torch_dtype=torch.float32)
+        guide.to(torch.float16).save_pretrained(str(out / "guide"))
+        modules.append(("guide (autoguidance)", guide))
+    sampling = "No sampling.json: `hf-scratch generate` draws 20 steps of classifier-free guidance 5.0."
+    if args.sampling:
+        from hf_scratch.sampling import SAMPLING_FILE, default_sampling
+
+        shutil.copyfile(args.sampling, out / SAMPLING_FILE)
+        default_sampling(out)  # refuses a malformed file, or a guide the folder does not hold
+        sampling = SAMPLING_DESCRIPTION.format(sampling=(out / SAMPLING_FILE).read_text(encoding="utf-8").strip())
     if not keep_judge:
         judge = ScratchCLIPModel.from_pretrained(args.judge, dtype=torch.float32)
         judge.to(torch.float16).save_pretrained(str(judge_out))
@@ -142,8 +176,7 @@ def pack(args: argparse.Namespace) -> None:
             " with, trained from scratch on the `train` split only. Licence: CC-BY-SA 4.0, as the model it judges.\n"
         )
     components = "\n".join(
-        f"| {name} | `{type(module).__name__}` | {parameter_count(module):.2f}M |"
-        for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder))
+        f"| {name} | `{type(module).__name__}` | {parameter_count(module):.2f}M |" for name, module in modules
     )
     timings = read_timings(Path(args.eval).parent / "timings.tsv")
     unet_seconds = sum(seconds for stage, seconds, _ in timings if stage == "unet")
@@ -160,6 +193,7 @@ def pack(args: argparse.Namespace) -> None:
         unet_params=parameter_count(pipe.unet),
         unet_minutes=unet_seconds / 60,
         unet_machine=unet_machine,
+        sampling=sampling,
     )
     (out / "README.md").write_text(card, encoding="utf-8")
     size = folder_bytes(out)
@@ -175,6 +209,8 @@ def main() -> None:
     parser.add_argument("--eval", required=True, help="training/evaluate.py's output folder")
     parser.add_argument("--out", required=True, help="where the packed pipeline goes")
     parser.add_argument("--recipe", required=True, help="the command that trained it, for the model card")
+    parser.add_argument("--sampling", default=None, help="the model's default sampling, shipped as sampling.json")
+    parser.add_argument("--guide", default=None, help="the autoguidance guide U-Net folder that --sampling names")
     parser.add_argument(
         "--compare",
         action="append",
