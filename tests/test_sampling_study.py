@@ -55,6 +55,12 @@ def test_report_tables_and_plot(tmp_path):
     assert "| base | 10.50 (10.00–11.00) | 7.50 (7.00–8.00) |" in text  # KID at NFE 4 and 8: mean (min–max)
     assert "KID ×10³ validation 0.10, train 0.20" in text
     assert (tmp_path / "study.png").stat().st_size > 10_000
+    # Today's default (here "base" at NFE 8, 16 U-Net evaluations, KID 7-8): "new" beats it at NFE 8 (4-5); at NFE 4
+    # (7-8) it is within the spread.
+    write_report(results, methods, "base", tmp_path / "study", today=("base", 8))
+    text = (tmp_path / "study.md").read_text()
+    assert "Beating it beyond the spread at no more evaluations: new at NFE 8 (4.50)." in text
+    assert "- NFE 4: best **new**, KID ×10³ 7.50, better than plain CFG." in text
 
 
 def test_steps_fit_the_network_evaluations():

@@ -49,6 +49,7 @@ SEEDS = (0, 1, 2)
 NFES = (4, 8, 16)
 BASELINE_NFES = (4, 8, 16, 20)  # plain CFG also at today's 20 steps, where today's scale of 4 is drawn too
 TUNE_NFE = 8
+NFE_ORDER = (8, 4, 20, 16)  # the order `run` draws the NFEs in (20: today's cost, plain CFG only)
 TUNE_PROMPTS = 64
 SHIPPED_GUIDANCE = 4.0
 
@@ -86,21 +87,23 @@ class Method:
     guide: str | None = None  # autoguidance tuned with this guide only
 
 
-METHODS: dict[str, Method] = {  # in the order `run` draws them
+METHODS: dict[str, Method] = {  # in the order `run` draws them (within each NFE of NFE_ORDER)
     "euler, CFG": Method("flow-euler", "cfg", nfes=BASELINE_NFES),
-    "heun, CFG": Method("flow-heun", "cfg"),
-    "unipc, CFG": Method("flow-unipc", "cfg"),
-    "euler, guidance interval": Method("flow-euler", "interval"),
-    "euler, autoguidance": Method("flow-euler", "auto", guide="T/16"),
     "euler, autoguidance, small guide": Method("flow-euler", "auto", guide="small T/16"),
+    "unipc, autoguidance, small guide": Method("flow-unipc", "auto", guide="small T/16"),
+    "euler, autoguidance": Method("flow-euler", "auto", guide="T/16"),
+    "euler, guidance interval": Method("flow-euler", "interval"),
+    "unipc, CFG": Method("flow-unipc", "cfg"),
     "euler, CFG, optimised σ": Method("flow-euler", "cfg", schedule="optimised"),
     "euler, CFG 4 (today)": Method("flow-euler", "cfg", options=(("guidance_scale", SHIPPED_GUIDANCE),), nfes=(20,)),
+    "heun, CFG": Method("flow-heun", "cfg"),
     "euler, rescaled CFG": Method("flow-euler", "cfg-rescale"),
     "euler, APG": Method("flow-euler", "apg"),
     "euler, CFG, shift 3": Method("flow-euler", "cfg", schedule="shift-3"),
     "dpm++ 2M, CFG": Method("flow-dpm++", "cfg"),
 }
 BASELINE = "euler, CFG"
+TODAY = ("euler, CFG 4 (today)", 20)  # the shipped sampling before this study
 
 
 # ------------------------------------------------------------------------------------------------------ results file
@@ -305,33 +308,35 @@ def run(args: argparse.Namespace, loaded: dict) -> None:
             half_a, half_b = floor_halves(len(real), 0)
             with locked_results(args.results) as shared:
                 shared["floor"][split] = figures(truths[split][1][half_a], truths[split][1][half_b])
-    for name in [name for name in METHODS if not args.methods or name in args.methods]:
-        method = METHODS[name]
-        if method.guidance == "auto" and (not loaded["guides"] or method.guide not in (None, *loaded["guides"])):
-            continue
-        if method.schedule == "optimised" and not loaded["schedules"]:
-            continue
-        results = read_results(args.results)  # the tuning may have gone on meanwhile
-        options = dict(method.options) if method.options else tuned_options(results, method.guidance, method.guide)
-        if method.options and options == tuned_options(results, method.guidance):
-            continue  # the tuned method draws the same images
-        for nfe in method.nfes:
+    chosen = [name for name in METHODS if not args.methods or name in args.methods]
+    for nfe in NFE_ORDER:  # every method at NFE 8 first, so that a study cut short still compares them all
+        for name in chosen:
+            method = METHODS[name]
+            if nfe not in method.nfes or not drawable(method, loaded):
+                continue
+            results = read_results(args.results)  # the tuning may have gone on meanwhile
+            options = dict(method.options) if method.options else tuned_options(results, method.guidance, method.guide)
+            if method.options and options == tuned_options(results, method.guidance):
+                continue  # the tuned method draws the same images
             for seed in args.seeds:
                 for split, (prompts, real_features) in truths.items():
                     key = f"{name} | {nfe} | {split} | {seed}"
                     if not claim(args.results, key):
                         continue
-                    try:
-                        drawn = sample(loaded, prompts, seed, method, options, nfe)
-                    except KeyError as error:  # an optimised schedule of this length does not exist
-                        print(f"skip {key}: {error}", flush=True)
-                        continue
+                    drawn = sample(loaded, prompts, seed, method, options, nfe)
                     cell = figures(features(drawn.pop("images")), real_features)
                     cell.update(drawn, method=name, split=split, seed=seed, nfe_target=nfe, options=options)
                     with locked_results(args.results) as shared:
                         shared["cells"][key] = cell
                         shared["claims"].pop(key, None)
                     print(f"{key}: KID×1e3 {cell['kid_x1e3']:.3f} FD {cell['fd']:.1f}", flush=True)
+
+
+def drawable(method: Method, loaded: dict) -> bool:
+    """Whether what `method` needs was loaded: its guide, or the optimised schedules."""
+    if method.guidance == "auto" and method.guide not in loaded["guides"]:
+        return False
+    return method.schedule != "optimised" or bool(loaded["schedules"])
 
 
 def parse_args() -> argparse.Namespace:
@@ -362,7 +367,7 @@ def main() -> None:
     if args.command == "report":
         from sampling_study_report import write_report
 
-        write_report(read_results(args.results), METHODS, BASELINE, args.results.with_suffix(""))
+        write_report(read_results(args.results), METHODS, BASELINE, args.results.with_suffix(""), TODAY)
         return
     loaded = load(args)
     {"tune": tune, "run": run}[args.command](args, loaded)

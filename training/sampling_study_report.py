@@ -43,13 +43,64 @@ def compare(cells: dict, method: str, baseline: str, nfe: int, splits: list[str]
     return verdicts.pop() if len(verdicts) == 1 and "within" not in verdicts else "within the spread"
 
 
+def compare_cells(cells: dict, method: str, nfe: int, other: str, other_nfe: int, splits: list[str]) -> str | None:
+    """`compare` between two (method, NFE) cells, e.g. a method against today's default at another NFE."""
+    verdicts = set()
+    for split in splits:
+        ours, theirs = seeds_of(cells, method, nfe, split), seeds_of(cells, other, other_nfe, split)
+        if not ours or not theirs:
+            return None
+        verdicts.add("better" if max(ours) < min(theirs) else "worse" if min(ours) > max(theirs) else "within")
+    return verdicts.pop() if len(verdicts) == 1 and "within" not in verdicts else "within the spread"
+
+
+def summary(cells: dict, methods: list[str], baseline: str, today: tuple[str, int] | None, splits: list[str]) -> list:
+    """The best method at each NFE (mean KID over splits and seeds) with its verdict against plain CFG, and the
+    (method, NFE) cells at or below today's default's U-Net evaluations that beat it beyond the spread."""
+    lines = ["## Verdict", ""]
+    nfes = sorted({cell["nfe_target"] for cell in cells.values()})
+
+    def mean_kid(method: str, nfe: int) -> float | None:
+        values = [v for split in splits for v in seeds_of(cells, method, nfe, split)]
+        complete = all(seeds_of(cells, method, nfe, split) for split in splits)
+        return float(np.mean(values)) if complete else None
+
+    for nfe in nfes:
+        scored = [(mean_kid(name, nfe), name) for name in methods]
+        scored = sorted((kid, name) for kid, name in scored if kid is not None)
+        if not scored:
+            continue
+        kid, best = scored[0]
+        verdict = "" if best == baseline else f", {compare(cells, best, baseline, nfe, splits)} than plain CFG"
+        lines.append(f"- NFE {nfe}: best **{best}**, KID ×10³ {kid:.2f}{verdict}.")
+    if today and mean_kid(*today) is not None:
+        budget = cost_of(cells, *today)["unet_evaluations_per_image"]
+        winners = []
+        for name in methods:
+            for nfe in nfes:
+                kid = mean_kid(name, nfe)
+                if kid is None or cost_of(cells, name, nfe)["unet_evaluations_per_image"] > budget:
+                    continue
+                if compare_cells(cells, name, nfe, *today, splits) == "better":
+                    winners.append((kid, name, nfe))
+        lines.append(
+            f"- Today's default, {today[0]} at NFE {today[1]} ({budget:.0f} U-Net sample-evaluations per image): "
+            f"KID ×10³ {mean_kid(*today):.2f}. Beating it beyond the spread at no more evaluations: "
+            + (", ".join(f"{name} at NFE {nfe} ({kid:.2f})" for kid, name, nfe in sorted(winners)) or "nothing")
+            + "."
+        )
+    return lines + [""]
+
+
 def _cell_text(values: list[float]) -> str:
     if not values:
         return "–"
     return f"{np.mean(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
 
-def write_report(results: dict, methods: dict, baseline: str, out_stem: Path) -> None:
+def write_report(
+    results: dict, methods: dict, baseline: str, out_stem: Path, today: tuple[str, int] | None = None
+) -> None:
     cells = results["cells"]
     splits = sorted({cell["split"] for cell in cells.values()}, key=lambda s: ("validation", "train").index(s))
     present = [name for name in methods if any(cell["method"] == name for cell in cells.values())]
@@ -70,6 +121,7 @@ def write_report(results: dict, methods: dict, baseline: str, out_stem: Path) ->
             f"{split} {results['floor'][split]['kid_x1e3']:.2f}" for split in splits if split in results["floor"]
         )
         lines += [f"Floor (true images against true images, two disjoint halves): KID ×10³ {floor}.", ""]
+    lines += summary(cells, present, baseline, today, splits)
     for figure, title in FIGURES:
         for split in splits:
             lines += [
