@@ -22,6 +22,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def pipe():
     pipe = ScratchStableDiffusionPipeline.from_pretrained(default_model_path())
+    pipe.scheduler = ScratchFlowMatchEulerScheduler.from_config(pipe.scheduler.config)  # the loop written out below
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

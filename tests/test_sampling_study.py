@@ -60,7 +60,7 @@ def test_report_tables_and_plot(tmp_path):
     write_report(results, methods, "base", tmp_path / "study", today=("base", 8))
     text = (tmp_path / "study.md").read_text()
     assert "Beating it beyond the spread at no more evaluations: new at NFE 8 (4.50)." in text
-    assert "- NFE 4: best **new**, KID ×10³ 7.50, better than plain CFG." in text
+    assert "- NFE 4: best **new**, KID ×10³ 7.50 (better against plain CFG)." in text
 
 
 def test_steps_fit_the_network_evaluations():

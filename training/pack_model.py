@@ -92,9 +92,8 @@ start from:
 ```
 
 It is the winner of hf-scratch's sampling study (`docs/sampling_study.md` in its repository: solvers, guidance kinds
-and timestep schedules at equal network evaluations, judged by EfficientNet-lite0 features against the true images).
-Autoguidance (Karras et al. 2024, arXiv:2406.02507) guides with `guide/`, a 1.1M-parameter U-Net trained for 1/16 of
-this U-Net's steps on the same latents and text encoder (`training/recipes/emoji32_guide.sh`)."""
+and timestep schedules at equal network evaluations, judged by EfficientNet-lite0 features against the true images,
+and by prompt adherence)."""
 
 
 def parameter_count(model: torch.nn.Module) -> float:

@@ -104,6 +104,15 @@ METHODS: dict[str, Method] = {  # in the order `run` draws them (within each NFE
 }
 BASELINE = "euler, CFG"
 TODAY = ("euler, CFG 4 (today)", 20)  # the shipped sampling before this study
+SHIPPED = (
+    "The shipped model's default sampling (hf_scratch/pretrained/emoji32/sampling.json) is now 'euler, guidance "
+    "interval' at NFE 16: CFG w = 6 only while σ > 1, 24 U-Net sample-evaluations per image. Of the cells that beat "
+    "today's default beyond the spread at no more evaluations, it is the best whose prompt adherence stays at today's "
+    "(table below). Autoguidance (either guide, with Euler or UniPC) scored a lower KID still, but its images match "
+    "their own prompt clearly less often (own-image top-1 about 0.33 against 0.41, judge top-5 about 0.60 against "
+    "0.82 on validation): it trades the caption for image statistics, so it does not ship. Solvers (UniPC, DPM-Solver++"
+    ") and the optimised schedule help only at 4 evaluations; from 8 on, plain CFG has converged."
+)
 
 
 # ------------------------------------------------------------------------------------------------------ results file
@@ -339,9 +348,56 @@ def drawable(method: Method, loaded: dict) -> bool:
     return method.schedule != "optimised" or bool(loaded["schedules"])
 
 
+# The cells whose prompt adherence `adherence` measures: today's default, plain CFG, and what beat it on KID.
+ADHERENCE_CELLS = (
+    ("euler, CFG 4 (today)", 20), ("euler, CFG", 16), ("unipc, CFG", 16), ("euler, guidance interval", 8),
+    ("euler, guidance interval", 16), ("euler, autoguidance", 16), ("euler, autoguidance, small guide", 16),
+    ("unipc, autoguidance, small guide", 8), ("unipc, autoguidance, small guide", 16),
+)  # fmt: skip
+
+
+def own_image_retrieval(generated: np.ndarray, true: np.ndarray) -> dict:
+    """Top-1 / top-5 share of generated images whose nearest true images (Euclidean, on the independent features,
+    among the true images of all the prompts) include their own prompt's: prompt adherence without the model
+    family's CLIP (chance k / N)."""
+    distances = torch.cdist(torch.from_numpy(generated), torch.from_numpy(true))  # (N generated, N true)
+    own = distances.diagonal().unsqueeze(1)
+    rank = (distances < own).sum(dim=1)  # true images nearer than the prompt's own
+    return {f"own_top{k}": float((rank < k).double().mean()) for k in (1, 5)}
+
+
+def adherence(args: argparse.Namespace, loaded: dict) -> None:
+    """Prompt adherence of `ADHERENCE_CELLS` at sampling seed 0, which KID (a distance between sets of images) does
+    not see: the emoji32 judge CLIP's retrieval top-1 / top-5 among all captions of the split (saturated as a quality
+    figure, but it ranks adherence), and `own_image_retrieval` on the independent features."""
+    from hf_scratch.evaluation import SplitSample, judge_text_features, load_judge, score_images
+
+    judge, tokenizer = load_judge(f"{args.model}-judge")
+    for split in SPLITS:
+        prompts, real = prompts_and_images(loaded["data"][split], 0, args.prompts, args.resolution)
+        captions = sorted(set(loaded["data"][split]["text"]))
+        judged_split = SplitSample(split, prompts, real, captions, judge_text_features(judge, tokenizer, captions, 64))
+        real_features = features(real)
+        for name, nfe in ADHERENCE_CELLS:
+            key = f"{name} | {nfe} | {split}"
+            if key in read_results(args.results).get("adherence", {}):
+                continue
+            method = METHODS[name]
+            options = dict(method.options) if method.options else tuned_options(
+                read_results(args.results), method.guidance, method.guide
+            )  # fmt: skip
+            drawn = sample(loaded, prompts, 0, method, options, nfe)["images"]
+            judged = score_images(drawn, judged_split, judge, {"batch_size": 64, "frechet_ridge": 1e-6})
+            entry = {"judge_top1": judged["top1"], "judge_top5": judged["top5"], "prompts": len(prompts)}
+            entry.update(own_image_retrieval(features(drawn), real_features))
+            with locked_results(args.results) as shared:
+                shared.setdefault("adherence", {})[key] = entry
+            print(f"adherence {key}: {entry}", flush=True)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("tune", "run", "report"))
+    parser.add_argument("command", choices=("tune", "run", "adherence", "report"))
     parser.add_argument("--model", default=str(SHIPPED))
     parser.add_argument(
         "--guides", nargs="*", help="autoguidance guides, NAME=U-Net folder",
@@ -367,10 +423,10 @@ def main() -> None:
     if args.command == "report":
         from sampling_study_report import write_report
 
-        write_report(read_results(args.results), METHODS, BASELINE, args.results.with_suffix(""), TODAY)
+        write_report(read_results(args.results), METHODS, BASELINE, args.results.with_suffix(""), TODAY, SHIPPED)
         return
     loaded = load(args)
-    {"tune": tune, "run": run}[args.command](args, loaded)
+    {"tune": tune, "run": run, "adherence": adherence}[args.command](args, loaded)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,8 @@ class IntervalGuidance(ClassifierFreeGuidance):
 
     def _is_cfg_enabled(self) -> bool:
         if self._sigma is None:
+            if self._timestep is None:  # no step yet (a repr, say): as CFG
+                return super()._is_cfg_enabled()
             raise RuntimeError("IntervalGuidance needs the step's noise level: call `set_noise_level(sigma)` first.")
         return self.sigma_low < self._sigma <= self.sigma_high and super()._is_cfg_enabled()
 
