@@ -191,7 +191,9 @@ def generate(
     options = {key: sampling[key] for key in KIND_OPTIONS[kind]} if kind == sampling["guidance_kind"] else {}
     if kind == "interval":
         sigma_low = real_number("σ_lo", sigma_low, 0.0, math.inf)
-        sigma_high = None if sigma_high is None else real_number("σ_hi", sigma_high, 0.0, math.inf)
+        # An empty σ_hi box reaches here as None from Python and as 0 from a browser; an upper end of 0 would hold no
+        # step, so both mean no upper end.
+        sigma_high = None if not sigma_high else real_number("σ_hi", sigma_high, 0.0, math.inf)
         if sigma_high is not None and sigma_low >= sigma_high:
             raise gr.Error(f"The guidance interval needs σ_lo < σ_hi; got ({sigma_low}, {sigma_high}].")
         options.update(sigma_low=sigma_low, sigma_high=sigma_high)
@@ -374,7 +376,7 @@ def build_demo() -> gr.Blocks:
                     with gr.Row(visible=default_kind == "interval") as interval_row:
                         sigma_low = friendly_numbers(gr.Number(value=default_low, label="σ_lo", elem_id="sigma_low"))
                         sigma_high = friendly_numbers(
-                            gr.Number(value=default_high, label="σ_hi (empty: ∞)", elem_id="sigma_high")
+                            gr.Number(value=default_high, label="σ_hi (empty or 0: ∞)", elem_id="sigma_high")
                         )
                     size = friendly_numbers(
                         gr.Slider(

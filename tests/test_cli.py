@@ -528,7 +528,7 @@ def _expected_guidance(kind: str, folder: Path) -> dict:
 
 
 GUIDANCE_FLAGS = {
-    "cfg": ["--guidance-rescale", "0.7"],
+    "cfg": ["--guidance-kind", "cfg", "--guidance-rescale", "0.7"],  # the shipped sampling.json says interval
     "interval": ["--guidance-kind", "interval", "--guidance-interval", "0.5", "inf", "--guidance-rescale", "0.7"],
     "apg": ["--guidance-kind", "apg", "--apg-eta", "0.5", "--apg-momentum", "-0.5"],
     "auto": ["--guidance-kind", "auto", "--guide", "GUIDE"],
@@ -675,12 +675,16 @@ def test_bad_guidance_flag_combinations_name_the_flag_and_the_fix(shipped_copy, 
     guide = str(shipped_copy / "guide")
     picture = str(_picture(tmp_path / "in.png"))
     cases = [
-        (["--guide", guide], "--guide applies to --guidance-kind auto, not cfg; add --guidance-kind auto"),
+        # the shipped sampling.json's kind is interval, so the cases of the cfg kind name it
+        (["--guidance-kind", "cfg", "--guide", guide], "--guide applies to --guidance-kind auto, not cfg; add --guid"),
         (["--guidance-kind", "auto"], "--guidance-kind auto needs --guide FOLDER"),
         (["--guidance-kind", "auto", "--guide", str(tmp_path)], "is not a U-Net folder"),
         (["--guidance-kind", "interval", "--guidance-interval", "5", "1"], "--guidance-interval 5.0 1.0: needs 0 <="),
         (["--guidance-kind", "interval", "--guidance-interval", "-1", "1"], "needs 0 <= LOW < HIGH"),
-        (["--guidance-interval", "0.3", "5"], "--guidance-interval applies to --guidance-kind interval, not cfg"),
+        (
+            ["--guidance-kind", "cfg", "--guidance-interval", "0.3", "5"],
+            "--guidance-interval applies to --guidance-kind interval, not cfg",
+        ),
         (
             ["--guidance-kind", "apg", "--guidance-rescale", "0.7"],
             "--guidance-rescale applies to --guidance-kind cfg or",
