@@ -227,7 +227,8 @@ def plot(cells: dict, methods: list[str], splits: list[str], nfes: list[int], pa
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(len(FIGURES), len(splits), figsize=(6 * len(splits), 4.5 * len(FIGURES)), squeeze=False)
-    colours: dict[str, Any] = {}
+    palette = plt.get_cmap("tab20")
+    colours: dict[str, Any] = {method: palette(index % 20) for index, method in enumerate(methods)}
     for row, (name, title) in enumerate(FIGURES):
         for column, split in enumerate(splits):
             axis = axes[row][column]
@@ -240,11 +241,11 @@ def plot(cells: dict, methods: list[str], splits: list[str], nfes: list[int], pa
                 line = axis.plot(
                     x, [np.mean(v) for _, v in points], marker="o", label=method, color=colours.get(method)
                 )[0]
-                colours[method] = line.get_color()
                 axis.fill_between(
                     x, [min(v) for _, v in points], [max(v) for _, v in points], alpha=0.2, color=line.get_color()
                 )
             axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
             axis.set_xticks(nfes, [str(n) for n in nfes])
             axis.set_xlabel("network evaluations (NFE)")
             axis.set_ylabel(title)
