@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from hf_scratch.sampling import SAMPLING_DEFAULTS, SAMPLING_FILE, default_sampling
+from hf_scratch.sampling import SAMPLING_DEFAULTS, SAMPLING_FILE, default_sampling, guidance_inputs, read_json_object
 from hf_scratch.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
@@ -33,7 +33,7 @@ def _resolve_model(model: str | None) -> str:
         raise ValueError(f"--model {model!r} is not a folder. Pass a diffusers-layout pipeline folder.")
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"--model {model!r} holds no model_index.json. Pass a diffusers-layout pipeline folder.")
-    _read_json(folder / "model_index.json")
+    read_json_object(folder / "model_index.json")
     from safetensors import safe_open
 
     for file in sorted(folder.rglob("*.safetensors")):
@@ -46,17 +46,6 @@ def _resolve_model(model: str | None) -> str:
         except Exception as error:  # safetensors' own error types: a truncated or damaged file
             raise ValueError(f"{str(file)!r} is not a complete safetensors file ({error}).") from None
     return model
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from `path`, or ValueError naming the file."""
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error}).") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(loaded).__name__}.")
-    return loaded
 
 
 def _image_format(path: Path, flag: str = "--output") -> str:
@@ -231,20 +220,6 @@ def _resolve_sampling(args: argparse.Namespace, sampling: dict) -> dict:
             raise ValueError(f"--guide {guide!r} is not a U-Net folder (it holds no config.json).")
         settings["guide"] = str(guide)
     return settings
-
-
-def _guidance_kwargs(settings: dict, guidance_scale: float, device, dtype) -> dict:
-    """The pipeline arguments of the guidance `settings` (`_resolve_sampling`), the guide U-Net loaded in the run's
-    dtype onto its device."""
-    from hf_scratch.pipelines.guidance import guidance_kwargs
-
-    options = {key: value for key, value in settings.items() if key not in ("guidance_kind", "guide")}
-    guide = None
-    if settings["guidance_kind"] == "auto":
-        from hf_scratch.models.unet import ScratchUNet2DConditionModel
-
-        guide = ScratchUNet2DConditionModel.from_pretrained(settings["guide"], torch_dtype=dtype).to(device)
-    return guidance_kwargs(settings["guidance_kind"], guidance_scale, guide=guide, **options)
 
 
 def _device_and_dtype(args: argparse.Namespace) -> tuple:
@@ -548,7 +523,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         pipe = pipeline_class.from_pretrained(model, dtype=dtype).to(device)
     except (ImportError, AttributeError, KeyError, IndexError) as error:  # diffusers on a malformed model_index.json
         raise ValueError(f"--model {model!r} could not be loaded ({type(error).__name__}: {error}).") from None
-    guidance_inputs = _guidance_kwargs(guidance, args.guidance, device, dtype)
+    options = {key: value for key, value in guidance.items() if key not in ("guidance_kind", "guide")}
+    guidance_args = guidance_inputs(
+        guidance["guidance_kind"], args.guidance, options, guidance.get("guide"), device, dtype
+    )
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     for index, (path, scale) in enumerate(loras):
@@ -578,7 +556,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for index, prompt in mine:
             generator = torch.Generator("cpu").manual_seed(args.seed + index)
             images = pipe(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                          num_images_per_prompt=args.num_images, generator=generator, **guidance_inputs,
+                          num_images_per_prompt=args.num_images, generator=generator, **guidance_args,
                           **inputs).images  # fmt: skip
             for k, image in enumerate(images):
                 path = _output_path(output, index, k, many)
@@ -701,7 +679,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise ValueError(f"{str(folder)!r} has no model_index.json: it is not a diffusers pipeline folder.")
-    index = _read_json(index_path)
+    index = read_json_object(index_path)
     print(f"pipeline: {index.get('_class_name')}  ({folder})")
     for name, spec in sorted(index.items()):
         if name.startswith("_") or not isinstance(spec, list):

@@ -88,21 +88,34 @@ def default_sampling(model_folder: str | Path) -> dict:
     return sampling
 
 
-def sampling_kwargs(model_folder: str | Path, device: Any = "cpu", dtype: Any = None) -> dict:
-    """The pipeline arguments of the folder's default sampling (`default_sampling`): `num_inference_steps` and the
-    guidance (`guidance_kwargs`), an autoguidance guide U-Net loaded onto `device` in `dtype` (default float32)."""
+def guidance_inputs(
+    kind: str,
+    guidance_scale: float,
+    options: dict,
+    guide: str | Path | None = None,
+    device: Any = "cpu",
+    dtype: Any = None,
+) -> dict:
+    """The pipeline arguments of a guidance kind with its options (`guidance_kwargs`), autoguidance's guide U-Net
+    loaded from its folder `guide` onto `device` in `dtype` (default float32)."""
     import torch
 
     from hf_scratch.pipelines.guidance import guidance_kwargs
 
-    sampling = default_sampling(model_folder)
-    kind = sampling["guidance_kind"]
-    options = {key: sampling[key] for key in KIND_OPTIONS[kind]}
-    guide = None
+    guide_model = None
     if kind == "auto":
         from hf_scratch.models.unet import ScratchUNet2DConditionModel
 
         dtype = torch.float32 if dtype is None else dtype
-        guide = ScratchUNet2DConditionModel.from_pretrained(sampling["guide"], torch_dtype=dtype).to(device)
-    kwargs = guidance_kwargs(kind, sampling["guidance_scale"], guide=guide, **options)
+        guide_model = ScratchUNet2DConditionModel.from_pretrained(str(guide), torch_dtype=dtype).to(device)
+    return guidance_kwargs(kind, guidance_scale, guide=guide_model, **options)
+
+
+def sampling_kwargs(model_folder: str | Path, device: Any = "cpu", dtype: Any = None) -> dict:
+    """The pipeline arguments of the folder's default sampling (`default_sampling`): `num_inference_steps` and the
+    guidance (`guidance_inputs`)."""
+    sampling = default_sampling(model_folder)
+    kind = sampling["guidance_kind"]
+    options = {key: sampling[key] for key in KIND_OPTIONS[kind]}
+    kwargs = guidance_inputs(kind, sampling["guidance_scale"], options, sampling["guide"], device, dtype)
     return {"num_inference_steps": sampling["num_inference_steps"], **kwargs}

@@ -32,20 +32,9 @@ def cost_of(cells: dict, method: str, nfe: int) -> dict:
     }
 
 
-def compare(cells: dict, method: str, baseline: str, nfe: int, splits: list[str]) -> str | None:
-    """The verdict on KID against `baseline` at `nfe` ("better", "worse" or "within the spread"); None where a
-    cell is missing."""
-    verdicts = set()
-    for split in splits:
-        ours, theirs = seeds_of(cells, method, nfe, split), seeds_of(cells, baseline, nfe, split)
-        if not ours or not theirs:
-            return None
-        verdicts.add("better" if max(ours) < min(theirs) else "worse" if min(ours) > max(theirs) else "within")
-    return verdicts.pop() if len(verdicts) == 1 and "within" not in verdicts else "within the spread"
-
-
 def compare_cells(cells: dict, method: str, nfe: int, other: str, other_nfe: int, splits: list[str]) -> str | None:
-    """`compare` between two (method, NFE) cells, e.g. a method against today's default at another NFE."""
+    """The verdict on KID of (method, NFE) against (other, other NFE): "better", "worse" or "within the spread";
+    None where a cell is missing."""
     verdicts = set()
     for split in splits:
         ours, theirs = seeds_of(cells, method, nfe, split), seeds_of(cells, other, other_nfe, split)
@@ -53,6 +42,11 @@ def compare_cells(cells: dict, method: str, nfe: int, other: str, other_nfe: int
             return None
         verdicts.add("better" if max(ours) < min(theirs) else "worse" if min(ours) > max(theirs) else "within")
     return verdicts.pop() if len(verdicts) == 1 and "within" not in verdicts else "within the spread"
+
+
+def compare(cells: dict, method: str, baseline: str, nfe: int, splits: list[str]) -> str | None:
+    """`compare_cells` against `baseline` at the same NFE."""
+    return compare_cells(cells, method, nfe, baseline, nfe, splits)
 
 
 def summary(cells: dict, methods: list[str], baseline: str, today: tuple[str, int] | None, splits: list[str]) -> list:

@@ -45,6 +45,7 @@ from hf_scratch.schedulers.schedule import original_sample_of_step  # isort: ski
 from hf_scratch.pipelines.checks import PipelineChecks, StepCallback, checked_callback_tensor  # isort: skip
 from hf_scratch.pipelines.loaders import ScratchLoadersMixin  # isort: skip
 from hf_scratch.pipelines.guidance import classifier_free_guidance, start_guider_step  # isort: skip
+from hf_scratch.sampling import read_json_object  # isort: skip
 
 logger = logging.get_logger(__name__)
 
@@ -206,14 +207,8 @@ class ScratchPipelineBase(PipelineChecks, DiffusionPipeline, ScratchLoadersMixin
 
     @staticmethod
     def read_json(path: str | os.PathLike) -> dict:
-        """A JSON object from `path`; ValueError naming the file when it is not one."""
-        try:
-            loaded = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{str(path)!r} is not valid JSON ({error}).") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(loaded).__name__}.")
-        return loaded
+        """A JSON object from `path`; ValueError naming the file when it is not one (`read_json_object`)."""
+        return read_json_object(Path(path))
 
     @classmethod
     def from_official(cls, folder: str | os.PathLike, **kwargs: Any) -> "ScratchPipelineBase":
