@@ -4,12 +4,15 @@
 sizes that run a denoising step in milliseconds on a CPU. `kind="diffusers"` uses diffusers' and transformers' own
 classes; `kind="scratch"` uses ours with the same configuration, and loads the same weights, so both produce the same
 numbers for the same seed. `CLIP_TEXT_CONFIG`, `CLIP_VISION_CONFIG` and `prompt_batch` are a tiny two-tower CLIP and
-padded token batches for it.
+padded token batches for it; `write_square_images` is a tiny captioned image folder.
 """
 
+import json
+from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -139,3 +142,19 @@ def twin_pipelines() -> tuple:
     for pipe in (reference, ours):
         pipe.set_progress_bar_config(disable=True)
     return reference, ours
+
+
+def write_square_images(root: Path) -> Path:
+    """train/: eight 32-pixel squares in two colours, captioned "a <colour> square", with metadata.jsonl."""
+    folder = root / "train"
+    folder.mkdir(parents=True)
+    rows = []
+    for index in range(8):
+        colour = ("red", "blue")[index % 2]
+        image = Image.new("RGB", (32, 32), "white")
+        offset = 2 + index
+        image.paste({"red": (220, 30, 30), "blue": (40, 60, 220)}[colour], (offset, offset, offset + 16, offset + 16))
+        image.save(folder / f"{index}.png")
+        rows.append({"file_name": f"{index}.png", "text": f"a {colour} square"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny import tiny_components
+from _tiny import tiny_components, write_square_images
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
@@ -313,22 +313,6 @@ def test_fusing_qkv_projections_over_an_unfused_lora_is_refused(lora):
 # --------------------------------------------------------------------------------------------- training
 
 
-def write_images(root: Path) -> Path:
-    """train/: eight 32-pixel squares in two colours, captioned "a <colour> square", with metadata.jsonl."""
-    folder = root / "train"
-    folder.mkdir(parents=True)
-    rows = []
-    for index in range(8):
-        colour = ("red", "blue")[index % 2]
-        image = Image.new("RGB", (32, 32), "white")
-        offset = 2 + index
-        image.paste({"red": (220, 30, 30), "blue": (40, 60, 220)}[colour], (offset, offset, offset + 16, offset + 16))
-        image.save(folder / f"{index}.png")
-        rows.append({"file_name": f"{index}.png", "text": f"a {colour} square"})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return root
-
-
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory) -> Path:
     """A tiny pipeline folder of our classes (ε-prediction DDPM schedule), the base model to adapt."""
@@ -340,7 +324,7 @@ def base_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_folder(tmp_path_factory) -> Path:
-    return write_images(tmp_path_factory.mktemp("squares"))
+    return write_square_images(tmp_path_factory.mktemp("squares"))
 
 
 def lora_args(base: Path, data: Path, output: Path, steps: int, *extra: str) -> list[str]:

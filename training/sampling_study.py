@@ -6,7 +6,9 @@ given number of network evaluations (NFE), judged by an image model that no mode
     python training/sampling_study.py report    # docs/sampling_study.md and docs/sampling_study.png
 
 Design:
-- **Model**: the shipped `hf_scratch/pretrained/emoji32` (flow matching, v = ε − x_0); autoguidance's guides are
+- **Model**: the shipped `hf_scratch/pretrained/emoji32` (flow matching, v = ε − x_0), and its few-step students
+  (`--students`) of `training/recipes/emoji32_reflow.sh`, reflowed on its own guided samples and drawn without
+  guidance (a U-Net folder's pipeline, or a LoRA fused into a copy of the U-Net); autoguidance's guides are
   U-Nets of `training/recipes/emoji32_guide.sh` (`--guides`): a 1.9M-parameter U-Net (the main one has 7.2M)
   trained for 1/16 ("T/16", the paper's choice) or 1/8 ("T/8") of the main model's steps, and a 1.1M-parameter one
   (channels 24-48-48) trained for 1/16 ("small T/16"), the largest that fits beside the shipped model in its 25 MB.
@@ -47,9 +49,10 @@ SHIPPED = ROOT / "hf_scratch" / "pretrained" / "emoji32"
 SPLITS = ("validation", "train")
 SEEDS = (0, 1, 2)
 NFES = (4, 8, 16)
-BASELINE_NFES = (4, 8, 16, 20)  # plain CFG also at today's 20 steps, where today's scale of 4 is drawn too
+BASELINE_NFES = (2, 4, 8, 16, 20)  # plain CFG also at today's 20 steps, where today's scale of 4 is drawn too
 TUNE_NFE = 8
-NFE_ORDER = (8, 4, 20, 16)  # the order `run` draws the NFEs in (20: today's cost, plain CFG only)
+NFE_ORDER = (8, 4, 20, 16, 2, 1)  # the order `run` draws the NFEs in (20: today's cost, plain CFG only)
+STUDENT_NFES = (1, 2, 4, 8)
 TUNE_PROMPTS = 64
 SHIPPED_GUIDANCE = 4.0
 
@@ -85,8 +88,10 @@ class Method:
     options: tuple = field(default=None)
     nfes: tuple = NFES
     guide: str | None = None  # autoguidance tuned with this guide only
+    student: str | None = None  # a U-Net of --students in place of the shipped one
 
 
+UNGUIDED = (("guidance_scale", 1.0),)  # the reflow students' guidance is in their couplings
 METHODS: dict[str, Method] = {  # in the order `run` draws them (within each NFE of NFE_ORDER)
     "euler, CFG": Method("flow-euler", "cfg", nfes=BASELINE_NFES),
     "euler, autoguidance, small guide": Method("flow-euler", "auto", guide="small T/16"),
@@ -101,6 +106,8 @@ METHODS: dict[str, Method] = {  # in the order `run` draws them (within each NFE
     "euler, APG": Method("flow-euler", "apg"),
     "euler, CFG, shift 3": Method("flow-euler", "cfg", schedule="shift-3"),
     "dpm++ 2M, CFG": Method("flow-dpm++", "cfg"),
+    "reflow LoRA, euler": Method("flow-euler", "cfg", options=UNGUIDED, nfes=STUDENT_NFES, student="reflow LoRA"),
+    "reflow full, euler": Method("flow-euler", "cfg", options=UNGUIDED, nfes=STUDENT_NFES, student="reflow full"),
 }
 BASELINE = "euler, CFG"
 TODAY = ("euler, CFG 4 (today)", 20)  # the shipped sampling before this study
@@ -149,11 +156,21 @@ def load(args: argparse.Namespace) -> dict:
     for name, folder in (entry.split("=", 1) for entry in args.guides):
         if Path(folder).is_dir():
             guides[name] = ScratchUNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    students = {}
+    for name, folder in (entry.split("=", 1) for entry in args.students):
+        if Path(folder, "unet").is_dir():
+            students[name] = ScratchUNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+        elif Path(folder, "pytorch_lora_weights.safetensors").is_file():
+            host = ScratchStableDiffusionPipeline.from_pretrained(args.model)
+            host.load_lora_weights(folder)
+            host.fuse_lora()
+            host.unload_lora_weights()  # the fused weights stay
+            students[name] = host.unet.eval()
     schedules = {}
     if args.schedules and Path(args.schedules).is_file():
         schedules = json.loads(Path(args.schedules).read_text())
     return {
-        "pipe": pipe, "scheduler_config": dict(pipe.scheduler.config), "guides": guides,
+        "pipe": pipe, "scheduler_config": dict(pipe.scheduler.config), "guides": guides, "students": students,
         "data": load_dataset_folder(args.data), "schedules": schedules,
     }  # fmt: skip
 
@@ -206,6 +223,9 @@ def schedule_kwargs(pipe: Any, scheduler_config: dict, solver: str, schedule: st
 def sample(loaded: dict, prompts: list[str], seed: int, method: Method, options: dict, nfe: int) -> dict:
     """Images of `prompts` with one method at one NFE, and what they cost."""
     pipe = loaded["pipe"]
+    shipped_unet = pipe.unet
+    if method.student:
+        pipe.unet = loaded["students"][method.student]
     guide = loaded["guides"].get(options.get("guide"))
     steps = steps_for(method.solver, nfe)
     kwargs = schedule_kwargs(
@@ -229,6 +249,7 @@ def sample(loaded: dict, prompts: list[str], seed: int, method: Method, options:
     finally:
         for hook in hooks:
             hook.remove()
+        pipe.unet = shipped_unet
     return {
         "images": images.float(),
         "nfe": calls[0],
@@ -345,8 +366,10 @@ def run(args: argparse.Namespace, loaded: dict) -> None:
 
 
 def drawable(method: Method, loaded: dict) -> bool:
-    """Whether what `method` needs was loaded: its guide, or the optimised schedules."""
+    """Whether what `method` needs was loaded: its guide, its student U-Net, or the optimised schedules."""
     if method.guidance == "auto" and method.guide not in loaded["guides"]:
+        return False
+    if method.student and method.student not in loaded["students"]:
         return False
     return method.schedule != "optimised" or bool(loaded["schedules"])
 
@@ -356,6 +379,7 @@ ADHERENCE_CELLS = (
     ("euler, CFG 4 (today)", 20), ("euler, CFG", 16), ("unipc, CFG", 16), ("euler, guidance interval", 8),
     ("euler, guidance interval", 16), ("euler, autoguidance", 16), ("euler, autoguidance, small guide", 16),
     ("unipc, autoguidance, small guide", 8), ("unipc, autoguidance, small guide", 16),
+    ("reflow LoRA, euler", 2), ("reflow LoRA, euler", 4), ("reflow full, euler", 2), ("reflow full, euler", 4),
 )  # fmt: skip
 
 
@@ -386,6 +410,8 @@ def adherence(args: argparse.Namespace, loaded: dict) -> None:
             if key in read_results(args.results).get("adherence", {}):
                 continue
             method = METHODS[name]
+            if not drawable(method, loaded):
+                continue
             options = dict(method.options) if method.options else tuned_options(
                 read_results(args.results), method.guidance, method.guide
             )  # fmt: skip
@@ -409,6 +435,12 @@ def parse_args() -> argparse.Namespace:
             f"small T/16={ROOT / 'outputs' / 'guide-s' / 'unet'}",
         ],
     )  # fmt: skip
+    parser.add_argument(
+        "--students",
+        nargs="*",
+        help="few-step students, NAME=pipeline folder (its unet/) or LoRA folder",
+        default=[f"reflow {kind}={ROOT / 'runs' / 'reflow' / kind.lower()}" for kind in ("full", "LoRA")],
+    )
     parser.add_argument("--schedules", default=str(ROOT / "docs" / "optimised_schedules.json"))
     parser.add_argument("--data", default="/tmp/emoji_eval/data", help="an emoji dataset (`hf-scratch data emoji`)")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "sampling_study.json")

@@ -14,8 +14,11 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 
 # ----------------------------------------------------------------------------------------------------------- arguments
-def build_parser(description: str, captions: bool = True) -> argparse.ArgumentParser:
-    """A parser holding the shared argument groups; each script adds its model and loss arguments to it."""
+def build_parser(
+    description: str, captions: bool = True, other_sources: dict[str, str] | None = None
+) -> argparse.ArgumentParser:
+    """A parser holding the shared argument groups; each script adds its model and loss arguments to it.
+    `other_sources` ({flag: help}) are the script's own kinds of training data, each in place of --train_data_dir."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group(required=True)
@@ -30,6 +33,8 @@ def build_parser(description: str, captions: bool = True) -> argparse.ArgumentPa
         "--dataset_name",
         help="the same as --train_data_dir (kept for diffusers' users; local data only, no hub access)",
     )
+    for flag, help in (other_sources or {}).items():
+        source.add_argument(flag, help=help)
     data.add_argument("--image_column", default="image", help="the column holding the images (default: %(default)s)")
     if captions:
         data.add_argument(

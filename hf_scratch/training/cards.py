@@ -33,7 +33,7 @@ def write_model_card(
 ) -> None:
     """README.md of the pipeline folder: how to load it, the data, the objective, the run and its compute."""
     compute = trainer.compute_summary()
-    source = args.train_data_dir or args.dataset_name
+    source = args.train_data_dir or args.dataset_name or getattr(args, "reflow_pairs", None)
     origin = f"fine-tuned from `{args.pretrained_model_name_or_path}`" if args.unet_from_pretrained else "from scratch"
     card = f"""---
 library_name: diffusers

@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -395,3 +396,36 @@ def _read_latent_cache(folder: Path, dataset: ImageTextDataset, orientations: tu
     if len(pairs[False][0]) != len(dataset):
         raise ValueError(f"the latent cache {folder} holds {len(pairs[False][0])} images, the data {len(dataset)}")
     return CachedLatents(*pairs[False], list(dataset.captions), pairs.get(True), dataset.seed)
+
+
+COUPLING_INDEX = "index.json"
+
+
+class CoupledLatents(torch.utils.data.Dataset):
+    """Reflow's coupling (Liu et al. 2022, arXiv:2209.03003, Sec. 2.3): a teacher's endpoint z_0 = ODE[v](ε) and the
+    noise ε it started from, with the caption it was drawn for; items {"latents", "coupled_noise", "caption"}, read
+    from the shards `training/reflow.py` writes (the folder's `index.json` lists them)."""
+
+    num_skipped = 0  # (the pairs hold latents: no image is read)
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        if not (folder / COUPLING_INDEX).is_file():
+            raise ValueError(
+                f"--reflow_pairs={str(folder)!r} has no {COUPLING_INDEX}: draw the pairs first with "
+                "`python training/reflow.py --out FOLDER` (a re-run finishes an interrupted one)"
+            )
+        noise, latents, self.captions = [], [], []
+        for name in json.loads((folder / COUPLING_INDEX).read_text())["shards"]:
+            with safe_open(folder / name, "pt") as shard:
+                noise.append(shard.get_tensor("noise"))
+                latents.append(shard.get_tensor("latents"))
+                self.captions += json.loads(shard.metadata()["captions"])
+        self.noise, self.latents = torch.cat(noise), torch.cat(latents)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: Index) -> dict[str, Any]:
+        index = index[1] if isinstance(index, tuple) else index
+        return {"latents": self.latents[index], "coupled_noise": self.noise[index], "caption": self.captions[index]}

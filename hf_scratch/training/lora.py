@@ -1,9 +1,9 @@
 """LoRA for the U-Net trainer (Hu et al. 2021, arXiv:2106.09685): the flags a LoRA run accepts, the adapters peft
 injects, and the adapter file in diffusers' layout.
 
-Each adapted projection W (`to_q`, `to_k`, `to_v`, `to_out.0`; the text encoder's `q_proj`, `k_proj`, `v_proj`,
-`out_proj`) becomes W' = W + (α/r)·B·A, with A Gaussian and B zero at the start, so training starts from the base
-model.
+Each adapted projection W (`to_q`, `to_k`, `to_v`, `to_out.0`, or every layer with `--lora_layers all`; the text
+encoder's `q_proj`, `k_proj`, `v_proj`, `out_proj`) becomes W' = W + (α/r)·B·A, with A Gaussian and B zero at the
+start, so training starts from the base model.
 """
 
 import argparse
@@ -23,6 +23,16 @@ from hf_scratch.schedulers import scheduler_family
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' `load_lora_weights` looks for
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# --lora_layers all: every linear and convolution of the U-Net (the ResNets, the transformer blocks' projections and
+# feed-forwards, the time embedding, the resamplers), as the few-step LoRAs of Luo et al. 2023 (LCM-LoRA,
+# arXiv:2311.05556) adapt it.
+UNET_LORA_LAYERS = {
+    "attention": UNET_LORA_TARGETS,
+    "all": UNET_LORA_TARGETS + [
+        "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+        "conv", "conv_in", "conv_out", "linear_1", "linear_2",
+    ],
+}  # fmt: skip
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -71,8 +81,9 @@ def add_lora_adapters(args: argparse.Namespace, unet: ScratchUNet2DConditionMode
     it, does not require peft >= 0.22)."""
     alpha = args.lora_alpha if args.lora_alpha is not None else args.lora_rank
     unet.requires_grad_(False)
+    targets = UNET_LORA_LAYERS[args.lora_layers or "attention"]
     unet.add_adapter(
-        LoraConfig(r=args.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
+        LoraConfig(r=args.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
     )
     if args.train_text_encoder_lora:
         config = LoraConfig(

@@ -55,7 +55,7 @@ from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
 from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
 from hf_scratch.training.arguments import build_parser, check_args, check_at_least, check_divisible
 from hf_scratch.training.cards import write_lora_model_card, write_model_card
-from hf_scratch.training.data import EpochBatches, cache_latents, image_grid, load_image_text_dataset
+from hf_scratch.training.data import CoupledLatents, EpochBatches, cache_latents, image_grid, load_image_text_dataset
 from hf_scratch.training.lora import add_lora_adapters, check_lora_args, save_lora_weights
 from hf_scratch.training.streaming import load_image_text_stream
 from hf_scratch.training.trainer import (
@@ -68,7 +68,11 @@ from hf_scratch.training.trainer import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser(__doc__.splitlines()[0])
+    reflow_help = (
+        "flow_matching: train on a teacher's (noise, endpoint) couplings instead of images, rectified flow's reflow "
+        "(a folder that `training/reflow.py` writes); with --unet_from_pretrained, a few-step student"
+    )
+    parser = build_parser(__doc__.splitlines()[0], other_sources={"--reflow_pairs": reflow_help})
     source = parser.add_argument_group("frozen components")
     source.add_argument("--pretrained_model_name_or_path", help="a local pipeline folder with vae/, text_encoder/, ...")
     source.add_argument("--vae_path", help="a VAE folder (train_vae.py's --output_dir); overrides the pipeline's")
@@ -192,6 +196,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lora = parser.add_argument_group("LoRA (Hu et al. 2021): adapt the pipeline folder's U-Net instead of training one")
     lora.add_argument("--lora_rank", type=int, default=None, help="r, the rank of each low-rank update B·A")
     lora.add_argument("--lora_alpha", type=float, default=None, help="α, which scales B·A by α/r (default: r)")
+    lora.add_argument(
+        "--lora_layers",
+        choices=("attention", "all"),
+        default=None,
+        help="the U-Net layers adapted: the attention projections (the default, as diffusers' training scripts), or "
+        "every linear and convolution (as few-step LoRAs are trained)",
+    )
     lora.add_argument("--train_text_encoder_lora", action="store_true", help="adapt the text encoder's attention too")
 
     validation = parser.add_argument_group("validation")
@@ -223,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.lora_rank is not None:
         check_lora_args(args)
     else:
-        for flag in ("lora_alpha", "train_text_encoder_lora"):
+        for flag in ("lora_alpha", "train_text_encoder_lora", "lora_layers"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag} sets up a LoRA run; add --lora_rank R (e.g. 4) or drop --{flag}")
     if args.objective in ("edm", "flow_matching"):
@@ -249,7 +260,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise ValueError(f"--caption_dropout_prob={args.caption_dropout_prob} must be in [0, 1)")
     check_unet_args(args)
+    if args.reflow_pairs:
+        check_reflow_args(args)
     return args
+
+
+def check_reflow_args(args: argparse.Namespace) -> None:
+    """A reflow run trains on fixed couplings: refuse the flags that would draw other noise or read images."""
+    if args.objective != "flow_matching":
+        raise ValueError(
+            f"--reflow_pairs trains a flow on straight lines between coupled endpoints; add --objective flow_matching "
+            f"(got {args.objective})"
+        )
+    for flag in ("immiscible_noise", "noise_offset", "input_perturbation", "cache_latents", "streaming"):
+        if getattr(args, flag):
+            raise ValueError(
+                f"--{flag} cannot be combined with --reflow_pairs: the pairs fix each latent's noise and hold latents,"
+                f" not images; drop --{flag}"
+            )
 
 
 def check_unet_args(args: argparse.Namespace) -> None:
@@ -441,11 +469,14 @@ def train_step(
     models = (parts.unet, parts.text_encoder) if args.train_text_encoder_lora else (parts.unet,)
     with accelerator.accumulate(*models):
         with torch.no_grad():
-            latents = latents_of(batch, parts.vae, device, parts.weight_dtype)
             captions = drop_captions(batch["caption"], args.caption_dropout_prob)
             with torch.set_grad_enabled(args.train_text_encoder_lora):
                 encoder_hidden_states = encode_prompts(parts.tokenizer, parts.text_encoder, captions, device)
-            noise = parts.objective.noise(latents)  # ε, with the offset and the immiscible pairing
+            if "coupled_noise" in batch:  # reflow: the teacher's endpoint and the noise it started from
+                latents, noise = batch["latents"].to(device), batch["coupled_noise"].to(device)
+            else:
+                latents = latents_of(batch, parts.vae, device, parts.weight_dtype)
+                noise = parts.objective.noise(latents)  # ε, with the offset and the immiscible pairing
             batch_target = parts.objective(latents, noise)  # the network's input, timesteps, target and weights
 
         model_input = batch_target.model_input
@@ -481,6 +512,9 @@ def main(args: argparse.Namespace) -> None:
 
     if args.streaming:
         images = dataset = batches = load_image_text_stream(args, accelerator)
+    elif args.reflow_pairs:
+        images = dataset = CoupledLatents(args.reflow_pairs)
+        batches = EpochBatches(len(dataset), args.train_batch_size, accelerator, args.seed)
     else:
         images = load_image_text_dataset(args, args.train_split, accelerator, limit=args.max_train_samples)
         if args.cache_latents:
