@@ -223,8 +223,8 @@ def _resolve_sampling(args: argparse.Namespace, sampling: dict) -> dict:
 
 
 def _device_and_dtype(args: argparse.Namespace) -> tuple:
-    """(torch.device, torch.dtype) of --device and --dtype: "auto" is CUDA when there is one, and float16 on CUDA,
-    float32 elsewhere."""
+    """(torch.device, torch.dtype) of --device and --dtype, the dtype the weights load in: "auto" is CUDA when there
+    is one, and float16 on CUDA, float32 on the CPU (where `use_fastest_dtypes` then picks each component's dtype)."""
     import torch
 
     if args.device == "auto":
@@ -535,6 +535,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         pipe.set_adapters([f"lora{index}" for index in range(len(loras))], [scale for _, scale in loras])
     for path, _ in embeddings:
         pipe.load_textual_inversion(path)
+    if args.dtype == "auto" and device.type == "cpu" and not args.winograd:  # Winograd tiles compute in float32
+        from .fast import use_fastest_dtypes
+
+        use_fastest_dtypes(pipe)
     if args.winograd:
         from .fast import use_winograd
 
@@ -881,7 +885,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> N
         "for models whose native images are tiny (1: no copy)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto: cuda when there is one")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, float32 on the CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="auto: float16 on CUDA; on the CPU a large U-Net in bfloat16 where the "
+        "CPU computes it natively (AVX-512 BF16, AMX), all else float32",
+    )
     parser.add_argument(
         "--lora",
         action="append",

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from hf_scratch.fast import freeze_for_inference
+from hf_scratch.fast import freeze_for_inference, use_fastest_dtypes
 from hf_scratch.images import open_image, read_image, resize
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.models.vae import downsampling_factor
@@ -62,9 +62,12 @@ def allowed_models() -> dict[str, str]:
 @lru_cache(maxsize=2)
 def load_pipeline(folder: str) -> ScratchStableDiffusionPipeline:
     """The pipeline of `folder`, kept between requests; `own_scheduler` keeps the scheduler it was saved with, since
-    each request sets `pipe.scheduler` to the one asked for. Its U-Net runs as frozen graphs, within float32
-    rounding of eager (`hf_scratch.fast.freeze_for_inference`): a small model's step is bound by per-op cost."""
-    pipe = freeze_for_inference(ScratchStableDiffusionPipeline.from_pretrained(folder))
+    each request sets `pipe.scheduler` to the one asked for. Its components compute in the fastest dtypes for this
+    CPU (`hf_scratch.fast.use_fastest_dtypes`: a large U-Net in bfloat16 where the CPU computes it natively), and its
+    U-Net runs as frozen graphs (`hf_scratch.fast.freeze_for_inference`): a small model's step is bound by per-op
+    cost."""
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(folder)
+    pipe = freeze_for_inference(use_fastest_dtypes(pipe))
     pipe.set_progress_bar_config(disable=True)
     pipe.own_scheduler = pipe.scheduler
     return pipe

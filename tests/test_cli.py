@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, PngImagePlugin
 
 from hf_scratch.cli import main
@@ -158,6 +159,29 @@ def test_generate_with_winograd_matches_the_default(tmp_path):
     for path, extra in zip(paths, ([], ["--winograd"])):
         assert main(["generate", "red heart, twemoji style", "--steps", "4", "--output", str(path), *extra]) == 0
     assert_same_image(Image.open(paths[1]), Image.open(paths[0]), levels=2)  # within rounding to 8 bits
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_dtype_auto_computes_the_unet_in_bf16_only_where_the_cpu_does(monkeypatch, tmp_path, native):
+    """--dtype auto against --dtype float32: the same image where bfloat16 is not native; where it is, the U-Net
+    (forced past the size threshold) runs in bfloat16 and the image stays within bfloat16's accuracy
+    (tests/test_precision.py states the bound)."""
+    from hf_scratch.fast import precision
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "avx512_bf16": native})
+    monkeypatch.setattr(precision, "BF16_MIN_PARAMETERS", 0)
+    wrapped = []
+    compute_in = precision.compute_in
+    monkeypatch.setattr(
+        precision, "compute_in", lambda module, dtype: wrapped.append(dtype) or compute_in(module, dtype)
+    )
+    paths = [tmp_path / "float32.png", tmp_path / "auto.png"]
+    for path, dtype in zip(paths, ("float32", "auto")):
+        argv = ["generate", "red heart, twemoji style", "--steps", "4", "--output", str(path), "--dtype", dtype]
+        assert main(argv) == 0
+    assert wrapped == ([torch.bfloat16] if native else [])
+    difference = np.abs(np.asarray(Image.open(paths[1]), float) - np.asarray(Image.open(paths[0]), float))
+    assert difference.mean() <= (1.5 if native else 0)
 
 
 def _copy_model(model_dir: Path, destination: Path) -> Path:

@@ -1,12 +1,12 @@
 """Opt-in fast paths for inference. Nothing in the library calls this module: eager PyTorch stays the default.
 
-`use_winograd` is the one that pays on a CPU. It runs the 3x3 convolutions through Winograd's minimal filtering
-(`hf_scratch.fast.winograd`, F(4x4, 3x3) and F(2x2, 3x3) tiles) on channels-last memory. On a 2-core AVX-512 Xeon, in
-interleaved runs of `python -m benchmarks`, the SD 1.5 U-Net step at 512 px took about 0.7x diffusers' time, ahead of
-OpenVINO and ONNX Runtime, and the VAE decode at 512 px 0.69x (BENCHMARKS.md); outputs stay within 1e-5 relative of
-eager. The costs: the transformed filters (4.1 GiB for the SD 1.5 U-Net at 512 px, 0.7 GiB for the VAE decoder, kept
-beside the weights), a C++ compiler for the tile kernel (built once, about 30 s), and about 30 s to transform the
-filters on the first call.
+`use_winograd` is the one that pays on a CPU without native bfloat16. It runs the 3x3 convolutions through
+Winograd's minimal filtering (`hf_scratch.fast.winograd`, F(4x4, 3x3) and F(2x2, 3x3) tiles) on channels-last memory.
+On a 2-core AVX-512 Xeon, in interleaved runs of `python -m benchmarks`, the SD 1.5 U-Net step at 512 px took about
+0.7x diffusers' time, ahead of OpenVINO and ONNX Runtime, and the VAE decode at 512 px 0.69x (BENCHMARKS.md); outputs
+stay within 1e-5 relative of eager. The costs: the transformed filters (4.1 GiB for the SD 1.5 U-Net at 512 px, 0.7
+GiB for the VAE decoder, kept beside the weights), a C++ compiler for the tile kernel (built once, about 30 s), and
+about 30 s to transform the filters on the first call.
 
 `compile_for_inference` compiles with `torch.compile` (inductor) and the weights frozen into the graph. On the same CPU
 it gave no gain at 512 px (1.01x diffusers), slowed the end-to-end 256 px pipeline (1.17x), took minutes to compile
@@ -15,6 +15,10 @@ it gave no gain at 512 px (1.01x diffusers), slowed the end-to-end 256 px pipeli
 `freeze_for_inference` pays on small models, where a U-Net call is bound by per-op cost rather than arithmetic: it runs
 the U-Net as frozen TorchScript graphs, one per input shape (`hf_scratch.fast.frozen`), with outputs equal to eager
 ones to float32 rounding. `hf-scratch generate` and the demo use it on CPU by default.
+
+`use_fastest_dtypes` puts a pipeline's large components in bfloat16 on a CPU that computes it natively (AVX-512 BF16
+or AMX; `hf_scratch.fast.precision`), where the SD 1.5 U-Net then takes about half its float32 time, and leaves them
+float32 elsewhere. `hf-scratch generate --dtype auto` (the default) and the demo use it.
 
 Example:
     >>> pipe = ScratchStableDiffusionPipeline.from_pretrained(folder)
@@ -27,6 +31,19 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+
+from .precision import compute_in, cpu_computes_bf16, fastest_dtype, use_fastest_dtypes
+
+__all__ = [
+    "compile_for_inference",
+    "compute_in",
+    "cpu_computes_bf16",
+    "fastest_dtype",
+    "freeze_for_inference",
+    "unfreeze",
+    "use_fastest_dtypes",
+    "use_winograd",
+]
 
 Target = TypeVar("Target")
 
@@ -85,7 +102,7 @@ def freeze_for_inference(target: Target, *, onednn: bool | None = None) -> Targe
         onednn: run the graph's convolutions through oneDNN, as eager PyTorch does (outputs then equal eager ones
             bit for bit), or not (ATen's im2col and GEMM, within float32 rounding of eager). The default, `None`,
             leaves oneDNN off for latents of at most 32 a side, where it was slower for the shipped model's
-            64-128 channels, and on for larger ones.
+            64-128 channels of float32, and on for larger ones and for other dtypes (bfloat16).
     """
     from . import frozen
 
