@@ -29,6 +29,24 @@ FAST_PATHS = {
     "freeze": ("ours + freeze_for_inference", "freeze_for_inference"),
 }
 SD_PATHS = ("winograd", "compile")  # those for the SD 1.5 models; freeze_for_inference is for small U-Nets
+BF16_VARIANT = "ours bf16"
+
+
+def _in_bfloat16(target: Any) -> Any:
+    """Our bfloat16 path (`hf_scratch.fast.compute_in`): a pipeline's U-Net, a VAE's decoder or a U-Net computes in
+    bfloat16 behind float32 inputs and outputs, whatever its size; in place. Winograd tiles are float32 only, so
+    there is no bfloat16 Winograd variant."""
+    from hf_scratch.fast import compute_in
+
+    if hasattr(target, "unet"):
+        compute_in(target.unet, torch.bfloat16)
+    elif hasattr(target, "decoder"):
+        for module in (target.post_quant_conv, target.decoder):
+            if module is not None:
+                compute_in(module, torch.bfloat16)
+    else:
+        compute_in(target, torch.bfloat16)
+    return target
 
 
 def _time_row(
@@ -65,7 +83,7 @@ def _eager_and_fast_rows(
     warmup: int | None = None,
 ) -> list[Row]:
     """Times `run(ours)` against `reference`, then each fast path of `settings.fast` that is in `paths` (those that
-    apply to `ours`) on a copy of `ours`.
+    apply to `ours`) on a copy of `ours`, and with `settings.bf16` our bfloat16 path (`_in_bfloat16`).
 
     The eager row records the relative error against diffusers' output; each fast row its set-up time (build,
     transform or compile, with the first call, `first_call` when given) and its error against our eager output.
@@ -75,9 +93,12 @@ def _eager_and_fast_rows(
     eager_output = run(ours)
     rows = [_time_row(case, description, "ours", lambda: run(ours), reference, settings, warmup)]
     rows[0].extra["rel_err_vs_diffusers"] = relative_error(eager_output, reference())
-    for name in (name for name in settings.fast if name in paths):
-        variant, function = FAST_PATHS[name]
-        fast = getattr(hf_scratch.fast, function)(copy.deepcopy(ours))
+    variants = [(FAST_PATHS[name][0], getattr(hf_scratch.fast, FAST_PATHS[name][1])) for name in settings.fast
+                if name in paths]  # fmt: skip
+    if settings.bf16:
+        variants.append((BF16_VARIANT, _in_bfloat16))
+    for variant, function in variants:
+        fast = function(copy.deepcopy(ours))
         setup_s = time_call(lambda fast=fast: (first_call or run)(fast), settings.device)
         error = relative_error(run(fast), eager_output)
         row = _time_row(case, description, variant, lambda fast=fast: run(fast), reference, settings, warmup)
@@ -110,6 +131,8 @@ def unet_step(settings: Settings, pixels: int) -> list[Row]:
         rows = _eager_and_fast_rows(case, description, ours, run, run_reference, settings, paths=SD_PATHS)
         del ours
         gc.collect()
+        if settings.peers and settings.bf16:
+            rows.append(peers.diffusers_bf16_row(case, description, reference, inputs, run_reference, settings))
         if settings.peers and pixels == 512 and device == "cpu" and dtype == torch.float32:
             rows += peers.unet_rows(case, description, reference, inputs, run_reference, settings)
     return rows
@@ -260,14 +283,15 @@ def _train_step_rows(
         torch.randn(batch, text_length, config["cross_attention_dim"], generator=generator).to(device),
     )
     target = torch.randn(batch, config["out_channels"], latent, latent, generator=generator).to(device)
-    autocast = torch.autocast(device.split(":")[0], settings.dtype, enabled=settings.dtype != torch.float32)
 
     def make_step(
-        model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample: torch.Tensor = inputs[0]
-    ) -> Callable[[], None]:
+        model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample: torch.Tensor = inputs[0],
+        dtype: torch.dtype = settings.dtype,
+    ) -> Callable[[], None]:  # fmt: skip
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            with autocast:
+            # Mixed precision as accelerate's --mixed_precision bf16 runs it: weights and optimiser in float32.
+            with torch.autocast(device.split(":")[0], dtype, enabled=dtype != torch.float32):
                 loss = F.mse_loss(model(sample, *inputs[1:]).sample.float(), target)
             loss.backward()
             optimizer.step()
@@ -290,13 +314,22 @@ def _train_step_rows(
         channels_last_step = make_step(ours, optimizer, inputs[0].contiguous(memory_format=torch.channels_last))
         variant = "ours + AdamW(fused=True) + channels_last"
         rows.append(_time_row(case, description, variant, channels_last_step, reference_step, settings))
-        if "compile" in settings.fast:
-            ours.compile(backend="inductor", dynamic=False)  # in place: the step now runs the compiled model
-            compile_s = time_call(channels_last_step, device)
-            row = _time_row(case, description, f"{variant} + torch.compile", channels_last_step, reference_step,
-                            settings)  # fmt: skip
-            row.extra["compile_s"] = compile_s
-            rows.append(row)
+        if settings.bf16:
+            step = make_step(ours, optimizer, inputs[0].contiguous(memory_format=torch.channels_last), torch.bfloat16)
+            rows.append(_time_row(case, description, f"{variant} + bf16 autocast", step, reference_step, settings))
+    elif settings.bf16:
+        step = make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), dtype=torch.bfloat16)
+        rows.append(_time_row(case, description, "ours + bf16 autocast", step, reference_step, settings))
+    if settings.peers and settings.bf16:
+        step = make_step(reference, torch.optim.AdamW(reference.parameters(), lr=1e-4), dtype=torch.bfloat16)
+        rows.append(_time_row(case, description, "diffusers + bf16 autocast", step, reference_step, settings))
+    if "compile" in settings.fast:
+        ours.compile(backend="inductor", dynamic=False)  # in place: the step now runs the compiled model
+        compile_s = time_call(channels_last_step, device)
+        row = _time_row(case, description, f"{variant} + torch.compile", channels_last_step, reference_step,
+                        settings)  # fmt: skip
+        row.extra["compile_s"] = compile_s
+        rows.append(row)
     for row in rows:  # seconds per step -> samples per second
         row.times = [batch / t for t in row.times]
         row.reference_times = [batch / t for t in row.reference_times]

@@ -1,10 +1,12 @@
-"""Other inference engines on diffusers' U-Net, as peers on the U-Net row: OpenVINO and ONNX Runtime, both fp32.
+"""Peers on the U-Net row: diffusers' own U-Net in bfloat16, and other inference engines on diffusers' U-Net,
+OpenVINO (fp32, and bf16 where the CPU computes it natively) and ONNX Runtime (fp32).
 
 Each engine converts diffusers' U-Net once and then holds its own copy of the weights, so the engines run one after
 another and each is freed before the next is built. An engine that is not installed, or fails to convert, is skipped
 with a note rather than failing the run.
 """
 
+import copy
 import gc
 import logging
 import tempfile
@@ -33,12 +35,15 @@ class _UNetTensorOutput(nn.Module):
         return self.unet(sample, timestep, context, return_dict=False)[0]
 
 
-def _openvino(unet: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int) -> Callable[[], np.ndarray]:
+def _openvino(
+    unet: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int, precision: str = "f32"
+) -> Callable[[], np.ndarray]:
     import openvino as ov
 
     model = ov.convert_model(_UNetTensorOutput(unet), example_input=inputs)
+    # The CPU plugin's INFERENCE_PRECISION_HINT: "bf16" runs the matrix products in bfloat16, inputs stay float32.
     compiled = ov.Core().compile_model(
-        model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+        model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads}
     )
     del model
     request = compiled.create_infer_request()
@@ -63,7 +68,36 @@ def _onnxruntime(unet: nn.Module, inputs: tuple[torch.Tensor, ...], threads: int
     return lambda: session.run(None, feeds)[0]
 
 
-ENGINES = {"OpenVINO fp32": _openvino, "ONNX Runtime fp32": _onnxruntime}
+ENGINES = {
+    "OpenVINO fp32": _openvino,
+    "OpenVINO bf16": lambda unet, inputs, threads: _openvino(unet, inputs, threads, "bf16"),
+    "ONNX Runtime fp32": _onnxruntime,
+}
+
+
+def diffusers_bf16_row(
+    case: str,
+    description: str,
+    unet: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    run_reference: Callable[[], torch.Tensor],
+    settings: Settings,
+) -> Row:
+    """diffusers' U-Net as a diffusers user runs it in bfloat16 (`unet.to(torch.bfloat16)`, bfloat16 inputs), timed
+    interleaved with its float32 self; on a copy, since `unet` shares its weights with ours."""
+    bf16_unet = copy.deepcopy(unet).to(torch.bfloat16)
+    bf16_inputs = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs)
+
+    def run() -> torch.Tensor:
+        return bf16_unet(*bf16_inputs).sample
+
+    times = interleaved({"bf16": run, "reference": run_reference}, settings.warmup, settings.repeats, settings.device)
+    row = Row(
+        case, description, "diffusers bf16", "s", median(times["bf16"]), median(times["reference"]),
+        times=times["bf16"], reference_times=times["reference"],
+    )  # fmt: skip
+    row.extra["rel_err_vs_diffusers"] = relative_error(run(), run_reference())
+    return row
 
 
 def unet_rows(
@@ -78,6 +112,8 @@ def unet_rows(
     expected = run_reference()
     rows = []
     for name, make in ENGINES.items():
+        if "bf16" in name and not settings.bf16:
+            continue
         start = time.perf_counter()
         try:
             engine = make(unet, inputs, torch.get_num_threads())

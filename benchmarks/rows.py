@@ -19,6 +19,7 @@ class Settings:
     repeats: int = 3
     fast: tuple[str, ...] = ("winograd", "compile")  # the hf_scratch.fast paths to time, in order
     peers: bool = True
+    bf16: bool = False  # also time ours and the peers computing in bfloat16 (default: where the CPU does it natively)
 
 
 @dataclass

@@ -99,10 +99,27 @@ def _version(package: str) -> str | None:
         return None
 
 
+# The instruction-set flags that decide which dtype is fast, recorded with every run (torch.cpu.get_capabilities names).
+RECORDED_CPU_FLAGS = ("avx2", "avx512_f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def cpu_kind(machine: dict[str, Any]) -> str:
+    """The CPU kind a run's rows belong to: the model name and whether it computes bfloat16 natively. Rows of
+    different kinds are never compared. A machine recorded before the flags were (the Intel Xeon rows of the first
+    runs) has no `native_bf16`, and had none."""
+    return f"{machine['cpu']}, {'native' if machine.get('native_bf16') else 'no native'} bfloat16"
+
+
 def machine_info(device: str) -> dict[str, Any]:
-    """CPU, cores, RAM, accelerator, library versions, date and load average, for the report header."""
+    """CPU (model, flags, whether bfloat16 is native), cores, RAM, accelerator, library versions, date and load
+    average, for the report header."""
+    from hf_scratch.fast import cpu_computes_bf16
+
+    capabilities = torch.cpu.get_capabilities()
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
+        "native_bf16": cpu_computes_bf16(),
+        "cpu_flags": [flag for flag in RECORDED_CPU_FLAGS if capabilities.get(flag, False)],
         "cores": len(os.sched_getaffinity(0)),
         "threads": torch.get_num_threads(),
         "ram_gib": round(_total_ram_gib(), 1),

@@ -26,7 +26,7 @@ def _run(tmp_path: Path, *options: str) -> tuple[dict, str]:
 
 
 def test_every_case_reports_positive_times_and_finite_ratios(tmp_path: Path) -> None:
-    payload, markdown = _run(tmp_path, "--no-fast", "--no-peers")
+    payload, markdown = _run(tmp_path, "--no-fast", "--no-peers", "--no-bf16")
     cases = [row["case"] for row in payload["rows"]]
     assert cases == EXPECTED_CASES
     for row in payload["rows"]:
@@ -92,17 +92,58 @@ def test_freeze_variant_at_tiny_size(tmp_path: Path) -> None:
 
 
 def test_update_keeps_rows_not_measured_again(tmp_path: Path) -> None:
-    _run(tmp_path, "--no-fast", "--no-peers", "--cases", "text_encoder", "unet_256")
-    payload, _ = _run(tmp_path, "--no-fast", "--no-peers", "--cases", "unet_256", "--update")
+    _run(tmp_path, "--no-fast", "--no-peers", "--no-bf16", "--cases", "text_encoder", "unet_256")
+    payload, _ = _run(tmp_path, "--no-fast", "--no-peers", "--no-bf16", "--cases", "unet_256", "--update")
     assert [row["case"] for row in payload["rows"]] == ["unet_256", "text_encoder"]
 
 
 def test_update_keeps_the_versions_of_packages_this_run_lacks(tmp_path: Path) -> None:
     payload, _ = _run(tmp_path, "--no-fast", "--no-peers", "--cases", "text_encoder")
-    payload["machine"]["versions"]["some-peer"] = "1.2.3"  # as if an earlier run had a peer installed
+    (machine,) = payload["machines"].values()
+    machine["versions"]["some-peer"] = "1.2.3"  # as if an earlier run had a peer installed
     (tmp_path / "results.json").write_text(json.dumps(payload))
     payload, markdown = _run(tmp_path, "--no-fast", "--no-peers", "--cases", "text_encoder", "--update")
     assert payload["machine"]["versions"]["some-peer"] == "1.2.3" and "some-peer 1.2.3" in markdown
+
+
+def test_bf16_variants_at_tiny_size(tmp_path: Path) -> None:
+    """--bf16 (the default on a CPU that computes it natively): ours in bfloat16, diffusers' U-Net cast to bfloat16,
+    and both trainers under bfloat16 autocast, each against diffusers in float32."""
+    payload, markdown = _run(tmp_path, "--bf16", "--no-fast", "--cases", "unet_512", "vae_decode_512",
+                             "train_step_emoji32")  # fmt: skip
+    variants = {(row["case"], row["variant"]): row for row in payload["rows"]}
+    for key in [
+        ("unet_512", "ours bf16"),
+        ("unet_512", "diffusers bf16"),
+        ("vae_decode_512", "ours bf16"),
+        ("train_step_emoji32", "ours + bf16 autocast"),
+        ("train_step_emoji32", "diffusers + bf16 autocast"),
+    ]:
+        assert key in variants, key
+    # bfloat16 keeps 8 significant bits: about 1e-2 relative over a U-Net (docs/usage.md), far above float32's 1e-6.
+    for key in [("unet_512", "ours bf16"), ("vae_decode_512", "ours bf16")]:
+        assert 1e-4 < variants[key]["extra"]["rel_err_vs_eager"] < 5e-2, key
+    assert 1e-4 < variants["unet_512", "diffusers bf16"]["extra"]["rel_err_vs_diffusers"] < 5e-2
+    assert "| `unet_512` | " in markdown and "ours bf16" in markdown
+
+
+def test_rows_of_another_cpu_kind_stay_in_their_own_section(tmp_path: Path) -> None:
+    """A results file from before CPU kinds were recorded (one machine, no flags) keeps its rows, under that CPU's
+    section, when a run on another CPU updates it; rows of the same case and variant do not replace each other."""
+    payload, _ = _run(tmp_path, "--no-fast", "--no-peers", "--no-bf16", "--cases", "text_encoder")
+    old = {"machine": {**payload["machine"], "cpu": "Intel(R) Xeon(R) Processor"}, "settings": payload["settings"],
+           "rows": payload["rows"], "targets": []}  # fmt: skip
+    for key in ("native_bf16", "cpu_flags"):
+        old["machine"].pop(key)
+    for row in old["rows"]:
+        row["extra"].pop("cpu_kind")
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    payload, markdown = _run(tmp_path, "--no-fast", "--no-peers", "--no-bf16", "--cases", "text_encoder", "--update")
+    intel = "Intel(R) Xeon(R) Processor, no native bfloat16"
+    assert intel in payload["machines"] and len(payload["machines"]) == 2
+    assert sorted(row["extra"]["cpu_kind"] == intel for row in payload["rows"]) == [False, True]
+    assert f"## {intel}" in markdown and markdown.count("| `text_encoder` |") == 2
+    assert "flags: not recorded" in markdown
 
 
 @pytest.mark.slow
