@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "hf_scratch" / "pretrained" / "emoji32"
+SHIPPED_MODEL = ROOT / "hf_scratch" / "pretrained" / "emoji32"
 SPLITS = ("validation", "train")
 SEEDS = (0, 1, 2)
 NFES = (4, 8, 16)
@@ -108,10 +108,13 @@ METHODS: dict[str, Method] = {  # in the order `run` draws them (within each NFE
     "dpm++ 2M, CFG": Method("flow-dpm++", "cfg"),
     "reflow LoRA, euler": Method("flow-euler", "cfg", options=UNGUIDED, nfes=STUDENT_NFES, student="reflow LoRA"),
     "reflow full, euler": Method("flow-euler", "cfg", options=UNGUIDED, nfes=STUDENT_NFES, student="reflow full"),
+    "reflow full, 2 legs, euler": Method(
+        "flow-euler", "cfg", options=UNGUIDED, nfes=STUDENT_NFES, student="reflow full, 2 legs"
+    ),
 }
 BASELINE = "euler, CFG"
 TODAY = ("euler, CFG 4 (today)", 20)  # the shipped sampling before this study
-SHIPPED = (
+WHAT_SHIPS = (
     "The shipped model's default sampling (hf_scratch/pretrained/emoji32/sampling.json) is now 'euler, guidance "
     "interval' at NFE 16: CFG w = 6 only while σ > 1, 24 U-Net sample-evaluations per image. Of the cells that beat"
     " today's default beyond the spread at no more evaluations, it is the best whose prompt adherence stays at "
@@ -380,6 +383,7 @@ ADHERENCE_CELLS = (
     ("euler, guidance interval", 16), ("euler, autoguidance", 16), ("euler, autoguidance, small guide", 16),
     ("unipc, autoguidance, small guide", 8), ("unipc, autoguidance, small guide", 16),
     ("reflow LoRA, euler", 2), ("reflow LoRA, euler", 4), ("reflow full, euler", 2), ("reflow full, euler", 4),
+    ("reflow full, 2 legs, euler", 2), ("reflow full, 2 legs, euler", 4), ("reflow full, 2 legs, euler", 8),
 )  # fmt: skip
 
 
@@ -427,7 +431,7 @@ def adherence(args: argparse.Namespace, loaded: dict) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("tune", "run", "adherence", "report"))
-    parser.add_argument("--model", default=str(SHIPPED))
+    parser.add_argument("--model", default=str(SHIPPED_MODEL))
     parser.add_argument(
         "--guides", nargs="*", help="autoguidance guides, NAME=U-Net folder",
         default=[
@@ -439,7 +443,10 @@ def parse_args() -> argparse.Namespace:
         "--students",
         nargs="*",
         help="few-step students, NAME=pipeline folder (its unet/) or LoRA folder",
-        default=[f"reflow {kind}={ROOT / 'runs' / 'reflow' / kind.lower()}" for kind in ("full", "LoRA")],
+        default=[
+            f"reflow {kind}={ROOT / 'runs' / 'reflow' / folder}"
+            for kind, folder in (("full", "full"), ("LoRA", "lora"), ("full, 2 legs", "full-2"))
+        ],
     )
     parser.add_argument("--schedules", default=str(ROOT / "docs" / "optimised_schedules.json"))
     parser.add_argument("--data", default="/tmp/emoji_eval/data", help="an emoji dataset (`hf-scratch data emoji`)")
@@ -458,7 +465,7 @@ def main() -> None:
     if args.command == "report":
         from sampling_study_report import write_report
 
-        write_report(read_results(args.results), METHODS, BASELINE, args.results.with_suffix(""), TODAY, SHIPPED)
+        write_report(read_results(args.results), METHODS, BASELINE, args.results.with_suffix(""), TODAY, WHAT_SHIPS)
         return
     loaded = load(args)
     {"tune": tune, "run": run, "adherence": adherence}[args.command](args, loaded)

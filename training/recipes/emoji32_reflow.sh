@@ -13,11 +13,14 @@
 #      - full: every weight, lr 1e-4 after 50 warm-up steps, EMA 0.999, into $RUN/full;
 #      - lora: a rank-$RANK LoRA on every linear and convolution (`--lora_layers all`, as LCM-LoRA adapts the U-Net),
 #        lr 5e-4, into $RUN/lora: a file small enough to ship beside the model (2.6 MB in fp16 at rank 16).
-#      STUDENTS="full lora" (the default) trains both, one process of one thread each, side by side.
+#      - full-2: a second leg of $STEPS steps for the full student, from full's (EMA) weights, the same flags (its
+#        loss was still falling at the end of the first leg), into $RUN/full-2.
+#      STUDENTS="full lora" (the default) trains both, one process of one thread each, side by side; full-2 needs full.
 #   3. the sampling study judges them: `python training/sampling_study.py run --methods "reflow ..."`.
 #
 #   bash training/recipes/emoji32_reflow.sh
 #   STUDENTS=lora STEPS=800 bash training/recipes/emoji32_reflow.sh
+#   STUDENTS=full-2 bash training/recipes/emoji32_reflow.sh       # after full
 #
 # Every stage resumes when re-run: the pairs draw only missing shards, each training resumes from its latest
 # checkpoint (or skips when finished).
@@ -38,7 +41,7 @@ export OMP_NUM_THREADS=1
 "$PYTHON" training/reflow.py --model "$MAIN" --data "$DATA" --out "$RUN/pairs" --seed "$SEED"
 
 common=(
-  --pretrained_model_name_or_path "$MAIN" --reflow_pairs "$RUN/pairs" --objective flow_matching
+  --reflow_pairs "$RUN/pairs" --objective flow_matching
   --weighting_scheme uniform --caption_dropout_prob 0 --resolution 32 --train_batch_size 64
   --max_train_steps "$STEPS" --checkpointing_steps 100 --checkpoints_total_limit 2 --resume_from_checkpoint latest
   --report_to none --seed "$SEED"
@@ -47,10 +50,13 @@ declare -A flags=(
   [full]="--unet_from_pretrained --learning_rate 1e-4 --lr_warmup_steps 50 --lr_scheduler constant_with_warmup --use_ema --ema_decay 0.999"
   [lora]="--lora_rank $RANK --lora_layers all --learning_rate 5e-4 --lr_warmup_steps 50 --lr_scheduler constant_with_warmup"
 )
+flags[full-2]=${flags[full]}
+declare -A start=([full]="$MAIN" [lora]="$MAIN" [full-2]="$RUN/full")  # whose U-Net each student starts from
 pids=()
 for student in $STUDENTS; do
   # shellcheck disable=SC2086
-  "$PYTHON" training/train_unet.py "${common[@]}" ${flags[$student]} --output_dir "$RUN/$student" \
+  "$PYTHON" training/train_unet.py "${common[@]}" --pretrained_model_name_or_path "${start[$student]}" \
+    ${flags[$student]} --output_dir "$RUN/$student" \
     > "$RUN/$student.log" 2>&1 &
   pids+=($!)
 done
