@@ -103,3 +103,33 @@ def test_one_cell_on_the_shipped_model_counts_its_network_evaluations():
         generator=[torch.Generator().manual_seed(100_000 + i) for i in range(2)],
     ).images  # fmt: skip
     assert np.allclose(drawn["images"].numpy(), again.float().numpy())
+
+
+def test_a_student_cell_draws_with_the_students_unet_unguided_on_equal_steps_to_zero():
+    import copy
+
+    import torch
+
+    from hf_scratch import default_model_path
+    from hf_scratch.pipelines import ScratchStableDiffusionPipeline
+
+    pipe = ScratchStableDiffusionPipeline.from_pretrained(default_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    student = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        student.conv_out.bias.add_(0.3)  # any other U-Net
+    shipped = pipe.unet
+    loaded = {"pipe": pipe, "scheduler_config": dict(pipe.scheduler.config), "guides": {}, "schedules": {},
+              "students": {"reflow full": student}}  # fmt: skip
+    prompts = ["red heart, twemoji style", "rocket, noto style"]
+    method = sampling_study.METHODS["reflow full, euler"]
+    drawn = sampling_study.sample(loaded, prompts, 1, method, dict(method.options), 2)
+    assert pipe.unet is shipped
+    assert drawn["nfe"] == 2 and drawn["unet_evaluations_per_image"] == 2  # one conditional evaluation per step
+    pipe.unet = student
+    again = pipe(
+        prompts, sigmas=[1.0, 0.5], guidance_scale=1.0, output_type="pt",
+        generator=[torch.Generator().manual_seed(100_000 + i) for i in range(2)],
+    ).images  # fmt: skip
+    assert pipe.scheduler.sigmas.tolist() == [1.0, 0.5, 0.0]  # two Euler steps of equal length, the last to σ = 0
+    assert np.allclose(drawn["images"].numpy(), again.float().numpy())

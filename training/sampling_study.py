@@ -80,7 +80,9 @@ GRIDS: dict[str, list[dict]] = {
 @dataclass(frozen=True)
 class Method:
     """A sampler: `solver` (a `hf_scratch.schedulers.SCHEDULERS` name), a guidance kind of `GRIDS` with its options
-    (the tuned ones when None), and a timestep schedule ("linear", "shift-3" or "optimised")."""
+    (the tuned ones when None), and a timestep schedule: "linear" (the scheduler's own grid, σ from 1 down to 1/T
+    = 0.001, then 0, so the last step is nearly empty), "to-zero" (σ_i = 1 − i/n, every step of equal length),
+    "shift-3" or "optimised"."""
 
     solver: str
     guidance: str
@@ -91,7 +93,11 @@ class Method:
     student: str | None = None  # a U-Net of --students in place of the shipped one
 
 
-UNGUIDED = (("guidance_scale", 1.0),)  # the reflow students' guidance is in their couplings
+def reflowed(student: str, schedule: str = "to-zero") -> Method:
+    """A few-step student of `--students`, drawn by Euler without guidance: its couplings hold the teacher's."""
+    return Method("flow-euler", "cfg", schedule, (("guidance_scale", 1.0),), STUDENT_NFES, student=student)
+
+
 METHODS: dict[str, Method] = {  # in the order `run` draws them (within each NFE of NFE_ORDER)
     "euler, CFG": Method("flow-euler", "cfg", nfes=BASELINE_NFES),
     "euler, autoguidance, small guide": Method("flow-euler", "auto", guide="small T/16"),
@@ -106,11 +112,12 @@ METHODS: dict[str, Method] = {  # in the order `run` draws them (within each NFE
     "euler, APG": Method("flow-euler", "apg"),
     "euler, CFG, shift 3": Method("flow-euler", "cfg", schedule="shift-3"),
     "dpm++ 2M, CFG": Method("flow-dpm++", "cfg"),
-    "reflow LoRA, euler": Method("flow-euler", "cfg", options=UNGUIDED, nfes=STUDENT_NFES, student="reflow LoRA"),
-    "reflow full, euler": Method("flow-euler", "cfg", options=UNGUIDED, nfes=STUDENT_NFES, student="reflow full"),
-    "reflow full, 2 legs, euler": Method(
-        "flow-euler", "cfg", options=UNGUIDED, nfes=STUDENT_NFES, student="reflow full, 2 legs"
-    ),
+    "euler, CFG, σ to 0": Method("flow-euler", "cfg", schedule="to-zero", nfes=(2, 4, 8)),
+    "reflow LoRA, euler": reflowed("reflow LoRA"),
+    "reflow LoRA, euler, default σ": reflowed("reflow LoRA", "linear"),
+    "reflow full, euler": reflowed("reflow full"),
+    "reflow full, euler, default σ": reflowed("reflow full", "linear"),
+    "reflow full, 2 legs, euler": reflowed("reflow full, 2 legs"),
 }
 BASELINE = "euler, CFG"
 TODAY = ("euler, CFG 4 (today)", 20)  # the shipped sampling before this study
@@ -207,13 +214,16 @@ def guidance_of(kind: str, options: dict, guides: dict[str, torch.nn.Module]) ->
 
 
 def schedule_kwargs(pipe: Any, scheduler_config: dict, solver: str, schedule: str, steps: int, schedules: dict) -> dict:
-    """Set `pipe.scheduler` to `solver` with the schedule's shift, and return the `sigmas=` of an optimised schedule."""
+    """Set `pipe.scheduler` to `solver` with the schedule's shift, and return the `sigmas=` of an optimised or a
+    to-zero schedule."""
     from hf_scratch.schedulers import make_scheduler
 
     config = dict(scheduler_config)
     if schedule == "shift-3":
         config["shift"] = 3.0
     pipe.scheduler = make_scheduler(solver, config)
+    if schedule == "to-zero":
+        return {"sigmas": [1 - i / steps for i in range(steps)]}  # the scheduler appends σ = 0
     if schedule != "optimised":
         return {}
     entry = schedules.get("schedules", schedules).get(str(steps))
