@@ -66,7 +66,9 @@ def summary(cells: dict, methods: list[str], baseline: str, today: tuple[str, in
         if not scored:
             continue
         kid, best = scored[0]
-        verdict = "" if best == baseline else f" ({compare(cells, best, baseline, nfe, splits)} against plain CFG)"
+        against = compare(cells, best, baseline, nfe, splits)
+        verdict = f" ({against} against plain CFG)" if against else " (plain CFG has no cell at this NFE)"
+        verdict = "" if best == baseline else verdict
         lines.append(f"- NFE {nfe}: best **{best}**, KID ×10³ {kid:.2f}{verdict}.")
     if today and mean_kid(*today) is not None:
         budget = cost_of(cells, *today)["unet_evaluations_per_image"]
@@ -123,7 +125,9 @@ def write_report(
         lines += [f"Floor (true images against true images, two disjoint halves): KID ×10³ {floor}.", ""]
     lines += summary(cells, present, baseline, today, splits)
     if shipped:
-        lines += ["## What ships", "", *textwrap.wrap(shipped, width=118), ""]
+        lines += ["## What ships", ""]
+        for paragraph in shipped.split("\n\n"):
+            lines += [*textwrap.wrap(paragraph, width=118), ""]
     for figure, title in FIGURES:
         for split in splits:
             lines += [
