@@ -434,8 +434,10 @@ class UNetStepParts:
 def latents_of(
     batch: dict[str, Any], vae: ScratchAutoencoderKL, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """z_0 = E(x) · scaling_factor in float32: a sample of the cached posterior N(μ, σ²) of each image
-    (--cache_latents), or of the VAE's posterior of the batch's pixels."""
+    """z_0 = E(x) · scaling_factor in float32: a reflow pair's endpoint (--reflow_pairs, already scaled), a sample of
+    the cached posterior N(μ, σ²) of each image (--cache_latents), or of the VAE's posterior of the batch's pixels."""
+    if "latents" in batch:
+        return batch["latents"].to(device, torch.float32)
     if "latent_mean" in batch:
         std = (0.5 * batch["latent_logvar"]).exp()
         latents = batch["latent_mean"] + std * torch.randn_like(std)
@@ -469,13 +471,13 @@ def train_step(
     models = (parts.unet, parts.text_encoder) if args.train_text_encoder_lora else (parts.unet,)
     with accelerator.accumulate(*models):
         with torch.no_grad():
+            latents = latents_of(batch, parts.vae, device, parts.weight_dtype)
             captions = drop_captions(batch["caption"], args.caption_dropout_prob)
             with torch.set_grad_enabled(args.train_text_encoder_lora):
                 encoder_hidden_states = encode_prompts(parts.tokenizer, parts.text_encoder, captions, device)
-            if "coupled_noise" in batch:  # reflow: the teacher's endpoint and the noise it started from
-                latents, noise = batch["latents"].to(device), batch["coupled_noise"].to(device)
+            if "coupled_noise" in batch:  # reflow: the noise the teacher's endpoint was drawn from
+                noise = batch["coupled_noise"].to(device)
             else:
-                latents = latents_of(batch, parts.vae, device, parts.weight_dtype)
                 noise = parts.objective.noise(latents)  # ε, with the offset and the immiscible pairing
             batch_target = parts.objective(latents, noise)  # the network's input, timesteps, target and weights
 
