@@ -39,18 +39,18 @@ def data(tmp_path_factory) -> Path:
     return write_square_images(tmp_path_factory.mktemp("squares"))
 
 
-def draw_pairs(teacher: Path, data: Path, out: Path) -> None:
+def draw_pairs(teacher: Path, data: Path, out: Path, seed: int = 1) -> subprocess.CompletedProcess:
     command = [sys.executable, str(REPO / "training" / "reflow.py"), "--model", str(teacher), "--data", str(data),
-               "--out", str(out), "--shard_size", "3", "--seed", "1"]  # fmt: skip
+               "--out", str(out), "--shard_size", "3", "--seed", str(seed)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory, teacher, data) -> Path:
     out = tmp_path_factory.mktemp("reflow") / "pairs"
-    draw_pairs(teacher, data, out)
+    result = draw_pairs(teacher, data, out)
+    assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
@@ -77,10 +77,12 @@ def test_a_rerun_draws_only_the_missing_shards_and_the_same_pairs(pairs, teacher
     kept = (copy / "pairs-00000.safetensors").stat().st_mtime_ns
     with pytest.raises(ValueError, match=r"has no index.json: draw the pairs first with `python training/reflow.py"):
         CoupledLatents(copy)
-    draw_pairs(teacher, data, copy)
+    assert draw_pairs(teacher, data, copy).returncode == 0
     assert (copy / "pairs-00000.safetensors").stat().st_mtime_ns == kept
     assert (copy / "pairs-00001.safetensors").read_bytes() == (pairs / "pairs-00001.safetensors").read_bytes()
     assert not list(copy.glob(".*partial"))
+    other_seed = draw_pairs(teacher, data, copy, seed=2)  # would mix two couplings in one folder
+    assert other_seed.returncode != 0 and "holds pairs drawn with other settings" in other_seed.stderr
 
 
 def reflow_args(teacher: Path, pairs: Path, output: Path, *extra: str) -> list[str]:

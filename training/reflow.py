@@ -12,7 +12,8 @@ per step (guidance distilled into the coupling, as in InstaFlow, Liu et al. 2023
 
 One pair per caption of the training split (`--pairs_per_caption` more), prompt i's noise from
 `torch.Generator().manual_seed(seed · 1000003 + i)`. Pairs are written in shards of `--shard_size` (each written
-under a temporary name, then renamed) and an `index.json` once all are there; a re-run draws only the missing shards.
+under a temporary name, then renamed) and an `index.json` once all are there; a re-run draws only the missing shards,
+and refuses a folder whose `settings.json` records other settings (its shards would mix two couplings).
 """
 
 import argparse
@@ -67,7 +68,20 @@ def main() -> None:
     pipe = ScratchStableDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     kwargs = sampling_kwargs(args.model)
+    settings = {
+        "teacher": str(args.model), "sampling": default_sampling(args.model), "data": str(args.data),
+        "split": args.split, "seed": args.seed, "pairs": len(captions), "shard_size": args.shard_size,
+        "resolution": args.resolution,
+    }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
+    settings_file = args.out / "settings.json"
+    if not settings_file.is_file():
+        write_json(settings_file, settings)
+    elif json.loads(settings_file.read_text()) != settings:  # its shards would mix two couplings
+        parser.error(
+            f"--out {str(args.out)!r} holds pairs drawn with other settings ({settings_file}); pass another --out, "
+            "or the settings it records to finish it"
+        )
     shards = []
     for index, first in enumerate(range(0, len(captions), args.shard_size)):
         shards.append(shard_name(index))
@@ -80,12 +94,14 @@ def main() -> None:
         os.chmod(partial, 0o666 & ~process_umask())
         os.replace(partial, args.out / shards[-1])
         print(f"{shards[-1]}: pairs {first}-{first + len(chunk) - 1} of {len(captions)}", flush=True)
-    index = {
-        "shards": shards, "teacher": str(args.model), "sampling": default_sampling(args.model),
-        "data": str(args.data), "split": args.split, "seed": args.seed, "pairs": len(captions),
-    }  # fmt: skip
-    (args.out / f".{COUPLING_INDEX}.partial").write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(args.out / f".{COUPLING_INDEX}.partial", args.out / COUPLING_INDEX)
+    write_json(args.out / COUPLING_INDEX, {"shards": shards, **settings})
+
+
+def write_json(path: Path, value: dict) -> None:
+    """`value` as JSON at `path`, written under a temporary name and then renamed."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":
