@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,13 +92,26 @@ def diffusers_bf16_row(
     def run() -> torch.Tensor:
         return bf16_unet(*bf16_inputs).sample
 
-    times = interleaved({"bf16": run, "reference": run_reference}, settings.warmup, settings.repeats, settings.device)
-    row = Row(
-        case, description, "diffusers bf16", "s", median(times["bf16"]), median(times["reference"]),
-        times=times["bf16"], reference_times=times["reference"],
-    )  # fmt: skip
+    row = _timed_row(case, description, "diffusers bf16", run, run_reference, settings, settings.device)
     row.extra["rel_err_vs_diffusers"] = relative_error(run(), run_reference())
     return row
+
+
+def _timed_row(
+    case: str,
+    description: str,
+    variant: str,
+    run: Callable[[], Any],
+    run_reference: Callable[[], torch.Tensor],
+    settings: Settings,
+    device: str,
+) -> Row:
+    """A peer's row: `run` timed interleaved with diffusers' eager `run_reference`, medians in seconds."""
+    times = interleaved({"peer": run, "reference": run_reference}, settings.warmup, settings.repeats, device)
+    return Row(
+        case, description, variant, "s", median(times["peer"]), median(times["reference"]),
+        times=times["peer"], reference_times=times["reference"],
+    )  # fmt: skip
 
 
 def unet_rows(
@@ -122,11 +136,7 @@ def unet_rows(
             logger.warning("%s skipped: %s", name, error)
             continue
         convert_s = time.perf_counter() - start
-        times = interleaved({"engine": engine, "reference": run_reference}, settings.warmup, settings.repeats, "cpu")
-        row = Row(
-            case, description, name, "s", median(times["engine"]), median(times["reference"]),
-            times=times["engine"], reference_times=times["reference"],
-        )  # fmt: skip
+        row = _timed_row(case, description, name, engine, run_reference, settings, "cpu")
         row.extra.update(convert_and_first_run_s=convert_s, rel_err_vs_diffusers=relative_error(output, expected))
         rows.append(row)
         del engine

@@ -1,4 +1,5 @@
-"""Opt-in fast paths for inference. Nothing in the library calls this module: eager PyTorch stays the default.
+"""Opt-in fast paths for inference. The models and pipelines never call this module (eager PyTorch is their path);
+`hf-scratch generate` and the demo do.
 
 `use_winograd` is the one that pays on a CPU without native bfloat16. It runs the 3x3 convolutions through
 Winograd's minimal filtering (`hf_scratch.fast.winograd`, F(4x4, 3x3) and F(2x2, 3x3) tiles) on channels-last memory.
