@@ -28,6 +28,8 @@ _PUBLIC_NAMES = {
     "ScratchStableDiffusionImg2ImgPipeline": "hf_scratch.pipelines.image_to_image",
     "ScratchStableDiffusionInpaintPipeline": "hf_scratch.pipelines.inpaint",
     "ScratchStableDiffusionControlNetPipeline": "hf_scratch.pipelines.controlnet",
+    "ScratchStableDiffusionControlNetImg2ImgPipeline": "hf_scratch.pipelines.controlnet_variants",
+    "ScratchStableDiffusionControlNetInpaintPipeline": "hf_scratch.pipelines.controlnet_variants",
     "default_model_path": "hf_scratch.pretrained",
 }
 

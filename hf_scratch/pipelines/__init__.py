@@ -14,6 +14,10 @@ from diffusers.pipelines import auto_pipeline
 
 from hf_scratch.pipelines.base import REMOTE_CODE_MODULE
 from hf_scratch.pipelines.controlnet import ScratchStableDiffusionControlNetPipeline
+from hf_scratch.pipelines.controlnet_variants import (
+    ScratchStableDiffusionControlNetImg2ImgPipeline,
+    ScratchStableDiffusionControlNetInpaintPipeline,
+)
 from hf_scratch.pipelines.image_to_image import ScratchStableDiffusionImg2ImgPipeline
 from hf_scratch.pipelines.inpaint import ScratchStableDiffusionInpaintPipeline
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
@@ -23,9 +27,16 @@ auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING[AUTO_PIPELINE_NAME] = ScratchSta
 auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING[AUTO_PIPELINE_NAME] = ScratchStableDiffusionImg2ImgPipeline
 auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING[AUTO_PIPELINE_NAME] = ScratchStableDiffusionInpaintPipeline
 # `AutoPipelineForText2Image.from_pipe(pipe, controlnet=...)` looks up "<name of pipe's class>" with "Pipeline" spelled
-# "ControlNetPipeline", as diffusers' own "stable-diffusion-controlnet".
+# "ControlNetPipeline" (and the image-to-image and inpainting AutoPipelines likewise), as diffusers' own
+# "stable-diffusion-controlnet"; `AutoPipelineForImage2Image.from_pipe(controlnet_pipe)` keeps the ControlNets.
 auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING[f"{AUTO_PIPELINE_NAME}-controlnet"] = (
     ScratchStableDiffusionControlNetPipeline
+)
+auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING[f"{AUTO_PIPELINE_NAME}-controlnet"] = (
+    ScratchStableDiffusionControlNetImg2ImgPipeline
+)
+auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING[f"{AUTO_PIPELINE_NAME}-controlnet"] = (
+    ScratchStableDiffusionControlNetInpaintPipeline
 )
 
 _diffusers_model_name_of = getattr(auto_pipeline._get_model, "__wrapped__", auto_pipeline._get_model)
