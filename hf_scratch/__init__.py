@@ -14,6 +14,7 @@ _PUBLIC_NAMES = {
     "ScratchCLIPTextConfig": "hf_scratch.models.clip",
     "ScratchCLIPTextModel": "hf_scratch.models.clip",
     "ScratchCLIPVisionConfig": "hf_scratch.models.clip",
+    "ScratchCLIPVisionModelWithProjection": "hf_scratch.models.clip",
     "ScratchCLIPConfig": "hf_scratch.models.clip",
     "ScratchCLIPModel": "hf_scratch.models.clip",
     "ScratchUNet2DConditionModel": "hf_scratch.models.unet",

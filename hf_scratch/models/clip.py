@@ -6,7 +6,8 @@ penultimate entry of `hidden_states`) is the cross-attention context.
 
 The reference is transformers' `modeling_clip.py` (transformers 5). Every parameter carries the same name as in
 `CLIPTextModel` and `CLIPModel`, so weights move between the two implementations by `save_pretrained` /
-`from_pretrained` with strict keys. Like transformers 5, the text model saves its weights without the `text_model.`
+`from_pretrained` with strict keys; `ScratchCLIPVisionModelWithProjection` is the image encoder of IP-Adapter, with the
+keys of `CLIPVisionModelWithProjection`. Like transformers 5, the text model saves its weights without the `text_model.`
 prefix and loads checkpoints with or without it (the official SD v1.5 `text_encoder` carries the prefix).
 """
 
@@ -136,7 +137,8 @@ TowerConfig = ScratchCLIPTextConfig | ScratchCLIPVisionConfig
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention through `scaled_dot_product_attention` (softmax(q kᵀ / √d_head) v)."""
+    """Multi-head self-attention through `scaled_dot_product_attention` (softmax(q kᵀ / √d_head) v). With
+    `output_attentions` the product is spelled out, since SDPA does not return the softmax weights."""
 
     def __init__(self, config: TowerConfig):
         super().__init__()
@@ -150,23 +152,33 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool
-    ) -> torch.Tensor:
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        is_causal: bool,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, width = hidden_states.shape
         heads_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (B, nh, T, hs)
         key = self.k_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (B, nh, T, hs)
         value = self.v_proj(hidden_states).view(heads_shape).transpose(1, 2)  # (B, nh, T, hs)
-        attended = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if output_attentions:
+            scores = query @ key.transpose(-2, -1) * self.head_dim**-0.5  # (B, nh, T, T)
+            if is_causal:
+                attention_mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=scores.device).tril()
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            attended = F.dropout(weights, dropout, self.training) @ value
+        else:
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
+            )
         attended = attended.transpose(1, 2).reshape(batch_size, seq_len, width)  # (B, T, C)
-        return self.out_proj(attended)
+        return self.out_proj(attended), weights
 
 
 class CLIPMLP(nn.Module):
@@ -194,15 +206,22 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, is_causal: bool
-    ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask, is_causal)
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        is_causal: bool,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.self_attn(
+            self.layer_norm1(hidden_states), attention_mask, is_causal, output_attentions
+        )
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states)), weights
 
 
 class CLIPEncoder(nn.Module):
     """`num_hidden_layers` encoder layers. Returns the last state and, on request, the input followed by every
-    layer's output."""
+    layer's output, and every layer's attention weights."""
 
     def __init__(self, config: TowerConfig):
         super().__init__()
@@ -215,18 +234,22 @@ class CLIPEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(
-                    layer.__call__, hidden_states, attention_mask, is_causal
+                hidden_states, weights = self._gradient_checkpointing_func(
+                    layer.__call__, hidden_states, attention_mask, is_causal, output_attentions
                 )
             else:
-                hidden_states = layer(hidden_states, attention_mask, is_causal)
+                hidden_states, weights = layer(hidden_states, attention_mask, is_causal, output_attentions)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        return hidden_states, all_hidden_states
+            if output_attentions:
+                all_attentions += (weights,)
+        return hidden_states, all_hidden_states, all_attentions
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -257,18 +280,33 @@ class CLIPVisionEmbeddings(nn.Module):
         )
         self.position_embedding = nn.Embedding(num_positions, config.hidden_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        shape = tuple(pixel_values.shape)
+        size_fits = shape[2:] == expected[1:] or interpolate_pos_encoding
+        if pixel_values.ndim != 4 or shape[1] != expected[0] or not size_fits:
             raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}; this model takes (batch, "
-                f"{', '.join(map(str, expected))})."
+                f"pixel_values has shape {shape}; this model takes (batch, {', '.join(map(str, expected))}), or any "
+                "height and width with interpolate_pos_encoding=True."
             )
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, H/p, W/p)
+        grid_size = patches.shape[2:]
         patches = patches.flatten(2).transpose(1, 2)  # (B, N, C)
         class_token = self.class_embedding.expand(len(patches), 1, -1)  # (B, 1, C)
         embeddings = torch.cat([class_token, patches], dim=1)  # (B, N + 1, C)
-        return embeddings + self.position_embedding.weight
+        return embeddings + self.position_embeddings_for(*grid_size)
+
+    def position_embeddings_for(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """The position embeddings of a grid_height × grid_width patch grid: the trained square grid's, resized
+        bicubically when the grid differs (transformers' `interpolate_pos_encoding`, after DINO, Caron et al. 2021,
+        arXiv:2104.14294); the class token's stays as it is."""
+        side = self.config.image_size // self.config.patch_size
+        if (grid_height, grid_width) == (side, side):
+            return self.position_embedding.weight  # (N + 1, C)
+        class_position, patch_positions = self.position_embedding.weight[:1], self.position_embedding.weight[1:]
+        grid = patch_positions.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, C, side, side)
+        grid = F.interpolate(grid, size=(grid_height, grid_width), mode="bicubic", align_corners=False)
+        return torch.cat([class_position, grid.flatten(2)[0].t()])  # (grid_height · grid_width + 1, C)
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -281,12 +319,23 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
-        last_hidden_state, hidden_states = self.encoder(hidden_states, output_hidden_states=output_hidden_states)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        last_hidden_state, hidden_states, attentions = self.encoder(
+            hidden_states, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
         pooled_output = self.post_layernorm(last_hidden_state[:, 0])  # (B, C)
         return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=pooled_output, hidden_states=hidden_states
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
 
 
@@ -306,6 +355,8 @@ class ScratchCLIPPreTrainedModel(RespectUmaskOnSaveMixin, PreTrainedModel):
     """CLIP's weight initialisation, gradient checkpointing, and loading errors that name the broken file."""
 
     supports_gradient_checkpointing = True
+    # Checkpoints saved before transformers 4.31 carry the embeddings' `position_ids` buffer; ours computes it.
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)position_ids$"]
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -353,6 +404,8 @@ class ScratchCLIPPreTrainedModel(RespectUmaskOnSaveMixin, PreTrainedModel):
             init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5 * factor)
             init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5 * factor)
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        elif isinstance(module, ScratchCLIPVisionModelWithProjection):
+            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5 * factor)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -444,7 +497,7 @@ class ScratchCLIPTextModel(ScratchCLIPPreTrainedModel):
             seq_len = input_ids.shape[1]
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
             mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
-        last_hidden_state, hidden_states = self.encoder(
+        last_hidden_state, hidden_states, _ = self.encoder(
             hidden_states, mask, is_causal=mask is None, output_hidden_states=output_hidden_states
         )
         last_hidden_state = self.final_layer_norm(last_hidden_state)
@@ -543,6 +596,73 @@ class ScratchCLIPModel(ScratchCLIPPreTrainedModel):
             image_embeds=image_embeds,
             text_model_output=text_output,
             vision_model_output=vision_output,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+@dataclass
+class ScratchCLIPVisionModelOutput(ModelOutput):
+    """Result of `ScratchCLIPVisionModelWithProjection.forward`; the fields of transformers' `CLIPVisionModelOutput`.
+
+    image_embeds: (batch, projection_dim), the projected class token (not normalised).
+    last_hidden_state: (batch, patches + 1, hidden_size), the last layer's output.
+    hidden_states: with `output_hidden_states`, the embeddings (after `pre_layrnorm`) followed by every layer's output.
+    attentions: with `output_attentions`, every layer's attention weights, (batch, heads, patches + 1, patches + 1).
+    """
+
+    image_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class ScratchCLIPVisionModelWithProjection(ScratchCLIPPreTrainedModel):
+    """The vision tower and its linear projection into CLIP's joint embedding space, I_e = I_f · W_i (Radford et al.
+    2021, Figure 3, before its L2 normalisation): the image encoder of IP-Adapter, which takes `image_embeds`, or
+    `hidden_states[-2]` for IP-Adapter Plus.
+
+    Parameters are named as in transformers' `CLIPVisionModelWithProjection` (`vision_model.*`, `visual_projection`)
+    and the config is its `CLIPVisionConfig`, so each class loads the other's `save_pretrained` folder.
+    """
+
+    config_class = ScratchCLIPVisionConfig
+    base_model_prefix = "vision_model"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: ScratchCLIPVisionConfig):
+        super().__init__(config)
+        self.vision_model = CLIPVisionTransformer(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Conv2d:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        *,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ScratchCLIPVisionModelOutput | tuple:
+        """Encode images of shape (batch, num_channels, image_size, image_size); other sizes with
+        `interpolate_pos_encoding`, which resizes the position embeddings. The arguments are transformers'."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if return_dict is None:
+            return_dict = self.config.return_dict
+        vision_output = self.vision_model(
+            pixel_values, output_hidden_states, output_attentions, interpolate_pos_encoding
+        )
+        output = ScratchCLIPVisionModelOutput(
+            image_embeds=self.visual_projection(vision_output.pooler_output),  # (B, D)
+            last_hidden_state=vision_output.last_hidden_state,
+            hidden_states=vision_output.hidden_states,
+            attentions=vision_output.attentions,
         )
         return output if return_dict else output.to_tuple()
 
