@@ -1,8 +1,11 @@
-"""hf-scratch Space: text-to-image with the denoising trajectory, and the forward process q(x_t | x_0) at work.
+"""hf-scratch Space: text-to-image with the denoising trajectory, drawing from a painted colour layout with a
+ControlNet, and the forward process q(x_t | x_0) at work.
 
 Run locally with `python spaces_demo/app.py`. Models offered: the one shipped inside hf-scratch, plus the pipeline
-folders listed in the environment variable HF_SCRATCH_DEMO_MODELS (separated by the OS path separator). The UI never
-takes a path typed by the user.
+folders listed in the environment variable HF_SCRATCH_DEMO_MODELS (separated by the OS path separator). The layout
+tab draws with the shipped ControlNet on the shipped model, or with the pair HF_SCRATCH_DEMO_CONTROLNET names (base
+pipeline folder and ControlNet folder, separated by the OS path separator). The UI never takes a path typed by the
+user.
 """
 
 import json
@@ -17,10 +20,14 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from hf_scratch.conditions import colour_layout_image, layout_distance
 from hf_scratch.fast import freeze_for_inference, use_fastest_dtypes
 from hf_scratch.images import open_image, read_image, resize
+from hf_scratch.metrics import image_to_tensor
+from hf_scratch.models.controlnet import ScratchControlNetModel
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.models.vae import downsampling_factor
+from hf_scratch.pipelines.controlnet import ScratchStableDiffusionControlNetPipeline
 from hf_scratch.pipelines.guidance import guidance_kwargs
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.sampling import KIND_OPTIONS, SAMPLING_DEFAULTS, default_sampling
@@ -43,6 +50,12 @@ README_URL = "https://github.com/hf-scratch/hf-scratch#readme"
 # The Guidance dropdown's labels of the guidance kinds (`hf_scratch.pipelines.guidance.guidance_kwargs`); autoguidance
 # is offered for a model folder whose sampling.json names a guide U-Net.
 GUIDANCE_LABELS = {"CFG": "cfg", "interval": "interval", "APG": "apg", "autoguidance": "auto"}
+# The layout tab samples as the ControlNet was evaluated (training/evaluate_controlnet.py): the base model's own
+# scheduler, 16 steps, CFG 4.
+LAYOUT_STEPS = 16
+LAYOUT_GUIDANCE = 4.0
+LAYOUT_CELLS = 8
+LAYOUT_COLOURS = ["#e0282e", "#f7b500", "#3b88c3", "#78b159", "#8a5a44", "#ffcc4d", "#292f33", "#ffffff"]
 
 
 def allowed_models() -> dict[str, str]:
@@ -77,6 +90,63 @@ def load_pipeline(folder: str) -> ScratchStableDiffusionPipeline:
 def load_guide(folder: str) -> ScratchUNet2DConditionModel:
     """The autoguidance guide U-Net of `folder` (a model folder's sampling.json's `guide`), run as frozen graphs too."""
     return freeze_for_inference(ScratchUNet2DConditionModel.from_pretrained(folder))
+
+
+def controlnet_pair() -> tuple[str, str] | None:
+    """(base pipeline folder, ControlNet folder) of the layout tab: HF_SCRATCH_DEMO_CONTROLNET's, else the shipped
+    ones; None when there is none."""
+    pair = os.environ.get("HF_SCRATCH_DEMO_CONTROLNET")
+    if pair:
+        base, controlnet = pair.split(os.pathsep)
+        return base, controlnet
+    try:
+        from hf_scratch.pretrained import default_controlnet_path, default_model_path
+
+        return default_model_path(), default_controlnet_path()
+    except FileNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def load_controlnet_pipeline(base: str, controlnet: str) -> ScratchStableDiffusionControlNetPipeline:
+    """The base pipeline with the ControlNet, kept between requests, in float32 (the layout tab's images are those
+    the evaluation measured)."""
+    pipe = ScratchStableDiffusionControlNetPipeline.from_pretrained(
+        base, controlnet=ScratchControlNetModel.from_pretrained(controlnet, dtype=torch.float32)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def draw_layout(sketch, prompt: str, guidance: float, strength: float, seed: int) -> tuple:
+    """The sketch's (or upload's) 8 x 8 colour layout (`hf_scratch.conditions.colour_layout_image`), and the image
+    the ControlNet draws from it and the prompt; the info line gives the drawing's layout distance to it."""
+    pair = controlnet_pair()
+    if pair is None:
+        raise gr.Error("No ControlNet is installed; train one with training/recipes/emoji32_controlnet.sh.")
+    picture = sketch.get("composite") if isinstance(sketch, dict) else sketch
+    if picture is None:
+        raise gr.Error("Paint a layout (or upload a picture) first.")
+    if isinstance(picture, str):
+        picture = open_image(picture)
+    guidance = real_number("Guidance scale", guidance, 0.0, 30.0)
+    strength = real_number("Layout strength", strength, 0.0, 2.0)
+    seed = whole_number("Seed", seed, 0, 2**63 - 1)
+    pipe = load_controlnet_pipeline(*pair)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    layout = colour_layout_image(picture, resolution, LAYOUT_CELLS)
+    image = pipe(
+        prompt,
+        image=layout,
+        num_inference_steps=LAYOUT_STEPS,
+        guidance_scale=guidance,
+        controlnet_conditioning_scale=strength,
+        generator=torch.Generator("cpu").manual_seed(int(seed)),
+    ).images[0]
+    distance = layout_distance(
+        image_to_tensor(image, resolution)[None] * 2 - 1, image_to_tensor(layout, resolution)[None]
+    )
+    return layout, image, f"layout distance {distance.item():.3f} (0: the drawing's cells have the layout's colours)"
 
 
 def sampling_of(folder: str) -> dict:
@@ -422,6 +492,40 @@ def build_demo() -> gr.Blocks:
             model.change(
                 model_sampling, inputs=model, outputs=[steps, guidance, guidance_kind, sigma_low, sigma_high],
                 api_visibility="private",
+            )  # fmt: skip
+        with gr.Tab("Draw from a layout"):
+            gr.Markdown(
+                "Paint where each colour goes (or upload a picture): its 8 x 8 colour layout conditions a ControlNet "
+                "(Zhang et al. 2023) trained for the shipped model, which draws an emoji that keeps those colours "
+                "in those places."
+            )
+            with gr.Row():
+                with gr.Column():
+                    blank = Image.new("RGBA", (256, 256), "white")
+                    sketch = gr.ImageEditor(
+                        value={"background": blank, "layers": [], "composite": None},
+                        type="pil", image_mode="RGBA", canvas_size=(256, 256), label="Layout sketch",
+                        brush=gr.Brush(colors=LAYOUT_COLOURS, default_size=48, color_mode="fixed"),
+                        elem_id="sketch",
+                    )  # fmt: skip
+                    layout_prompt = gr.Textbox(
+                        label="Prompt", value="red heart, twemoji style", elem_id="layout_prompt"
+                    )
+                    layout_guidance = friendly_numbers(
+                        gr.Slider(1.0, 15.0, value=LAYOUT_GUIDANCE, step=0.5, label="Guidance scale")
+                    )
+                    strength = friendly_numbers(gr.Slider(0.0, 2.0, value=1.0, step=0.1, label="Layout strength"))
+                    layout_seed = friendly_numbers(gr.Number(value=0, precision=0, label="Seed"))
+                    draw = gr.Button("Draw", variant="primary", elem_id="draw")
+                with gr.Column():
+                    layout = gr.Image(
+                        label="Colour layout (the condition)", type="pil", format="png", height=256, elem_id="layout"
+                    )
+                    drawn = gr.Image(label="Drawn", type="pil", format="png", height=256, elem_id="drawn")
+                    layout_info = gr.Markdown(elem_id="layout_info")
+            draw.click(
+                draw_layout, inputs=[sketch, layout_prompt, layout_guidance, strength, layout_seed],
+                outputs=[layout, drawn, layout_info], api_name="draw_layout",
             )  # fmt: skip
         with gr.Tab("Forward process"):
             gr.Markdown(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +36,28 @@ def app(tmp_path_factory):
     """The demo serving a tiny pipeline folder from the allow-list, on a free localhost port."""
     from _tiny import tiny_components
 
+    from hf_scratch.models.controlnet import ScratchControlNetModel
     from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
     from hf_scratch.schedulers.dpm_solver import ScratchDPMSolverMultistepScheduler
 
     folder = tmp_path_factory.mktemp("models") / "tiny-model"
     scheduler = ScratchDPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    ScratchStableDiffusionPipeline(**tiny_components("scratch"), scheduler=scheduler).save_pretrained(str(folder))
-    env = {"HF_SCRATCH_DEMO_MODELS": str(folder), "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    components = tiny_components("scratch")
+    ScratchStableDiffusionPipeline(**components, scheduler=scheduler).save_pretrained(str(folder))
+    # A ControlNet of the tiny U-Net whose zero convolutions are not zero, so that the layout changes the image.
+    controlnet = ScratchControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(
+                ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+            ):
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    controlnet.save_pretrained(folder.parent / "tiny-controlnet")
+    env = {
+        "HF_SCRATCH_DEMO_MODELS": str(folder),
+        "HF_SCRATCH_DEMO_CONTROLNET": os.pathsep.join([str(folder), str(folder.parent / "tiny-controlnet")]),
+        "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")),
+    }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     sys.path.insert(0, str(ROOT / "spaces_demo"))
@@ -237,6 +253,54 @@ def test_forward_process_reads_a_16_bit_upload_as_the_pipelines_do(app, tmp_path
         Image.MAX_IMAGE_PIXELS = previous
 
 
+def _layout_sketch(path: Path) -> Path:
+    """A 256 px painting: a red disc on a yellow square, on transparency (as the sketch pad sends it)."""
+    from PIL import ImageDraw
+
+    sketch = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(sketch)
+    draw.rectangle((32, 32, 224, 224), fill=(247, 181, 0, 255))
+    draw.ellipse((64, 64, 192, 192), fill=(224, 40, 46, 255))
+    sketch.save(path)
+    return path
+
+
+def test_the_layout_tab_draws_what_the_controlnet_pipeline_draws_from_the_sketchs_layout(app, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from hf_scratch.conditions import colour_layout_image
+    from hf_scratch.models.controlnet import ScratchControlNetModel
+    from hf_scratch.pipelines.controlnet import ScratchStableDiffusionControlNetPipeline
+
+    sketch = _layout_sketch(tmp_path / "sketch.png")
+    client = Client(app["url"], verbose=False)
+    editor = {"background": None, "layers": [], "composite": handle_file(str(sketch))}
+    layout_path, drawn_path, info = client.predict(editor, "red heart", 3.0, 1.0, 7, api_name="/draw_layout")
+
+    layout = colour_layout_image(Image.open(sketch), 32, 8)
+    assert np.array_equal(np.asarray(Image.open(layout_path).convert("RGB")), np.asarray(layout))
+    assert tuple(np.asarray(layout)[0, 0]) == (255, 255, 255) and tuple(np.asarray(layout)[16, 16]) == (224, 40, 46)
+    controlnet = ScratchControlNetModel.from_pretrained(app["folder"].parent / "tiny-controlnet")
+    pipe = ScratchStableDiffusionControlNetPipeline.from_pretrained(app["folder"], controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 16, "guidance_scale": 3.0, "generator": torch.Generator().manual_seed(7)}
+    expected = pipe("red heart", image=layout, **kwargs).images[0]
+    other = pipe("red heart", image=Image.new("RGB", (32, 32), "blue"), **kwargs).images[0]
+    drawn = np.asarray(Image.open(drawn_path).convert("RGB"), dtype=np.int16)
+    assert np.abs(drawn - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert np.abs(drawn - np.asarray(other, dtype=np.int16)).max() > 8  # the layout does steer the drawing
+    assert info.startswith("layout distance ")
+
+
+def test_the_layout_tab_without_a_sketch_says_so(app):
+    from gradio_client import Client
+
+    client = Client(app["url"], verbose=False)
+    with pytest.raises(Exception, match="Paint a layout"):
+        client.predict({"background": None, "layers": [], "composite": None}, "red heart", 3.0, 1.0, 0,
+                       api_name="/draw_layout")  # fmt: skip
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (/usr/bin/chromium)")
 def test_real_browser_generates_and_moves_the_forward_slider(app, tmp_path):
@@ -277,4 +341,41 @@ def test_real_browser_generates_and_moves_the_forward_slider(app, tmp_path):
             timeout=60_000,
         )
         assert "t = 900" in page.locator("#alpha").inner_text()
+        browser.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (/usr/bin/chromium)")
+def test_real_browser_paints_a_layout_and_draws_from_it(app):
+    """The sketch pad is a WebGL canvas: Chromium renders it with SwiftShader (software GL) instead of --disable-gpu."""
+    import io
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    args = [arg for arg in CHROMIUM_ARGS if arg != "--disable-gpu"] + ["--use-angle=swiftshader",
+                                                                        "--enable-unsafe-swiftshader"]  # fmt: skip
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(app["url"])
+        page.get_by_role("tab", name="Draw from a layout").click()
+        canvas = page.locator("#sketch canvas").first
+        canvas.wait_for(timeout=60_000)
+        box = canvas.bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x - 60, y)
+        page.mouse.down()  # the brush is the default tool, in its first colour (red)
+        for step in range(13):
+            page.mouse.move(x - 60 + 10 * step, y + (step % 2) * 20, steps=3)
+        page.mouse.up()
+        page.locator("#draw").click()
+        page.wait_for_function(
+            "() => { const img = document.querySelector('#drawn img'); return img && img.naturalWidth > 0; }",
+            timeout=120_000,
+        )
+        layout = page.request.get(page.locator("#layout img").get_attribute("src")).body()
+        cells = np.asarray(Image.open(io.BytesIO(layout)).convert("RGB"))[::4, ::4]  # one pixel per 8 x 8 cell
+        painted = (cells != 255).any(axis=-1)
+        assert painted[3:5].any() and not painted[0].any() and not painted[-1].any(), painted.astype(int)
+        assert (cells[painted][:, 0] > cells[painted][:, 2]).all()  # reddish cells where the stroke went
+        assert page.locator("#layout_info").inner_text().startswith("layout distance ")
         browser.close()

@@ -14,3 +14,18 @@ def default_model_path() -> str:
             "--model with a pipeline folder of your own."
         )
     return str(path)
+
+
+DEFAULT_CONTROLNET_NAME = "emoji32-controlnet"
+
+
+def default_controlnet_path() -> str:
+    """Path of the shipped ControlNet of the default model, loadable with `ScratchControlNetModel.from_pretrained`;
+    its condition is the colour layout of `hf_scratch.conditions`."""
+    path = Path(__file__).parent / DEFAULT_CONTROLNET_NAME
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The shipped ControlNet is missing from {path} (no config.json). Reinstall hf-scratch, or train one with "
+            "training/recipes/emoji32_controlnet.sh."
+        )
+    return str(path)

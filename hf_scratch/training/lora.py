@@ -63,14 +63,20 @@ def check_lora_args(args: argparse.Namespace) -> None:
     ):
         if getattr(args, flag):
             raise ValueError(f"--{flag} cannot be combined with --lora_rank: {reason}; drop --{flag}")
+    adopt_base_objective(args, "a LoRA")
+    args.unet_from_pretrained = True
+
+
+def adopt_base_objective(args: argparse.Namespace, run: str) -> None:
+    """A run that trains beside a frozen base U-Net (`run`: "a LoRA", "a ControlNet") keeps the objective it was
+    trained with: set args.objective to it, refusing a different --objective by name."""
     base = base_objective(args.pretrained_model_name_or_path)
     if args.objective and base and args.objective != base:
         raise ValueError(
             f"--objective {args.objective} differs from the objective of the base model in "
-            f"{args.pretrained_model_name_or_path} ({base}, from its scheduler); a LoRA must keep it: drop --objective"
+            f"{args.pretrained_model_name_or_path} ({base}, from its scheduler); {run} must keep it: drop --objective"
         )
     args.objective = args.objective or base
-    args.unet_from_pretrained = True
 
 
 def add_lora_adapters(args: argparse.Namespace, unet: ScratchUNet2DConditionModel, text_encoder: Any) -> None:

@@ -73,11 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(a folder that `training/reflow.py` writes); with --unet_from_pretrained, a few-step student"
     )
     parser = build_parser(__doc__.splitlines()[0], other_sources={"--reflow_pairs": reflow_help})
-    source = parser.add_argument_group("frozen components")
-    source.add_argument("--pretrained_model_name_or_path", help="a local pipeline folder with vae/, text_encoder/, ...")
-    source.add_argument("--vae_path", help="a VAE folder (train_vae.py's --output_dir); overrides the pipeline's")
-    source.add_argument("--text_encoder_path", help="a CLIP text model folder (train_clip.py writes text_encoder/)")
-    source.add_argument("--tokenizer_path", help="a CLIPTokenizer folder (train_clip.py writes tokenizer/)")
+    add_frozen_component_arguments(parser)
 
     unet = parser.add_argument_group("U-Net (from scratch unless --unet_from_pretrained)")
     unet.add_argument("--unet_from_pretrained", action="store_true", help="start from the pipeline folder's unet/")
@@ -108,6 +104,89 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "faster on CPU; the same model, saved in the usual layout",
     )
 
+    diffusion = add_objective_arguments(parser)
+    diffusion.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="encode the dataset once and sample latents from the cached posteriors, kept on disk (see "
+        "--latent_cache_dir) so that resumes, other ranks and later runs on the same data and VAE reuse them",
+    )
+    diffusion.add_argument(
+        "--latent_cache_dir",
+        default=None,
+        help="where --cache_latents keeps its shards, one folder per (data, VAE) pair; default: "
+        "<output_dir>/latent-cache",
+    )
+
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the U-Net over the GPUs with FSDP2 through accelerate: each down, mid and up block one unit, "
+        "checkpoints sharded, the final weights gathered for saving (trainer.fsdp_plugin); needs accelerate launch "
+        "--multi_gpu on CUDA, refused elsewhere; not with --use_ema, LoRA, --validation_prompts or --snapshot_steps "
+        "(default: off)",
+    )
+    lora = parser.add_argument_group("LoRA (Hu et al. 2021): adapt the pipeline folder's U-Net instead of training one")
+    lora.add_argument("--lora_rank", type=int, default=None, help="r, the rank of each low-rank update B·A")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="α, which scales B·A by α/r (default: r)")
+    lora.add_argument(
+        "--lora_layers",
+        choices=("attention", "all"),
+        default=None,
+        help="the U-Net layers adapted: the attention projections (the default, as diffusers' training scripts), or "
+        "every linear and convolution (as few-step LoRAs are trained)",
+    )
+    lora.add_argument("--train_text_encoder_lora", action="store_true", help="adapt the text encoder's attention too")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument(
+        "--validation_prompts",
+        nargs="+",
+        default=[],
+        help="prompts drawn at each validation (none: no validation images)",
+    )
+    validation.add_argument("--num_validation_images", type=int, default=4, help="per prompt")
+    validation.add_argument(
+        "--validation_inference_steps", type=int, default=50, help="sampler steps of the validation images"
+    )
+    validation.add_argument(
+        "--guidance_scale", type=float, default=4.0, help="classifier-free guidance of the validation images"
+    )
+    validation.add_argument(
+        "--snapshot_steps",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also save the (EMA) pipeline, or the LoRA, at these steps, to snapshots/step-N",
+    )
+    args = parser.parse_args(argv)
+    check_args(args)
+    merge_prediction_type(args)
+    if args.lora_rank is not None:
+        check_lora_args(args)
+    else:
+        for flag in ("lora_alpha", "train_text_encoder_lora", "lora_layers"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} sets up a LoRA run; add --lora_rank R (e.g. 4) or drop --{flag}")
+    check_objective_args(args)
+    if not args.pretrained_model_name_or_path and not (
+        args.vae_path and args.text_encoder_path and args.tokenizer_path
+    ):
+        raise ValueError(
+            "pass --pretrained_model_name_or_path (a pipeline folder), or all of --vae_path, --text_encoder_path and "
+            "--tokenizer_path"
+        )
+    if args.unet_from_pretrained and not args.pretrained_model_name_or_path:
+        raise ValueError("--unet_from_pretrained needs --pretrained_model_name_or_path, whose unet/ it loads")
+    check_unet_args(args)
+    if args.reflow_pairs:
+        check_reflow_args(args)
+    return args
+
+
+def add_objective_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The diffusion objective's flags (`hf_scratch.objectives`) and caption dropout: every script that trains a
+    denoiser (the U-Net, a LoRA of it, a ControlNet beside it) takes the same ones. Returns their group."""
     diffusion = parser.add_argument_group("diffusion objective (hf_scratch.objectives)")
     diffusion.add_argument(
         "--objective",
@@ -172,71 +251,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.1,
         help='replace the caption by "" with this probability (the unconditional model that guidance needs)',
     )
-    diffusion.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="encode the dataset once and sample latents from the cached posteriors, kept on disk (see "
-        "--latent_cache_dir) so that resumes, other ranks and later runs on the same data and VAE reuse them",
-    )
-    diffusion.add_argument(
-        "--latent_cache_dir",
-        default=None,
-        help="where --cache_latents keeps its shards, one folder per (data, VAE) pair; default: "
-        "<output_dir>/latent-cache",
-    )
+    return diffusion
 
-    parser.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="shard the U-Net over the GPUs with FSDP2 through accelerate: each down, mid and up block one unit, "
-        "checkpoints sharded, the final weights gathered for saving (trainer.fsdp_plugin); needs accelerate launch "
-        "--multi_gpu on CUDA, refused elsewhere; not with --use_ema, LoRA, --validation_prompts or --snapshot_steps "
-        "(default: off)",
-    )
-    lora = parser.add_argument_group("LoRA (Hu et al. 2021): adapt the pipeline folder's U-Net instead of training one")
-    lora.add_argument("--lora_rank", type=int, default=None, help="r, the rank of each low-rank update B·A")
-    lora.add_argument("--lora_alpha", type=float, default=None, help="α, which scales B·A by α/r (default: r)")
-    lora.add_argument(
-        "--lora_layers",
-        choices=("attention", "all"),
-        default=None,
-        help="the U-Net layers adapted: the attention projections (the default, as diffusers' training scripts), or "
-        "every linear and convolution (as few-step LoRAs are trained)",
-    )
-    lora.add_argument("--train_text_encoder_lora", action="store_true", help="adapt the text encoder's attention too")
 
-    validation = parser.add_argument_group("validation")
-    validation.add_argument(
-        "--validation_prompts",
-        nargs="+",
-        default=[],
-        help="prompts drawn at each validation (none: no validation images)",
-    )
-    validation.add_argument("--num_validation_images", type=int, default=4, help="per prompt")
-    validation.add_argument(
-        "--validation_inference_steps", type=int, default=50, help="sampler steps of the validation images"
-    )
-    validation.add_argument(
-        "--guidance_scale", type=float, default=4.0, help="classifier-free guidance of the validation images"
-    )
-    validation.add_argument(
-        "--snapshot_steps",
-        type=int,
-        nargs="+",
-        default=[],
-        help="also save the (EMA) pipeline, or the LoRA, at these steps, to snapshots/step-N",
-    )
-    args = parser.parse_args(argv)
-    check_args(args)
+def merge_prediction_type(args: argparse.Namespace) -> None:
+    """--prediction_type is the older spelling of --objective epsilon|v_prediction: keep one value in args.objective."""
     if args.prediction_type and args.objective and args.prediction_type != args.objective:
         raise ValueError(f"--prediction_type={args.prediction_type} contradicts --objective={args.objective}; pass one")
     args.objective = args.objective or args.prediction_type
-    if args.lora_rank is not None:
-        check_lora_args(args)
-    else:
-        for flag in ("lora_alpha", "train_text_encoder_lora", "lora_layers"):
-            if getattr(args, flag):
-                raise ValueError(f"--{flag} sets up a LoRA run; add --lora_rank R (e.g. 4) or drop --{flag}")
+
+
+def check_objective_args(args: argparse.Namespace) -> None:
+    """The flags of `add_objective_arguments`, checked against each other and against the objective."""
+    check_at_least(args, 0, "noise_offset", "input_perturbation", "huber_c")
+    for flag in ("snr_gamma", "sigma_data", "edm_p_std", "edm_sigma_min", "logit_std", "mode_scale"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag}={value} must be positive")
+    if args.edm_sigma_max <= args.edm_sigma_min:
+        raise ValueError(f"--edm_sigma_max={args.edm_sigma_max} must exceed --edm_sigma_min={args.edm_sigma_min}")
     if args.objective in ("edm", "flow_matching"):
         for flag in ("snr_gamma", "rescale_betas_zero_snr"):
             if getattr(args, flag):
@@ -248,21 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(objectives.INPUT_PERTURBATION_NOT_EDM)
     if args.loss_type == "huber" and not 0 < args.huber_c <= 1:
         raise ValueError(f"--huber_c={args.huber_c} must be in (0, 1]")
-    if not args.pretrained_model_name_or_path and not (
-        args.vae_path and args.text_encoder_path and args.tokenizer_path
-    ):
-        raise ValueError(
-            "pass --pretrained_model_name_or_path (a pipeline folder), or all of --vae_path, --text_encoder_path and "
-            "--tokenizer_path"
-        )
-    if args.unet_from_pretrained and not args.pretrained_model_name_or_path:
-        raise ValueError("--unet_from_pretrained needs --pretrained_model_name_or_path, whose unet/ it loads")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise ValueError(f"--caption_dropout_prob={args.caption_dropout_prob} must be in [0, 1)")
-    check_unet_args(args)
-    if args.reflow_pairs:
-        check_reflow_args(args)
-    return args
 
 
 def check_reflow_args(args: argparse.Namespace) -> None:
@@ -281,15 +301,9 @@ def check_reflow_args(args: argparse.Namespace) -> None:
 
 
 def check_unet_args(args: argparse.Namespace) -> None:
-    """The model, objective, validation and snapshot flags, checked before anything is loaded."""
+    """The model, validation and snapshot flags, checked before anything is loaded."""
     check_at_least(args, 1, "num_validation_images", "validation_inference_steps", "layers_per_block")
-    check_at_least(args, 0, "noise_offset", "input_perturbation", "guidance_scale", "huber_c")
-    for flag in ("snr_gamma", "sigma_data", "edm_p_std", "edm_sigma_min", "logit_std", "mode_scale"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{flag}={value} must be positive")
-    if args.edm_sigma_max <= args.edm_sigma_min:
-        raise ValueError(f"--edm_sigma_max={args.edm_sigma_max} must exceed --edm_sigma_min={args.edm_sigma_min}")
+    check_at_least(args, 0, "guidance_scale")
     if not (args.unet_config or args.unet_from_pretrained):
         check_at_least(args, 1, "block_out_channels")
         check_divisible(args, "block_out_channels", "norm_num_groups")
@@ -319,6 +333,15 @@ def check_unet_args(args: argparse.Namespace) -> None:
             f"--snapshot_steps={args.snapshot_steps}: {wrong} lie outside the run's optimizer steps "
             f"(1 to --max_train_steps={last})"
         )
+
+
+def add_frozen_component_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the frozen VAE, text encoder and tokenizer come from (`load_frozen_components` reads them)."""
+    source = parser.add_argument_group("frozen components")
+    source.add_argument("--pretrained_model_name_or_path", help="a local pipeline folder with vae/, text_encoder/, ...")
+    source.add_argument("--vae_path", help="a VAE folder (train_vae.py's --output_dir); overrides the pipeline's")
+    source.add_argument("--text_encoder_path", help="a CLIP text model folder (train_clip.py writes text_encoder/)")
+    source.add_argument("--tokenizer_path", help="a CLIPTokenizer folder (train_clip.py writes tokenizer/)")
 
 
 def load_frozen_components(
