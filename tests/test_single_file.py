@@ -1,14 +1,19 @@
-"""Tests for `hf_scratch.formats.single_file`: the LDM single file ↔ our U-Net, VAE and text encoder.
+"""Tests for `hf_scratch.formats.single_file`: the LDM single file ↔ our U-Net, VAE and text encoder; and for
+`ScratchControlNetModel.from_single_file`, the original ControlNet single file.
 
-The independent reference is diffusers' own single-file code: `StableDiffusionPipeline.from_single_file` and the
-converters in `diffusers.loaders.single_file_utils`. Weights must survive every trip bit for bit; model outputs of
-our classes and diffusers' are compared at atol 1e-5, room for a different summation order in attention.
+The independent reference is diffusers' own single-file code: `StableDiffusionPipeline.from_single_file`,
+`ControlNetModel.from_single_file` and the converters in `diffusers.loaders.single_file_utils`. Weights must survive
+every trip bit for bit; model outputs of our classes and diffusers' are compared at atol 1e-5 (ControlNet residuals:
+relative error 1e-5), room for a different summation order in attention.
 """
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from _reference import (
     SD15_TEXT_ENCODER_CONFIG,
     SD15_UNET_CONFIG,
@@ -16,9 +21,10 @@ from _reference import (
     TINY_UNET_CONFIG,
     TINY_VAE_CONFIG,
     free,
+    relative_error,
 )
 from _tiny import TEXT_CONFIG, tiny_tokenizer
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -35,6 +41,7 @@ from hf_scratch.formats.single_file import (
     to_ldm_state_dict,
 )
 from hf_scratch.models.clip import ScratchCLIPTextConfig, ScratchCLIPTextModel
+from hf_scratch.models.controlnet import SD15_CONTROLNET_CONFIG, ScratchControlNetModel
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.models.vae import ScratchAutoencoderKL
 
@@ -353,3 +360,174 @@ def test_bad_suffix_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"`path` must end in"):
         (tmp_path / "model.onnx").write_bytes(b"\0")
         load_single_file(tmp_path / "model.onnx")
+
+
+# The original ControlNet single file (lllyasviel's ControlNet 1.0/1.1 layout)
+
+# A config that the original code can express: 32 groups in every norm, the 16-32-96-256 condition encoder.
+CONTROLNET_CONFIG = {
+    "block_out_channels": (32, 64),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "layers_per_block": 1,
+    "attention_head_dim": 2,
+    "cross_attention_dim": 24,
+}
+# The same architecture as the original yaml (the shape of `cldm_v15.yaml`) states it.
+_UNET_PARAMS = {
+    "in_channels": 4,
+    "model_channels": 32,
+    "attention_resolutions": [1],
+    "num_res_blocks": 1,
+    "channel_mult": [1, 2],
+    "num_heads": 2,
+    "use_spatial_transformer": True,
+    "transformer_depth": 1,
+    "context_dim": 24,
+    "legacy": False,
+}
+CONTROLNET_YAML = {
+    "model": {
+        "target": "cldm.cldm.ControlLDM",
+        "params": {
+            "control_stage_config": {"target": "cldm.cldm.ControlNet", "params": {**_UNET_PARAMS, "hint_channels": 3}},
+            "unet_config": {"target": "cldm.cldm.ControlledUnetModel", "params": {**_UNET_PARAMS, "out_channels": 4}},
+            "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
+        },
+    }
+}
+_ORIGINAL_RESNET_LEAVES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def _original_controlnet_state_dict(model: ControlNetModel, prefix: str) -> dict[str, torch.Tensor]:
+    """diffusers' ControlNet weights under the original code's names: an explicit inverse of diffusers'
+    `convert_controlnet_checkpoint`, written here so that the file does not come from the code under test."""
+    slots = model.config.layers_per_block + 1  # input_blocks per level: its layers, then its downsampler
+    # input_hint_block: conv_in, SiLU, then each block and a SiLU, then conv_out
+    hint_blocks = 2 * (len(model.config.conditioning_embedding_out_channels) - 1)
+
+    def input_block(m: re.Match) -> int:
+        return 1 + int(m[1]) * slots + int(m[2])
+
+    rules = [  # (our prefix, original prefix, whether a U-Net ResNet follows)
+        (r"time_embedding\.linear_(\d)\.", lambda m: f"time_embed.{2 * int(m[1]) - 2}.", False),
+        (r"conv_in\.", lambda m: "input_blocks.0.0.", False),
+        (r"controlnet_cond_embedding\.conv_in\.", lambda m: "input_hint_block.0.", False),
+        (r"controlnet_cond_embedding\.blocks\.(\d+)\.", lambda m: f"input_hint_block.{2 * int(m[1]) + 2}.", False),
+        (r"controlnet_cond_embedding\.conv_out\.", lambda m: f"input_hint_block.{2 * hint_blocks + 2}.", False),
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"input_blocks.{input_block(m)}.0.", True),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"input_blocks.{input_block(m)}.1.", False),
+        (
+            r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
+            lambda m: f"input_blocks.{(int(m[1]) + 1) * slots}.0.op.",
+            False,
+        ),
+        (r"mid_block\.resnets\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[1])}.", True),
+        (r"mid_block\.attentions\.0\.", lambda m: "middle_block.1.", False),
+        (r"controlnet_down_blocks\.(\d+)\.", lambda m: f"zero_convs.{m[1]}.0.", False),
+        (r"controlnet_mid_block\.", lambda m: "middle_block_out.0.", False),
+    ]
+    original = {}
+    for key, tensor in model.state_dict().items():
+        match, head, is_resnet = next((re.match(p, key), t, r) for p, t, r in rules if re.match(p, key))
+        leaf, dot, rest = key[match.end() :].partition(".")
+        leaf = _ORIGINAL_RESNET_LEAVES.get(leaf, leaf) if is_resnet else leaf
+        original[prefix + head(match) + leaf + dot + rest] = tensor.clone()
+    assert len(original) == len(model.state_dict())
+    return original
+
+
+@pytest.fixture(scope="module")
+def official_controlnet(tmp_path_factory) -> tuple[ControlNetModel, Path]:
+    """diffusers' ControlNet with random weights everywhere (zero convolutions included), and its saved folder."""
+    torch.manual_seed(3)
+    model = ControlNetModel(**CONTROLNET_CONFIG)
+    _jitter(model)
+    folder = tmp_path_factory.mktemp("controlnet") / "tiny-controlnet"
+    model.save_pretrained(folder)
+    return model.eval(), folder
+
+
+def _plain_config(model: ControlNetModel | ScratchControlNetModel) -> dict:
+    """The config as its config.json has it (lists, not tuples), without diffusers' bookkeeping keys."""
+    return {key: value for key, value in json.loads(model.to_json_string()).items() if not key.startswith("_")}
+
+
+@torch.no_grad()
+def _controlnet_error(ours: torch.nn.Module, reference: torch.nn.Module) -> float:
+    """The largest relative error over the residuals, for one random input."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 7, CONTROLNET_CONFIG["cross_attention_dim"], generator=generator)
+    condition = torch.rand(2, 3, 64, 64, generator=generator)  # the condition encoder's factor 8
+    timestep = torch.tensor([10, 900])
+    actual, expected = (model(latents, timestep, context, condition) for model in (ours, reference))
+    pairs = [*zip(actual.down_block_res_samples, expected.down_block_res_samples)]
+    pairs.append((actual.mid_block_res_sample, expected.mid_block_res_sample))
+    assert len(pairs) == len(expected.down_block_res_samples) + 1
+    assert all(theirs.abs().max() > 0 for _, theirs in pairs)
+    return max(relative_error(mine, theirs) for mine, theirs in pairs)
+
+
+@pytest.mark.parametrize("prefix", ["control_model.", ""])
+def test_controlnet_single_file_loads_as_in_diffusers(tmp_path, official_controlnet, prefix):
+    official, folder = official_controlnet
+    path = tmp_path / "control_tiny.safetensors"
+    save_file(_original_controlnet_state_dict(official, prefix), path)
+
+    theirs = ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True).eval()
+    ours = ScratchControlNetModel.from_single_file(path, config=folder)
+
+    assert not ours.training
+    _assert_same_weights(ours, theirs)
+    _assert_same_weights(ours, official)
+    assert _controlnet_error(ours, theirs) <= 1e-5
+    assert _controlnet_error(ours, official) <= 1e-5
+
+
+def test_controlnet_10_pth_with_the_sd_model_and_original_yaml(tmp_path, official_controlnet):
+    """A ControlNet 1.0-style `.pth` (`{"state_dict": …}` holding the SD model beside `control_model.`), read with
+    weights_only=True, its architecture from the original yaml."""
+    official, folder = official_controlnet
+    checkpoint = _original_controlnet_state_dict(official, "control_model.")
+    checkpoint["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 4, 3, 3)
+    path, config_path = tmp_path / "control_tiny.pth", tmp_path / "cldm_tiny.yaml"
+    torch.save({"state_dict": checkpoint}, path)
+    config_path.write_text(yaml.safe_dump(CONTROLNET_YAML))
+
+    ours = ScratchControlNetModel.from_single_file(path, original_config=config_path)
+
+    assert _plain_config(ours) == _plain_config(official)
+    _assert_same_weights(ours, official)
+    assert _controlnet_error(ours, official) <= 1e-5
+
+
+def test_default_controlnet_config_is_the_published_sd15_one():
+    """With no config, the file is read at the config of diffusers' ControlNet copied from the SD v1.5 U-Net, which
+    is that of lllyasviel's SD 1.5 ControlNets."""
+    with torch.device("meta"):
+        published = ControlNetModel.from_unet(UNet2DConditionModel(**SD15_UNET_CONFIG), load_weights_from_unet=False)
+        ours = ScratchControlNetModel.from_config(SD15_CONTROLNET_CONFIG)
+    assert _plain_config(ours) == _plain_config(published)
+
+
+def test_controlnet_loader_refuses_a_stable_diffusion_file(tmp_path):
+    path = tmp_path / "sd.safetensors"
+    save_single_file(path, **_our_components())
+    with pytest.raises(ValueError, match=r"sd\.safetensors' is not an original-layout ControlNet checkpoint: it lacks"):
+        ScratchControlNetModel.from_single_file(path, config=CONTROLNET_CONFIG)
+
+
+def test_controlnet_file_at_the_wrong_config_names_the_mismatches(tmp_path, official_controlnet):
+    path = tmp_path / "control_tiny.safetensors"
+    save_file(_original_controlnet_state_dict(official_controlnet[0], "control_model."), path)
+    with pytest.raises(ValueError, match=r"0 missing keys.*shape mismatches \['down_blocks\.0\.attentions\.0\..*attn2"):
+        ScratchControlNetModel.from_single_file(path, config={**CONTROLNET_CONFIG, "cross_attention_dim": 16})
+    with pytest.raises(ValueError, match="not both"):
+        ScratchControlNetModel.from_single_file(path, config=CONTROLNET_CONFIG, original_config=CONTROLNET_YAML)

@@ -15,18 +15,29 @@ through a small encoder E(·) that ends in a zero convolution; its layers are th
 SiLU, channels 16-32-96-256 by default), which the published checkpoints use.
 
 Config keys, module names and outputs are those of `diffusers.ControlNetModel`, so a folder saved by either class
-loads into the other; `from_unet` copies a U-Net (ours or diffusers') into a new ControlNet. Several ControlNets run
-together through diffusers' `MultiControlNetModel`, which sums their residuals.
+loads into the other; `from_unet` copies a U-Net (ours or diffusers') into a new ControlNet, and `from_single_file`
+reads the original code's single files through diffusers' own converter. Several ControlNets run together through
+diffusers' `MultiControlNetModel`, which sums their residuals.
 """
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from diffusers import ConfigMixin, ModelMixin  # diffusers looks these names up in this module when loading
 from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.loaders.single_file_utils import (
+    convert_controlnet_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+    fetch_original_config,
+    load_single_file_checkpoint,
+)
 from diffusers.utils import BaseOutput, apply_lora_scale
 from torch import nn
 
@@ -60,6 +71,19 @@ UNET_KEYS = (
     "addition_embed_type", "addition_time_embed_dim", "num_class_embeds", "upcast_attention",
     "resnet_time_scale_shift", "projection_class_embeddings_input_dim",
 )  # fmt: skip
+# The published SD 1.5 ControlNets (lllyasviel/control_v11p_sd15_*): this class's defaults but for the text width.
+SD15_CONTROLNET_CONFIG: dict[str, Any] = {"cross_attention_dim": 768}
+# The original code's single files: keys under this prefix (ControlNet 1.0 files also hold the SD model beside them,
+# 1.1 files and some others only the ControlNet, without it), and keys that only a ControlNet has.
+ORIGINAL_PREFIX = "control_model."
+ORIGINAL_CONTROLNET_KEYS = ("input_hint_block.0.weight", "zero_convs.0.0.weight", "middle_block_out.0.weight")
+# The config keys that the original yaml decides, as in diffusers' `create_controlnet_diffusers_config_from_ldm`.
+ORIGINAL_CONFIG_KEYS = (
+    "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+    "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
+    "addition_time_embed_dim", "projection_class_embeddings_input_dim", "transformer_layers_per_block",
+)  # fmt: skip
+FIRST_OFFENDERS = 5
 # Guess mode scales the residuals from 0.1 at the finest skip up to 1 at the bottleneck, evenly in log scale.
 GUESS_MODE_FIRST_SCALE_LOG10 = -1.0
 
@@ -218,6 +242,62 @@ class ScratchControlNetModel(
                     getattr(controlnet, name).load_state_dict(getattr(unet, name).state_dict())
         return controlnet
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: str | os.PathLike | Mapping[str, Any] | None = None,
+        original_config: str | os.PathLike | Mapping[str, Any] | None = None,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> "ScratchControlNetModel":
+        """A ControlNet from an original-layout single file (lllyasviel's ControlNet 1.0/1.1: `input_blocks`,
+        `zero_convs`, `input_hint_block`, `middle_block_out`, `time_embed`, with or without `control_model.` before
+        them), converted by diffusers' `convert_controlnet_checkpoint`, as `ControlNetModel.from_single_file` does.
+
+        `path` is a local `.safetensors` file, or a torch file that loads with `weights_only=True` (no pickle code
+        runs). The architecture comes from `config` (a local diffusers ControlNet folder, `subfolder` inside it, or a
+        config dict), or from `original_config` (the original yaml, such as `cldm_v15.yaml`, as a path or a dict), or,
+        with neither, is the published SD 1.5 ControlNets' (`SD15_CONTROLNET_CONFIG`). Every weight of the model must
+        come from the file with its shape, or a ValueError names the offenders.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ControlNet single file {str(path)!r} does not exist.")
+        checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+        prefix = ORIGINAL_PREFIX if any(key.startswith(ORIGINAL_PREFIX) for key in checkpoint) else ""
+        absent = [prefix + key for key in ORIGINAL_CONTROLNET_KEYS if prefix + key not in checkpoint]
+        if absent:
+            raise ValueError(
+                f"{str(path)!r} is not an original-layout ControlNet checkpoint: it lacks {absent} (its first keys: "
+                f"{sorted(checkpoint)[:FIRST_OFFENDERS]}). A diffusers ControlNet folder loads with `from_pretrained`."
+            )
+        model_config = _resolve_config(cls, config, original_config, subfolder, checkpoint)
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(model_config)
+
+        state_dict = convert_controlnet_checkpoint(checkpoint, model.config)  # a missing original key gives None
+        expected = model.state_dict()
+        missing = [key for key in expected if state_dict.get(key) is None]
+        unexpected = [key for key, tensor in state_dict.items() if key not in expected and tensor is not None]
+        mismatched = [
+            f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}"
+            for key, tensor in state_dict.items()
+            if key in expected and tensor is not None and tensor.shape != expected[key].shape
+        ]
+        unread = sum(key.startswith(prefix) for key in checkpoint) - sum(t is not None for t in state_dict.values())
+        if missing or unexpected or mismatched or unread:
+            raise ValueError(
+                f"{str(path)!r} does not fit the configured ControlNet: {len(missing)} missing keys "
+                f"{missing[:FIRST_OFFENDERS]}; {len(unexpected)} unexpected keys {unexpected[:FIRST_OFFENDERS]}; "
+                f"{len(mismatched)} shape mismatches {mismatched[:FIRST_OFFENDERS]}; {unread} keys of the file not "
+                "read. Pass the `config` or `original_config` the file was made with."
+            )
+        dtype = torch_dtype or next(iter(expected.values())).dtype
+        model.load_state_dict({key: state_dict[key].to(dtype) for key in expected}, strict=True, assign=True)
+        return model.eval()
+
     @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
@@ -273,3 +353,46 @@ class ScratchControlNetModel(
         if not return_dict:
             return residuals[:-1], residuals[-1]
         return ControlNetOutput(down_block_res_samples=tuple(residuals[:-1]), mid_block_res_sample=residuals[-1])
+
+
+def _resolve_config(
+    cls: type[ScratchControlNetModel],
+    config: str | os.PathLike | Mapping[str, Any] | None,
+    original_config: str | os.PathLike | Mapping[str, Any] | None,
+    subfolder: str | None,
+    checkpoint: Mapping[str, torch.Tensor],
+) -> dict[str, Any]:
+    """`from_single_file`'s config: a folder's or a dict's, the original yaml's, or the SD 1.5 ControlNets'."""
+    if config is not None and original_config is not None:
+        raise ValueError("Pass `config` or `original_config`, not both.")
+    if original_config is not None:
+        return _config_from_original(original_config, checkpoint)
+    if config is None:
+        return dict(SD15_CONTROLNET_CONFIG)
+    if isinstance(config, Mapping):
+        return dict(config)
+    if not isinstance(config, (str, os.PathLike)) or not Path(config).is_dir():
+        raise ValueError(f"`config` must be a local diffusers ControlNet folder or a config dict, got {config!r}.")
+    return cls.load_config(config, subfolder=subfolder, local_files_only=True)
+
+
+def _config_from_original(
+    original_config: str | os.PathLike | Mapping[str, Any], checkpoint: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The config that the original yaml (such as `cldm_v15.yaml`) describes.
+
+    This is diffusers' `create_controlnet_diffusers_config_from_ldm`, which in diffusers 0.42 fails on a missing
+    argument: the U-Net's architecture through diffusers' U-Net config reader (the yaml's `unet_config` and
+    `control_stage_config` describe the same contracting path), and the condition's channels.
+    """
+    if not isinstance(original_config, Mapping):
+        original_config = fetch_original_config(str(original_config), local_files_only=True)
+    try:
+        unet_config = create_unet_diffusers_config_from_ldm(original_config, checkpoint)
+        hint_channels = original_config["model"]["params"]["control_stage_config"]["params"]["hint_channels"]
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            "`original_config` must be the original ControlNet yaml, with model.params.unet_config, "
+            f"control_stage_config and first_stage_config as in cldm_v15.yaml; it lacks {error}."
+        ) from error
+    return {"conditioning_channels": hint_channels, **{key: unet_config[key] for key in ORIGINAL_CONFIG_KEYS}}
