@@ -137,6 +137,9 @@ PARSERS = {"vae": train_vae.parse_args, "decoder": train_vae.parse_args, "text":
 # What a resumed or repeated run may differ in without changing its result (trainer.RESUME_FREE_FLAGS's kind).
 WHERE_AND_HOW_OFTEN = {"dataset_name", "train_data_dir", "output_dir", "report_to", "checkpointing_steps",
                        "latent_cache_dir", "validation_steps", "resume_from_checkpoint"}  # fmt: skip
+# Added to the recipe after the shipped run: each changes the cost and the result only at float rounding
+# (tests/test_training.py::test_cached_text_embeddings_train_the_same_model_and_resume_bit_for_bit).
+COST_ONLY = {"cache_text_embeddings"}
 
 
 def test_emoji32_reaches_each_stage_with_the_shipped_settings(tmp_path):
@@ -170,7 +173,7 @@ def test_emoji32_reaches_each_stage_with_the_shipped_settings(tmp_path):
         shipped = f"{SHIPPED_COMMON} {shipped}".replace("RUN", str(run_dir)).replace("TEXT", text).split()
         expected = vars(PARSERS[stage]([*output, "--train_data_dir", str(tmp_path / "data"), *shipped]))
         ours = vars(PARSERS[stage]([*flags[stage], *output]))
-        differing = {key for key in expected if expected[key] != ours[key]} - WHERE_AND_HOW_OFTEN
+        differing = {key for key in expected if expected[key] != ours[key]} - WHERE_AND_HOW_OFTEN - COST_ONLY
         assert not differing, {key: (expected[key], ours[key]) for key in differing}
 
 

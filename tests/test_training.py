@@ -1003,3 +1003,53 @@ def test_input_perturbation_is_refused_for_edm_and_below_zero(tmp_path):
         train_unet.parse_args([*base, "--objective", "edm", "--input_perturbation", "0.1"])
     with pytest.raises(ValueError, match="--input_perturbation=-0.1 must be"):
         train_unet.parse_args([*base, "--input_perturbation", "-0.1"])
+
+
+def test_cached_text_embeddings_train_the_same_model_and_resume_bit_for_bit(tmp_path, data_dir, components, unet_run):
+    """--cache_text_embeddings looks the captions' encodings up instead of running the frozen text encoder: the
+    losses follow the default run's to float rounding (each caption encoded in another batch), and a run resumed
+    from checkpoint-6 repeats the last two steps bit for bit (the cache never depends on the training order)."""
+    output_dir = tmp_path / "cached"
+    run("train_unet.py", [*unet_args(data_dir, components, output_dir), "--cache_text_embeddings"])
+    default, cached = losses(unet_run), losses(output_dir)
+    assert cached.keys() == default.keys()
+    np.testing.assert_allclose(list(cached.values()), list(default.values()), rtol=1e-4)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(output_dir / "checkpoint-6", resumed / "checkpoint-6")
+    run("train_unet.py", [*unet_args(data_dir, components, resumed), "--cache_text_embeddings",
+                          "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert losses(resumed) == {step: cached[step] for step in (7, 8)}
+    name = "unet/diffusion_pytorch_model.safetensors"
+    trained, final = load_file(output_dir / name), load_file(resumed / name)
+    assert trained.keys() == final.keys() and all(torch.equal(final[key], trained[key]) for key in trained)
+
+
+def test_the_text_embedding_cache_holds_each_captions_encoding_and_runs_the_encoder_only_to_fill(components):
+    from transformers import CLIPTokenizer
+
+    from hf_scratch.models.clip import ScratchCLIPTextModel
+    from hf_scratch.training.train_unet import TextEmbeddingCache, encode_prompts
+
+    tokenizer = CLIPTokenizer.from_pretrained(components / "tokenizer")
+    encoder = ScratchCLIPTextModel.from_pretrained(components / "text_encoder").eval()
+    captions = ["a red square", "a blue circle", "a red square", "green"]
+    calls = []
+    encoder.register_forward_hook(lambda *_: calls.append(1))
+    cache = TextEmbeddingCache(tokenizer, encoder, captions, torch.device("cpu"), batch_size=2)
+    assert len(calls) == 2 and sorted(cache.row) == ["", "a blue circle", "a red square", "green"]
+    looked_up = cache(["green", "", "a red square"])
+    assert len(calls) == 2
+    with torch.no_grad():
+        for row, caption in zip(looked_up, ["green", "", "a red square"]):
+            torch.testing.assert_close(
+                row, encode_prompts(tokenizer, encoder, [caption], "cpu")[0], rtol=1e-5, atol=1e-6
+            )
+
+
+def test_cached_text_embeddings_refuse_a_stream(tmp_path, data_dir, components):
+    from hf_scratch.training import train_unet
+
+    flags = [*unet_args(data_dir, components, tmp_path / "out"), "--cache_text_embeddings"]
+    with pytest.raises(ValueError, match="--cache_text_embeddings cannot be combined with --streaming"):
+        train_unet.parse_args([*flags, "--streaming"])

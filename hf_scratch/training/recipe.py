@@ -145,7 +145,7 @@ def stage_flags(plan: Plan, output_dir: Path, data_dir: Path) -> dict[str, list[
         "unet": lambda: [
             *common, "--output_dir", folder["unet"], "--vae_path", vae,
             "--text_encoder_path", str(Path(text, "text_encoder")), "--tokenizer_path", str(Path(text, "tokenizer")),
-            "--cache_latents", "--latent_cache_dir", str(output_dir / "latent-cache"),
+            "--cache_latents", "--latent_cache_dir", str(output_dir / "latent-cache"), "--cache_text_embeddings",
             "--block_out_channels", "64", "128", "128", "--layers_per_block", "1",
             "--cross_attention_levels", "0", "1", "2", "--objective", "flow_matching",
             "--weighting_scheme", "logit_normal", "--logit_mean", "0", "--logit_std", "1", "--immiscible_noise",
