@@ -9,11 +9,11 @@ after the first --warmup (the log's samples_per_s is the mean since the first st
 is the samples between them over the time between them). Rows:
 
 - `vae`, `decoder`: the autoencoder and its decoder-only stage.
-- `unet, latent cache`: the recipe's U-Net stage (flow matching, immiscible noise, EMA, latents cached on disk, the
-  cache built before the timed steps).
-- `unet, latent + text cache`: the same with `--cache_text_embeddings` (the frozen text encoder's output for every
-  caption computed once, not every step).
-- `unet, no cache`: the recipe's stage without `--cache_latents` (the VAE encodes every batch), and with
+- `unet (recipe: ...)`: the recipe's U-Net stage (flow matching, immiscible noise, EMA, latents cached on disk and
+  built before the timed runs, `--cache_text_embeddings`: the frozen text encoder's output for every caption computed
+  once, not every step).
+- `unet, latent cache only`: without `--cache_text_embeddings` (the text encoder runs every step).
+- `unet, no caches`: without either (the VAE encodes and the text encoder runs every batch), and with
   `--dataloader_num_workers 1` (decoding in a worker process).
 - `diffusers loop`: diffusers' `train_text_to_image.py` loop at the same U-Net config and batch on the same data,
   written out here because the example scripts do not ship with the diffusers package: a `datasets` split with its
@@ -38,8 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = (
-    "vae", "decoder", "unet, latent cache", "unet, latent + text cache", "unet, no cache", "unet, no cache, 1 worker",
-    "diffusers loop",
+    "vae", "decoder", "unet (recipe: latent and text caches)", "unet, latent cache only", "unet, no caches",
+    "unet, no caches, 1 worker", "diffusers loop",
 )  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def trainer_flags(route: str, args: argparse.Namespace, folder: Path) -> tuple[s
     from hf_scratch.training.recipe import Plan, stage_flags
 
     shipped = default_model_path()
-    stage = route.split(",")[0]
+    stage = route.split()[0].rstrip(",")
     plan = Plan(
         resolution=32, num_train=0, num_validation=0, stages=["vae", "decoder", "unet"],
         steps={"vae": args.steps, "decoder": args.steps, "unet": args.steps},
@@ -84,13 +84,13 @@ def trainer_flags(route: str, args: argparse.Namespace, folder: Path) -> tuple[s
     for flag in ("--snapshot_steps",):
         if flag in flags:
             del flags[flags.index(flag) : flags.index(flag) + 3]
-    if "no cache" in route:
+    if "latent cache only" in route or "no caches" in route:
+        flags.remove("--cache_text_embeddings")
+    if "no caches" in route:
         at = flags.index("--cache_latents")
         del flags[at : at + 3]  # --cache_latents --latent_cache_dir DIR
     if "1 worker" in route:
         flags += ["--dataloader_num_workers", "1"]
-    if "text cache" in route:
-        flags += ["--cache_text_embeddings"]
     module = {"vae": "train_vae", "decoder": "train_vae", "unet": "train_unet"}[stage]
     return module, flags, plan.batch[stage]
 
@@ -210,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.timing import machine_info
 
     args.run.mkdir(parents=True, exist_ok=True)
-    if any("latent" in route for route in args.routes):  # fill the cache outside the timed runs
-        module, flags, _ = trainer_flags("unet, latent cache", argparse.Namespace(**{**vars(args), "steps": 2}),
+    if any(
+        route.startswith("unet") and "no caches" not in route for route in args.routes
+    ):  # fill the cache outside the timed runs
+        module, flags, _ = trainer_flags(ROUTES[2], argparse.Namespace(**{**vars(args), "steps": 2}),
                                          args.run / "fill")  # fmt: skip
         run_trainer(module, flags, args.threads)
     info = machine_info("cpu")

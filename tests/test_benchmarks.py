@@ -152,3 +152,30 @@ def test_fast_variants_and_peers_at_tiny_size(tmp_path: Path) -> None:
     payload, _ = _run(tmp_path, "--cases", "unet_512", "vae_decode_512", "pipeline_256", "generate_emoji32",
                       "train_step_emoji32")  # fmt: skip
     _check_fast_rows(payload, list(FAST_PATHS))
+
+
+def test_trainer_stage_rate_is_the_samples_between_two_logged_steps_over_their_time():
+    from benchmarks.trainer_stages import rate_between
+
+    # A first step of 5 s, then 2 s a step at batch 8: the log's samples_per_s is the mean since step 1.
+    elapsed = [5.0 + 2.0 * (step - 1) for step in range(1, 7)]
+    rows = [{"step": step, "samples_per_s": step * 8 / t} for step, t in zip(range(1, 7), elapsed)]
+    assert abs(rate_between(rows, batch=8, first=2) - 4.0) < 1e-9
+
+
+def test_every_trainer_stage_route_runs_its_trainers_own_flags(tmp_path):
+    import argparse
+
+    from benchmarks.trainer_stages import ROUTES, trainer_flags
+    from hf_scratch.training import train_unet, train_vae
+
+    args = argparse.Namespace(data=str(tmp_path / "data"), run=tmp_path, steps=30)
+    for route in ROUTES[:-1]:  # the last is diffusers' loop
+        module, flags, batch = trainer_flags(route, args, tmp_path / "round")
+        parsed = {"train_unet": train_unet.parse_args, "train_vae": train_vae.parse_args}[module](flags)
+        assert parsed.max_train_steps == 30 and parsed.checkpointing_steps == 30 and parsed.train_batch_size == batch
+        assert parsed.output_dir.startswith(str(tmp_path / "round"))
+        if module == "train_unet":
+            assert parsed.cache_latents == ("no caches" not in route)
+            assert parsed.cache_text_embeddings == ("recipe" in route)
+            assert parsed.dataloader_num_workers == ("worker" in route) and parsed.snapshot_steps == []
