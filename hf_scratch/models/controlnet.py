@@ -42,15 +42,10 @@ from diffusers.utils import BaseOutput, apply_lora_scale
 from torch import nn
 
 from .adapters import AttentionProcessorsMixin, AttentionSlicingMixin
+from .embeddings import TimeEmbeddingMixin
 from .layers import RespectUmaskOnSaveMixin, StrictFromPretrainedMixin
-from .unet import (
-    DOWN_BLOCKS,
-    AttentionExtras,
-    TimeEmbeddingMixin,
-    build_contracting_path,
-    build_levels,
-    mask_to_bias,
-)
+from .transformer import AttentionExtras, mask_to_bias
+from .unet import DOWN_BLOCKS, build_contracting_path, build_levels
 
 # Values of diffusers' ControlNetModel config keys that this file does not build (Kandinsky and IF embeddings, the
 # attention-free bottleneck), and the values it does.

@@ -4,8 +4,10 @@ Latent Diffusion (Rombach et al. 2022, arXiv:2112.10752, Sec. 3.3 and Appendix E
 arXiv:2006.11239) whose attention layers are spatial transformers, cross-attending to the text encoder's token
 embeddings. The layout, config keys and parameter names match `diffusers.UNet2DConditionModel` for SD 1.x / 2.x
 (`CrossAttnDownBlock2D`, `DownBlock2D`, `UNetMidBlock2DCrossAttn`, `UpBlock2D`, `CrossAttnUpBlock2D`,
-`Transformer2DModel`, `BasicTransformerBlock`), so a folder saved by either class loads into the other. The adapter
-and attention-processor API (LoRA through peft, `set_attn_processor`, FreeU, ...) comes from `adapters.py`.
+`Transformer2DModel`, `BasicTransformerBlock`), so a folder saved by either class loads into the other. This file
+holds the blocks and the model; the spatial transformer is in `transformer.py`, the time, class and added-condition
+embedding in `embeddings.py`, and the adapter and attention-processor API (LoRA through peft, `set_attn_processor`,
+FreeU, ...) comes from `adapters.py`.
 
 `forward` takes what diffusers' U-Net takes, so diffusers' pipelines and loaders drive it unchanged: ControlNet
 residuals (Zhang et al. 2023, arXiv:2302.05543) added to the skips and the bottleneck, T2I-Adapter features (Mou et
@@ -16,41 +18,30 @@ The contracting path and the time embedding are shared with the ControlNet (`con
 """
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin  # diffusers looks these names up in this module when loading
 from diffusers.configuration_utils import FrozenDict, register_to_config
-from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import BaseOutput, apply_lora_scale, logging
 from diffusers.utils.torch_utils import apply_freeu
 from torch import nn
 
 from .adapters import UNetAdapterMixin
+from .embeddings import TimeEmbeddingMixin, blocks_time_embed_dim
 from .layers import (
-    Attention,
     CheckpointedBlock,
     Downsample2D,
     ResnetBlock2D,
     RespectUmaskOnSaveMixin,
-    ScratchAttnProcessor,
     StrictFromPretrainedMixin,
-    TimestepEmbedding,
-    Timesteps,
     Upsample2D,
     get_activation,
 )
+from .transformer import AttentionExtras, Transformer2DModel, mask_to_bias
 
 logger = logging.get_logger(__name__)
-
-# Constants that diffusers and LDM fix rather than configure.
-TIME_EMBED_MULT = 4  # time embedding width = 4 x block_out_channels[0] (DDPM)
-FEED_FORWARD_MULT = 4  # transformer MLP width = 4 x model width (Vaswani et al.)
-TRANSFORMER_GROUP_NORM_EPS = 1e-6
-TRANSFORMER_LAYER_NORM_EPS = 1e-5
-MASKED_OUT_BIAS = -10000.0  # the score bias diffusers gives a token its mask discards
 
 # Config keys of diffusers' UNet2DConditionModel that SD 1.x / 2.x leave at these values; other values build
 # architectures (Kandinsky and IF embeddings, GLIGEN, Fourier time, ...) this file does not implement.
@@ -86,172 +77,6 @@ class UNet2DConditionOutput(BaseOutput):
 
 
 @dataclass(frozen=True)
-class AttentionExtras:
-    """What the attention layers take besides the tokens, as diffusers' U-Net hands it to its attention processors.
-
-    The masks are additive biases on the attention scores (0 to keep a token, `MASKED_OUT_BIAS` to drop it), shaped
-    (B, 1, key tokens); `processor_kwargs` is the rest of `cross_attention_kwargs` (IP-Adapter's `ip_adapter_masks`,
-    ...), each passed to the processors that name it. With none of them set the U-Net passes `None` instead, and every
-    attention layer runs its plain `forward`.
-    """
-
-    attention_mask: torch.Tensor | None = None  # on self-attention (attn1)
-    encoder_attention_mask: torch.Tensor | None = None  # on cross-attention to the text (attn2)
-    processor_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def attend(
-        self,
-        attention: Attention,
-        hidden_states: torch.Tensor,
-        context: torch.Tensor | tuple | None,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """`attention(hidden_states, context)` with `mask` and the processor arguments. `ScratchAttnProcessor` takes
-        no mask, so a masked call goes through diffusers' `AttnProcessor2_0` (SDPA with the bias), as it would on
-        diffusers' U-Net."""
-        if mask is None and not self.processor_kwargs:
-            return attention(hidden_states, context)
-        processor = attention.processor
-        if mask is not None and isinstance(processor, ScratchAttnProcessor):
-            processor = AttnProcessor2_0()
-        accepted = inspect.signature(processor.__call__).parameters
-        kwargs = {name: value for name, value in self.processor_kwargs.items() if name in accepted}
-        return processor(attention, hidden_states, context, attention_mask=mask, **kwargs)
-
-
-NO_EXTRAS = AttentionExtras()
-
-
-def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A keep (1) / discard (0) mask (B, tokens) as the score bias diffusers' processors add, (B, 1, tokens)."""
-    if mask is None:
-        return None
-    return ((1 - mask.to(dtype)) * MASKED_OUT_BIAS).unsqueeze(1)
-
-
-class GEGLU(nn.Module):
-    """GELU-gated linear unit (Shazeer 2020, arXiv:2002.05202): one projection to 2x width, split, x · GELU(gate)."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states, gate = self.proj(hidden_states).chunk(2, dim=-1)  # (B, L, dim_out) each
-        return hidden_states * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, dropout: float) -> None:
-        super().__init__()
-        inner_dim = dim * FEED_FORWARD_MULT
-        self.net = nn.ModuleList([GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim)])
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            hidden_states = layer(hidden_states)
-        return hidden_states
-
-
-class BasicTransformerBlock(nn.Module):
-    """Pre-norm transformer layer: self-attention, cross-attention to the text, GEGLU feed-forward, each residual."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        head_dim: int,
-        cross_attention_dim: int,
-        only_cross_attention: bool,
-        upcast_attention: bool,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        self.only_cross_attention = only_cross_attention
-        self.norm1 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
-        self_attention_context_dim = cross_attention_dim if only_cross_attention else None
-        self.attn1 = Attention(dim, num_heads, head_dim, self_attention_context_dim, False, upcast_attention, dropout)
-        self.norm2 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
-        self.attn2 = Attention(dim, num_heads, head_dim, cross_attention_dim, False, upcast_attention, dropout)
-        self.norm3 = nn.LayerNorm(dim, eps=TRANSFORMER_LAYER_NORM_EPS)
-        self.ff = FeedForward(dim, dropout)
-
-    def forward(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, extras: AttentionExtras | None = None
-    ) -> torch.Tensor:
-        extras = NO_EXTRAS if extras is None else extras
-        self_context = encoder_hidden_states if self.only_cross_attention else None
-        attended = extras.attend(self.attn1, self.norm1(hidden_states), self_context, extras.attention_mask)
-        hidden_states = hidden_states + attended
-        attended = extras.attend(
-            self.attn2, self.norm2(hidden_states), encoder_hidden_states, extras.encoder_attention_mask
-        )
-        hidden_states = hidden_states + attended
-        return hidden_states + self.ff(self.norm3(hidden_states))
-
-
-class Transformer2DModel(nn.Module):
-    """LDM's spatial transformer: group norm, project the pixels to tokens, transformer layers, project back, residual.
-
-    `use_linear_projection` (SD 2) projects with linear layers on the tokens instead of 1x1 convolutions on the map.
-    """
-
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        in_channels: int,
-        num_layers: int,
-        cross_attention_dim: int,
-        groups: int,
-        use_linear_projection: bool,
-        only_cross_attention: bool,
-        upcast_attention: bool,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        inner_dim = num_heads * head_dim
-        self.use_linear_projection = use_linear_projection
-        self.norm = nn.GroupNorm(groups, in_channels, eps=TRANSFORMER_GROUP_NORM_EPS)
-        if use_linear_projection:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
-            self.proj_out = nn.Linear(inner_dim, in_channels)
-        else:
-            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
-            self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
-        self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(
-                inner_dim, num_heads, head_dim, cross_attention_dim, only_cross_attention, upcast_attention, dropout
-            )
-            for _ in range(num_layers)
-        )
-
-    def forward(
-        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, extras: AttentionExtras | None = None
-    ) -> torch.Tensor:
-        batch, _, height, width = hidden_states.shape
-        residual = hidden_states
-        hidden_states = self.norm(hidden_states)
-        if not self.use_linear_projection:
-            hidden_states = self.proj_in(hidden_states)
-        # One copy into token-major layout, so every op in the transformer sees contiguous (B, L, C) tokens.
-        hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (B, H*W, C)
-        if self.use_linear_projection:
-            hidden_states = self.proj_in(hidden_states)
-        for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, encoder_hidden_states, extras)
-        if self.use_linear_projection:
-            hidden_states = self.proj_out(hidden_states)
-        # Back to (B, C, H, W): a free view for a channels-last input, else one copy to keep the convolutions NCHW.
-        hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
-        if not residual.is_contiguous(memory_format=torch.channels_last):
-            hidden_states = hidden_states.contiguous()
-        if not self.use_linear_projection:
-            hidden_states = self.proj_out(hidden_states)
-        return hidden_states + residual
-
-
-@dataclass(frozen=True)
 class LevelConfig:
     """The config entries of one resolution level of the U-Net (level 0 the finest): each per-block key read at the
     level's index, or its single value when the config gives one for all levels."""
@@ -261,17 +86,6 @@ class LevelConfig:
     attention_heads: int  # attention_head_dim, which counts heads (see ScratchUNet2DConditionModel)
     transformer_layers: int  # transformer_layers_per_block: layers in each spatial transformer
     only_cross_attention: bool  # only_cross_attention: attn1 attends to the text as well
-
-
-def time_embed_dim(config: FrozenDict) -> int:
-    """Width of the time embedding: 4 x the first level's channels (DDPM)."""
-    return config.block_out_channels[0] * TIME_EMBED_MULT
-
-
-def blocks_time_embed_dim(config: FrozenDict) -> int:
-    """Width of the embedding the ResNet blocks take: twice the time embedding's when the class embedding is
-    concatenated to it (`class_embeddings_concat`) rather than added."""
-    return time_embed_dim(config) * (2 if config.get("class_embeddings_concat") else 1)
 
 
 def _resnet(in_channels: int, out_channels: int, config: FrozenDict, output_scale_factor: float = 1.0) -> ResnetBlock2D:
@@ -491,99 +305,6 @@ def build_contracting_path(
         for i, block_type in enumerate(config.down_block_types)
     )
     return down_blocks, UNetMidBlock2DCrossAttn(levels[-1], config)
-
-
-class ConditionedTimestepEmbedding(TimestepEmbedding):
-    """`TimestepEmbedding` that first adds a projected condition to the sinusoidal embedding: LCM's embedding of the
-    guidance scale (Luo et al. 2023, Sec. 4.2), built when the config sets `time_cond_proj_dim`."""
-
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str, cond_proj_dim: int | None) -> None:
-        super().__init__(in_channels, time_embed_dim, act_fn)
-        self.cond_proj = None if cond_proj_dim is None else nn.Linear(cond_proj_dim, in_channels, bias=False)
-
-    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        if condition is not None:
-            if self.cond_proj is None:
-                raise ValueError(
-                    "timestep_cond was given, but this model has time_cond_proj_dim=None; pass timestep_cond=None, "
-                    "or use a model configured with time_cond_proj_dim (an LCM-distilled U-Net)"
-                )
-            sample = sample + self.cond_proj(condition)
-        return super().forward(sample)
-
-
-def _class_embedding(config: FrozenDict, embed_dim: int, act_fn: str) -> nn.Module | None:
-    """The layer that embeds `class_labels` into the time embedding's space, by `class_embed_type`: a table of
-    `num_class_embeds` rows (None), the sinusoid and an MLP ("timestep"), the labels themselves ("identity"), an MLP
-    ("projection") or a linear map ("simple_projection") of `projection_class_embeddings_input_dim` features."""
-    kind, input_dim = config.class_embed_type, config.projection_class_embeddings_input_dim
-    if kind is None:
-        return None if config.num_class_embeds is None else nn.Embedding(config.num_class_embeds, embed_dim)
-    if kind == "timestep":
-        return TimestepEmbedding(config.block_out_channels[0], embed_dim, act_fn)
-    if kind == "identity":
-        return nn.Identity()
-    if input_dim is None:
-        raise ValueError(f"class_embed_type={kind!r} needs projection_class_embeddings_input_dim; it is None")
-    return TimestepEmbedding(input_dim, embed_dim) if kind == "projection" else nn.Linear(input_dim, embed_dim)
-
-
-class TimeEmbeddingMixin:
-    """The embedding every ResNet block adds: the timestep's sinusoid through an MLP (DDPM), plus the class-label
-    embedding and SDXL's added conditions when the config asks for them. The U-Net and the ControlNet both use it,
-    under diffusers' module names (`time_proj`, `time_embedding`, `class_embedding`, `add_time_proj`,
-    `add_embedding`)."""
-
-    def build_time_embedding(self, config: FrozenDict, class_act_fn: str) -> None:
-        width, embed_dim = config.block_out_channels[0], time_embed_dim(config)
-        self.time_proj = Timesteps(width, config.flip_sin_to_cos, config.freq_shift)
-        self.time_embedding = ConditionedTimestepEmbedding(
-            width, embed_dim, config.act_fn, config.get("time_cond_proj_dim")
-        )
-        self.class_embedding = _class_embedding(config, embed_dim, class_act_fn)
-        if config.addition_embed_type == "text_time":
-            if config.addition_time_embed_dim is None or config.projection_class_embeddings_input_dim is None:
-                raise ValueError(
-                    "addition_embed_type='text_time' needs addition_time_embed_dim and "
-                    "projection_class_embeddings_input_dim, the widths of SDXL's size embedding and of its input"
-                )
-            self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
-            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, embed_dim)
-
-    def embed_time(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        timestep_cond: torch.Tensor | None,
-        class_labels: torch.Tensor | None,
-        added_cond_kwargs: dict[str, Any] | None,
-    ) -> torch.Tensor:
-        """emb(t) [+ or ⊕ emb(class)] [+ emb(SDXL text and sizes)], shaped (B, width of the blocks' embedding)."""
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
-        temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype), timestep_cond)  # (B, time_embed_dim)
-        if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError(
-                    f"class_labels is None, but this model embeds class labels (class_embed_type="
-                    f"{self.config.class_embed_type!r}, num_class_embeds={self.config.num_class_embeds!r}); pass them"
-                )
-            if self.config.class_embed_type == "timestep":
-                class_labels = self.time_proj(class_labels).to(sample.dtype)
-            class_emb = self.class_embedding(class_labels).to(sample.dtype)  # (B, time_embed_dim)
-            concat = self.config.get("class_embeddings_concat")
-            temb = torch.cat([temb, class_emb], dim=-1) if concat else temb + class_emb
-        if self.config.addition_embed_type == "text_time":
-            missing = {"text_embeds", "time_ids"} - set(added_cond_kwargs or {})
-            if missing:
-                raise ValueError(
-                    f"added_cond_kwargs lacks {sorted(missing)}: addition_embed_type='text_time' (SDXL) needs the "
-                    "pooled text embedding `text_embeds` and the size conditions `time_ids`"
-                )
-            text_embeds = added_cond_kwargs["text_embeds"]
-            time_embeds = self.add_time_proj(added_cond_kwargs["time_ids"].flatten())  # (B * n_ids, add_time_dim)
-            time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, n_ids * add_time_dim)
-            temb = temb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(temb.dtype))
-        return temb
 
 
 class ScratchUNet2DConditionModel(
