@@ -60,11 +60,22 @@ if has_stage eval; then
 fi
 
 if has_stage pack; then
-  "$PYTHON" - "$RUN" "$PACK_TO" <<'EOF'
-import shutil, sys, torch
+  "$PYTHON" - "$RUN" "$PACK_TO" docs/controlnet.json <<'EOF'
+import json, sys, torch
+from pathlib import Path
 from hf_scratch import ScratchControlNetModel
-run, pack_to = sys.argv[1:]
+run, pack_to, figures = sys.argv[1:]
 ScratchControlNetModel.from_pretrained(run).to(torch.float16).save_pretrained(pack_to)
-shutil.copy(f"{run}/README.md", f"{pack_to}/README.md")
+card = Path(run, "README.md").read_text().replace(f'"{run}"', "default_controlnet_path()")
+card = card.replace("from hf_scratch.conditions", "from hf_scratch.pretrained import default_controlnet_path\nfrom hf_scratch.conditions")
+if Path(figures).is_file():
+    r = json.loads(Path(figures).read_text())
+    n = r["settings"]["num_prompts"]
+    line = lambda name: f"{100 * r[name]['rate']:.1f} % ± {100 * r[name]['standard_error']:.1f} %"
+    card += (f"\n## Measured (training/evaluate_controlnet.py, {n} held-out emoji)\n"
+             f"- drawn from its caption and its own layout, closer to that layout than to another emoji's: {line('own_layout')}"
+             f" (the caption alone: {line('no_control')})\n"
+             f"- drawn from its caption and another emoji's layout, closer to the layout given: {line('swapped_layout')}\n")
+Path(pack_to, "README.md").write_text(card)
 EOF
 fi
