@@ -388,7 +388,9 @@ def about_text() -> str:
 
 
 # Tiny images are shown enlarged with their pixels kept square (nearest neighbour), not blurred by the browser.
-PIXELATED = "<style>#image img, #trajectory img, #xt img { image-rendering: pixelated; }</style>"
+PIXELATED = (
+    "<style>#image img, #trajectory img, #xt img, #layout img, #drawn img { image-rendering: pixelated; }</style>"
+)
 
 
 def trained_size(folder: str) -> int | None:
