@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -60,6 +61,16 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     for index, image in enumerate(images):
         grid.paste(image, ((index % columns) * width, (index // columns) * height))
     return grid
+
+
+def save_validation_grid(grid: Image.Image, step: int, output_dir: str | Path, accelerator: Accelerator) -> None:
+    """A validation grid as <output_dir>/validation/step-N.png, and in TensorBoard when it is a tracker."""
+    folder = Path(output_dir, "validation")
+    folder.mkdir(exist_ok=True)
+    grid.save(folder / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
 
 
 def _open(cell: dict[str, Any] | None) -> Image.Image:

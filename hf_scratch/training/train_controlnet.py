@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -36,7 +35,7 @@ from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.pipelines.controlnet import ScratchStableDiffusionControlNetPipeline
 from hf_scratch.training.arguments import build_parser, check_args, check_at_least
 from hf_scratch.training.cards import describe_objective
-from hf_scratch.training.data import EpochBatches, image_grid, load_image_text_dataset
+from hf_scratch.training.data import EpochBatches, image_grid, load_image_text_dataset, save_validation_grid
 from hf_scratch.training.lora import adopt_base_objective
 from hf_scratch.training.streaming import load_image_text_stream
 from hf_scratch.training.train_unet import (
@@ -260,12 +259,7 @@ def main(args: argparse.Namespace) -> None:
         rows = [[layout] + images[i * args.num_validation_images : (i + 1) * args.num_validation_images]
                 for i, layout in enumerate(layouts)]  # fmt: skip
         grid = image_grid([image for row in rows for image in row], columns=args.num_validation_images + 1)
-        folder = Path(args.output_dir, "validation")
-        folder.mkdir(exist_ok=True)
-        grid.save(folder / f"step-{step:06d}.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        save_validation_grid(grid, step, args.output_dir, accelerator)
 
     def save() -> None:
         with trainer.ema_weights():

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -56,7 +55,14 @@ from hf_scratch.schedulers.ddpm import ScratchDDPMScheduler
 from hf_scratch.schedulers.schedule import STABLE_DIFFUSION_BETAS
 from hf_scratch.training.arguments import build_parser, check_args, check_at_least, check_divisible
 from hf_scratch.training.cards import write_lora_model_card, write_model_card
-from hf_scratch.training.data import CoupledLatents, EpochBatches, cache_latents, image_grid, load_image_text_dataset
+from hf_scratch.training.data import (
+    CoupledLatents,
+    EpochBatches,
+    cache_latents,
+    image_grid,
+    load_image_text_dataset,
+    save_validation_grid,
+)
 from hf_scratch.training.lora import add_lora_adapters, check_lora_args, save_lora_weights
 from hf_scratch.training.streaming import load_image_text_stream
 from hf_scratch.training.trainer import (
@@ -647,12 +653,7 @@ def main(args: argparse.Namespace) -> None:
                 generator=torch.Generator().manual_seed(args.seed),
             )
         grid = image_grid(result.images, columns=args.num_validation_images)  # one row per prompt
-        folder = Path(args.output_dir, "validation")
-        folder.mkdir(exist_ok=True)
-        grid.save(folder / f"step-{step:06d}.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        save_validation_grid(grid, step, args.output_dir, accelerator)
 
     def save_snapshot(step: int) -> None:
         if step in args.snapshot_steps:
