@@ -33,19 +33,20 @@ BF16_VARIANT = "ours bf16"
 
 
 def _in_bfloat16(target: Any) -> Any:
-    """Our bfloat16 path (`hf_scratch.fast.compute_in`): a pipeline's U-Net, a VAE's decoder or a U-Net computes in
-    bfloat16 behind float32 inputs and outputs, whatever its size; in place. Winograd tiles are float32 only, so
-    there is no bfloat16 Winograd variant."""
-    from hf_scratch.fast import compute_in
+    """Our bfloat16 path (`hf_scratch.fast.compute_in` and `use_bf16_attention`, as `use_fastest_dtypes` runs them): a
+    pipeline's U-Net, a VAE's decoder or a U-Net computes in bfloat16 behind float32 inputs and outputs, whatever its
+    size, its attention through our bfloat16 kernel; in place. Winograd tiles are float32 only, so there is no
+    bfloat16 Winograd variant."""
+    from hf_scratch.fast import compute_in, use_bf16_attention
 
     if hasattr(target, "unet"):
-        compute_in(target.unet, torch.bfloat16)
+        modules = [target.unet]
     elif hasattr(target, "decoder"):
-        for module in (target.post_quant_conv, target.decoder):
-            if module is not None:
-                compute_in(module, torch.bfloat16)
+        modules = [module for module in (target.post_quant_conv, target.decoder) if module is not None]
     else:
-        compute_in(target, torch.bfloat16)
+        modules = [target]
+    for module in modules:
+        use_bf16_attention(compute_in(module, torch.bfloat16))
     return target
 
 

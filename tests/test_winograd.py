@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch import nn
 
 from hf_scratch.fast import use_winograd, winograd
+from hf_scratch.fast.kernels import load as load_kernel
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
 from hf_scratch.pipelines.text_to_image import ScratchStableDiffusionPipeline
 from hf_scratch.schedulers.ddim import ScratchDDIMScheduler
@@ -99,7 +100,7 @@ def test_gradients_fall_back_to_the_direct_convolution():
 
 
 def test_kernel_rejects_bad_input_with_a_named_error():
-    kernels = winograd._kernels()
+    kernels = load_kernel("winograd")
     with pytest.raises(RuntimeError, match="float32"):
         kernels.input_transform(torch.zeros(1, 4, 4, 2, dtype=torch.float64), 4, 1)
     with pytest.raises(RuntimeError, match=r"\(N, H, W, C\)"):

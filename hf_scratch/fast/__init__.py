@@ -18,7 +18,8 @@ the U-Net as frozen TorchScript graphs, one per input shape (`hf_scratch.fast.fr
 ones to float32 rounding. `hf-scratch generate` and the demo use it on CPU by default.
 
 `use_fastest_dtypes` puts a pipeline's large components in bfloat16 on a CPU that computes it natively (AVX-512 BF16
-or AMX; `hf_scratch.fast.precision`), where the SD 1.5 U-Net then takes about half its float32 time, and leaves them
+or AMX; `hf_scratch.fast.precision`), with their attention through a bfloat16 kernel (`use_bf16_attention`,
+`hf_scratch.fast.attention`), where the SD 1.5 U-Net then takes about half its float32 time, and leaves them
 float32 elsewhere. `hf-scratch generate --dtype auto` (the default) and the demo use it.
 
 Example:
@@ -33,6 +34,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .attention import use_bf16_attention
 from .precision import compute_in, cpu_computes_bf16, fastest_dtype, use_fastest_dtypes
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "fastest_dtype",
     "freeze_for_inference",
     "unfreeze",
+    "use_bf16_attention",
     "use_fastest_dtypes",
     "use_winograd",
 ]

@@ -21,13 +21,12 @@ The trade-offs, all opt-in through `hf_scratch.fast.use_winograd`:
 Anything else (gradients, other dtypes or devices) falls back to the layer's own convolution.
 """
 
-import functools
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+
+from .kernels import load
 
 KERNEL_SIZE = 3
 # The filter transforms G of F(m x m, 3x3), applied here once per layer (Lavin & Gray, Sections 4.1 and 4.2); the
@@ -58,23 +57,6 @@ def tile_size(height: int, width: int) -> int:
     return 2 if max(height, width) <= SMALL_OUTPUT else 4
 
 
-@functools.cache
-def _kernels() -> Any:
-    """Builds (once per machine, then cached by torch) and loads the C++ tile transforms."""
-    from torch.utils import cpp_extension
-
-    source = Path(__file__).parent / "kernels" / "winograd.cpp"
-    try:
-        # -fopenmp: ATen's parallel_for runs on OpenMP only when the extension is compiled with it.
-        flags = ["-O3", "-march=native", "-fopenmp"]
-        return cpp_extension.load(name="hf_scratch_winograd", sources=[str(source)], extra_cflags=flags)
-    except (OSError, RuntimeError, ImportError) as error:
-        raise RuntimeError(
-            "Winograd convolutions build a small C++ kernel on first use and need a C++ compiler (g++) and ninja "
-            f"(`pip install ninja` or `apt-get install g++ ninja-build`); building {source} failed: {error}"
-        ) from error
-
-
 def transform_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
     """U = G g G^T for every (output, input) channel pair, laid out (a*a, C_in, C_out) for `torch.bmm`, a = m + 2.
 
@@ -99,7 +81,7 @@ def winograd_conv2d(
     batch, _, height, width = x.shape
     out_height, out_width = height + 2 * padding - KERNEL_SIZE + 1, width + 2 * padding - KERNEL_SIZE + 1
     m = tile_size(out_height, out_width)
-    kernels = _kernels()
+    kernels = load("winograd")
     tokens = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C_in): free when x is channels-last
     v = kernels.input_transform(tokens, m, padding)  # (a*a, tiles, C_in): B^T d B for every tile
     products = torch.bmm(v, filters(m))  # (a*a, tiles, C_out): Eq. 8's element-wise product, summed over C_in

@@ -208,7 +208,7 @@ class ScratchAttnProcessor:
         value = value.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, S, d)
         if attn.upcast_attention and query.dtype in (torch.float16, torch.bfloat16):
             query, key, value = query.float(), key.float(), value.float()
-        attention = F.scaled_dot_product_attention(query, key, value)  # (B, heads, L, d)
+        attention = self.attend(query, key, value)  # (B, heads, L, d)
         attention = attention.transpose(1, 2).flatten(2).to(hidden_states.dtype)  # (B, L, heads*d)
         hidden_states = attn.to_out[1](attn.to_out[0](attention))
         if spatial_shape is not None:
@@ -217,6 +217,12 @@ class ScratchAttnProcessor:
             hidden_states = residual + hidden_states
         # x / 1.0 == x exactly, so the usual factor of 1 skips a pass over the activations.
         return hidden_states if attn.rescale_output_factor == 1.0 else hidden_states / attn.rescale_output_factor
+
+    @staticmethod
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """softmax(QKᵀ / √d) V for (B, heads, tokens, d) tensors; a fast path overrides this alone
+        (`hf_scratch.fast.attention.BF16AttnProcessor`)."""
+        return F.scaled_dot_product_attention(query, key, value)
 
     @staticmethod
     def project_qkv(
