@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 install: $(VENV)/.installed
 
 # Debian packages the tests use: Chromium for the browser test, Noto emoji and Fashion-MNIST as real data, and g++
-# with ninja to build the Winograd kernel (hf_scratch/fast/kernels/winograd.cpp).
+# with ninja to build the C++ kernels (hf_scratch/fast/kernels/: Winograd tiles, bfloat16 attention).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; for p in chromium fonts-noto-color-emoji dataset-fashion-mnist g++ ninja-build; do \
