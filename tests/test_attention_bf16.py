@@ -55,8 +55,8 @@ def qkv(batch, heads, length, keys, dim, seed=0):
     ],
 )
 def test_the_kernel_equals_float64_attention_to_bfloat16_rounding(batch, heads, length, keys, dim):
-    """The output is rounded to bfloat16 (relative 2^-9 = 2e-3 per value) and so are the probabilities, as in
-    PyTorch's own kernel: the error stays within 4e-3 and within 1.3x that of PyTorch's SDPA on the same inputs."""
+    """The output is rounded to bfloat16 (relative 2^-9 = 2e-3 per value) and so are the probabilities: the error
+    stays within 4e-3 and within 1.3x that of PyTorch's SDPA on the same inputs."""
     query, key, value = qkv(batch, heads, length, keys, dim)
     reference = attention_float64(query, key, value)
     ours = attention_bf16(query, key, value)

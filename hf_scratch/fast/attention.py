@@ -1,11 +1,11 @@
 """Attention softmax(QKᵀ / √d) V (Vaswani et al. 2017, Eq. 1) in bfloat16 on a CPU that computes it natively.
 
-PyTorch's CPU flash attention runs bfloat16 no faster than float32 on an AVX-512 BF16 CPU without AMX: at the SD 1.5
-U-Net's 4096 tokens (16 heads of d = 40, 2 threads, AMD EPYC) a call took 318 ms in either dtype, a third of the
-bfloat16 U-Net step. The kernel here (`kernels/attention_bf16.cpp`) multiplies Q Kᵀ and P V with oneDNN's bfloat16
-micro-kernels and takes the exponential as a short polynomial, since the probabilities P are rounded to bfloat16
-before they multiply V anyway (as in PyTorch's kernel): 169 ms for that call, with the same error against float32
-attention (relative 2.0e-3 against SDPA's 1.9e-3 on bfloat16 inputs).
+PyTorch's CPU flash attention ran bfloat16 no faster than float32 on an AVX-512 BF16 CPU (an AMD EPYC): at the SD 1.5
+U-Net's 4096 tokens (16 heads of d = 40, 2 threads) a call took 318 ms in either dtype, a third of the bfloat16 U-Net
+step. The kernel here (`kernels/attention_bf16.cpp`) multiplies Q Kᵀ and P V with oneDNN's bfloat16 micro-kernels and
+takes the exponential as a short polynomial, since the probabilities P are rounded to bfloat16 before they multiply V:
+169 ms for that call, with the error of PyTorch's SDPA against float64 attention (relative 2.0e-3 against 1.9e-3 on
+bfloat16 inputs).
 
 `use_bf16_attention(model)` gives a model's attention layers `BF16AttnProcessor`, which runs the kernel on bfloat16
 CPU inputs without gradients and `F.scaled_dot_product_attention` otherwise. `use_fastest_dtypes` does it for the
