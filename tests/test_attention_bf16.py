@@ -17,6 +17,7 @@ from test_precision import fake_cpu
 
 from hf_scratch.fast import attention, compute_in, freeze_for_inference, use_bf16_attention, use_fastest_dtypes
 from hf_scratch.fast.attention import BF16AttnProcessor, attention_bf16, kernel_applies
+from hf_scratch.fast.kernels import machine_tag
 from hf_scratch.fast.precision import cpu_computes_bf16
 from hf_scratch.models.layers import ScratchAttnProcessor
 from hf_scratch.models.unet import ScratchUNet2DConditionModel
@@ -84,6 +85,8 @@ def test_the_processor_falls_back_to_pytorch_where_the_kernel_does_not_apply():
     odd = [t[..., :7].bfloat16() for t in (query, key, value)]
     assert not kernel_applies(*odd)  # an odd head size
     assert torch.equal(BF16AttnProcessor.attend(*odd), F.scaled_dot_product_attention(*odd))
+    no_keys = [query.bfloat16(), key[:, :, :0].bfloat16(), value[:, :, :0].bfloat16()]
+    assert not kernel_applies(*no_keys)  # an empty softmax: left to PyTorch
     trained = [t.bfloat16().requires_grad_() for t in (query, key, value)]
     assert not kernel_applies(*trained)  # gradients: the kernel has no backward
     BF16AttnProcessor.attend(*trained).float().sum().backward()
@@ -167,3 +170,12 @@ def test_the_operator_passes_torch_library_opcheck():
     """Schema, fake (meta) implementation for torch.compile, and dispatch, by PyTorch's own operator checker."""
     query, key, value = (t.transpose(1, 2).contiguous() for t in qkv(1, 2, 40, 24, 8))
     torch.library.opcheck(attention._operator().default, (query, key, value, 8**-0.5))
+
+
+def test_kernel_builds_are_named_after_the_cpu_kind(monkeypatch):
+    """Built with -march=native, a kernel belongs to its CPU kind: the build's name carries a digest of the flags."""
+    fake_cpu(monkeypatch, avx512_f=True, avx512_bf16=True)
+    with_bf16 = machine_tag()
+    fake_cpu(monkeypatch, avx512_f=True, avx512_bf16=False)
+    assert machine_tag() != with_bf16 and len(with_bf16) == 8
+    assert machine_tag() == machine_tag()

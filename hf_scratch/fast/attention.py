@@ -48,13 +48,15 @@ def attention_bf16(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
 
 
 def kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether `attention_bf16` takes these inputs: bfloat16 on the CPU, an even head size equal for Q, K and V, and no
-    gradient to compute."""
+    """Whether `attention_bf16` takes these inputs: bfloat16 on the CPU, an even head size equal for Q, K and V, at
+    least one query and one key, and no gradient to compute."""
     tensors = (query, key, value)
     return (
         all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.dim() == 4 for t in tensors)
         and query.shape[-1] == key.shape[-1] == value.shape[-1]
         and query.shape[-1] % 2 == 0
+        and query.shape[2] > 0
+        and key.shape[2] > 0
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     )
 
