@@ -35,9 +35,10 @@ BF16_VARIANT = "ours bf16"
 def _in_bfloat16(target: Any) -> Any:
     """Our bfloat16 path (`hf_scratch.fast.compute_in` and `use_bf16_attention`, as `use_fastest_dtypes` runs them): a
     pipeline's U-Net, a VAE's decoder or a U-Net computes in bfloat16 behind float32 inputs and outputs, whatever its
-    size, its attention through our bfloat16 kernel; in place. Winograd tiles are float32 only, so there is no
-    bfloat16 Winograd variant."""
-    from hf_scratch.fast import compute_in, use_bf16_attention
+    size, its attention through our bfloat16 kernel where the CPU computes bfloat16 natively (a forced `--bf16`
+    elsewhere keeps PyTorch's attention); in place. Winograd tiles are float32 only, so there is no bfloat16 Winograd
+    variant."""
+    from hf_scratch.fast import compute_in, cpu_computes_bf16, use_bf16_attention
 
     if hasattr(target, "unet"):
         modules = [target.unet]
@@ -46,7 +47,9 @@ def _in_bfloat16(target: Any) -> Any:
     else:
         modules = [target]
     for module in modules:
-        use_bf16_attention(compute_in(module, torch.bfloat16))
+        compute_in(module, torch.bfloat16)
+        if cpu_computes_bf16():
+            use_bf16_attention(module)
     return target
 
 

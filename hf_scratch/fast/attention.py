@@ -12,6 +12,7 @@ CPU inputs without gradients and `F.scaled_dot_product_attention` otherwise. `us
 components it puts in bfloat16.
 """
 
+import functools
 from typing import TypeVar
 
 import torch
@@ -24,12 +25,13 @@ from .precision import cpu_computes_bf16
 Target = TypeVar("Target", bound=nn.Module)
 
 
+@functools.cache
 def _operator() -> torch._ops.OpOverloadPacket:
-    """torch.ops.hf_scratch.attention_bf16, built and loaded on first use, with the shape rule torch.compile needs."""
-    if not hasattr(torch.ops.hf_scratch, "attention_bf16"):
-        load("attention_bf16", python_module=False)
-        fake = torch.library.register_fake("hf_scratch::attention_bf16")
-        fake(lambda query, key, value, scale: query.new_empty(query.shape))  # (B, L, H, D), contiguous
+    """torch.ops.hf_scratch.attention_bf16, built and loaded on first use, with the shape rule torch.compile needs;
+    once per process (a failed build is not cached, so a later call tries again)."""
+    load("attention_bf16", python_module=False)
+    fake = torch.library.register_fake("hf_scratch::attention_bf16")
+    fake(lambda query, key, value, scale: query.new_empty(query.shape))  # (B, L, H, D), contiguous
     return torch.ops.hf_scratch.attention_bf16
 
 
